@@ -1,0 +1,1 @@
+//! `metroctl`: the operator's CLI and the one-machine lab.

@@ -1,0 +1,10 @@
+//! `metro-quorum`: the configuration manager.
+//!
+//! It owns the authoritative cluster state (sites, nodes, volumes with their
+//! replicas, `in_sync`, primary and epoch) as a replicated state machine, see
+//! [`state`]. Decisions (arbitration, promotion, voter placement) are pure
+//! functions tested directly; the openraft plumbing only carries them out.
+
+pub mod state;
+
+pub use state::{ClusterState, Command, CommandResult, LeasePolicy, NodeRecord, SiteMode, VolumeRecord};

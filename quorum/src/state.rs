@@ -1,0 +1,508 @@
+//! The replicated cluster state and its pure transition function.
+//!
+//! Every change to who is primary, who is in sync, and which site is active is
+//! a [`Command`] committed through raft and applied here, identically on
+//! every node. `apply` is deterministic and does no I/O.
+//!
+//! Invariants enforced at apply time (DESIGN.md section 4):
+//! - `in_sync ⊆ replicas`, `primary ∈ in_sync` (when set).
+//! - Volume changes are compare-and-swap on the epoch, and every accepted
+//!   change bumps the epoch by one (fencing, invariant 2).
+//! - Only a replica in the latest `in_sync` may become primary (invariant 4).
+//! - A replica may *join* `in_sync` only through an explicit rejoin after
+//!   resync ([`Command::ChangeVolume`] with `rejoin`), never by promotion.
+
+use metro_api::config::SiteKind;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+pub type NodeId = String;
+
+/// Operational state of a site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SiteMode {
+    /// Participates fully.
+    Active,
+    /// Cut off from the quorum; its replicas are out of `in_sync`, its primaries moved.
+    Fenced,
+    /// Taken out on purpose by an operator (maintenance).
+    Deactivated,
+}
+
+impl SiteMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SiteMode::Active => "active",
+            SiteMode::Fenced => "fenced",
+            SiteMode::Deactivated => "deactivated",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteRecord {
+    pub name: String,
+    pub kind: SiteKind,
+    pub mode: SiteMode,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: NodeId,
+    /// openraft node id (stable hash of `id`, see [`raft_id_of`]).
+    pub raft_id: u64,
+    pub site: String,
+    pub role: metro_api::config::Role,
+    /// gRPC endpoint `host:port`.
+    pub api: String,
+    /// NBD endpoint `host:port` (storage nodes).
+    pub nbd: Option<String>,
+    /// Replication endpoint `host:port` (storage nodes).
+    pub replication: Option<String>,
+    pub capacity_bytes: u64,
+}
+
+/// What a primary does when its lease is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LeasePolicy {
+    /// Hold I/O until the lease returns or the volume moves.
+    #[default]
+    Suspend,
+    /// Fail I/O at once.
+    Error,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub name: String,
+    pub size_bytes: u64,
+    pub iops_limit: u64,
+    pub bandwidth_limit: u64,
+    pub lease_policy: LeasePolicy,
+    pub replicas: Vec<NodeId>,
+    pub in_sync: Vec<NodeId>,
+    pub primary: Option<NodeId>,
+    pub epoch: u64,
+}
+
+impl VolumeRecord {
+    pub fn is_in_sync(&self, node: &str) -> bool {
+        self.in_sync.iter().any(|n| n == node)
+    }
+}
+
+/// The whole replicated state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub sites: BTreeMap<String, SiteRecord>,
+    pub preferred_site: Option<String>,
+    pub nodes: BTreeMap<NodeId, NodeRecord>,
+    pub volumes: BTreeMap<String, VolumeRecord>,
+}
+
+/// A state-machine command. Serialized into the raft log: only add variants,
+/// never change the meaning of existing ones.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Define the sites once (idempotent when identical).
+    InitSites {
+        sites: Vec<(String, SiteKind)>,
+        preferred_site: Option<String>,
+    },
+    /// Add or update a node (addresses may change across restarts).
+    RegisterNode(NodeRecord),
+    RemoveNode {
+        id: NodeId,
+    },
+    CreateVolume {
+        name: String,
+        size_bytes: u64,
+        iops_limit: u64,
+        bandwidth_limit: u64,
+        lease_policy: LeasePolicy,
+        replicas: Vec<NodeId>,
+        primary: NodeId,
+    },
+    DeleteVolume {
+        name: String,
+    },
+    /// PacificA reconfiguration: CAS on `expected_epoch`, bumps the epoch.
+    /// `in_sync` must be a subset of the current `in_sync`, unless `rejoin`
+    /// names the one replica that is added after a completed resync.
+    ChangeVolume {
+        name: String,
+        expected_epoch: u64,
+        primary: Option<NodeId>,
+        in_sync: Vec<NodeId>,
+        rejoin: Option<NodeId>,
+    },
+    SetSiteMode {
+        site: String,
+        mode: SiteMode,
+    },
+    SetPreferredSite {
+        site: Option<String>,
+    },
+}
+
+/// The outcome of applying a command; identical on every node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandResult {
+    Ok { epoch: u64 },
+    Rejected { reason: Rejection, detail: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Rejection {
+    NotFound,
+    AlreadyExists,
+    EpochMismatch,
+    Invalid,
+    StalePromotion,
+}
+
+impl CommandResult {
+    pub fn is_ok(&self) -> bool {
+        matches!(self, CommandResult::Ok { .. })
+    }
+}
+
+fn reject(reason: Rejection, detail: impl Into<String>) -> CommandResult {
+    CommandResult::Rejected { reason, detail: detail.into() }
+}
+
+/// Stable 64-bit raft id for a node name (FNV-1a; never 0).
+pub fn raft_id_of(id: &str) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in id.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h.max(1)
+}
+
+impl ClusterState {
+    pub fn node_by_raft_id(&self, raft_id: u64) -> Option<&NodeRecord> {
+        self.nodes.values().find(|n| n.raft_id == raft_id)
+    }
+
+    pub fn site_of(&self, node: &str) -> Option<&str> {
+        self.nodes.get(node).map(|n| n.site.as_str())
+    }
+
+    pub fn data_sites(&self) -> impl Iterator<Item = &SiteRecord> {
+        self.sites.values().filter(|s| s.kind == SiteKind::Data)
+    }
+
+    /// Apply one committed command. Deterministic; never panics on bad input.
+    pub fn apply(&mut self, cmd: &Command) -> CommandResult {
+        match cmd {
+            Command::InitSites { sites, preferred_site } => {
+                if !self.sites.is_empty() {
+                    let same = sites.len() == self.sites.len()
+                        && sites.iter().all(|(n, k)| self.sites.get(n).is_some_and(|s| s.kind == *k));
+                    return if same {
+                        CommandResult::Ok { epoch: 0 }
+                    } else {
+                        reject(Rejection::AlreadyExists, "sites are already defined differently")
+                    };
+                }
+                let data = sites.iter().filter(|(_, k)| *k == SiteKind::Data).count();
+                let witness = sites.iter().filter(|(_, k)| *k == SiteKind::Witness).count();
+                if data != 2 || witness != 1 {
+                    return reject(Rejection::Invalid, "need exactly 2 data sites and 1 witness site");
+                }
+                for (name, kind) in sites {
+                    self.sites.insert(
+                        name.clone(),
+                        SiteRecord { name: name.clone(), kind: *kind, mode: SiteMode::Active },
+                    );
+                }
+                self.preferred_site = preferred_site.clone();
+                CommandResult::Ok { epoch: 0 }
+            }
+            Command::RegisterNode(rec) => {
+                let Some(site) = self.sites.get(&rec.site) else {
+                    return reject(Rejection::Invalid, format!("unknown site `{}`", rec.site));
+                };
+                let witness_role = rec.role == metro_api::config::Role::Witness;
+                if witness_role != (site.kind == SiteKind::Witness) {
+                    return reject(
+                        Rejection::Invalid,
+                        format!("role {:?} does not fit site `{}`", rec.role, rec.site),
+                    );
+                }
+                if witness_role && self.nodes.values().any(|n| n.role == rec.role && n.id != rec.id) {
+                    return reject(Rejection::AlreadyExists, "the cluster already has a witness");
+                }
+                if self.nodes.values().any(|n| n.raft_id == rec.raft_id && n.id != rec.id) {
+                    return reject(Rejection::AlreadyExists, format!("raft id collision for `{}`", rec.id));
+                }
+                self.nodes.insert(rec.id.clone(), rec.clone());
+                CommandResult::Ok { epoch: 0 }
+            }
+            Command::RemoveNode { id } => {
+                if self.volumes.values().any(|v| v.replicas.contains(id)) {
+                    return reject(Rejection::Invalid, format!("node `{id}` still holds replicas"));
+                }
+                match self.nodes.remove(id) {
+                    Some(_) => CommandResult::Ok { epoch: 0 },
+                    None => reject(Rejection::NotFound, format!("no node `{id}`")),
+                }
+            }
+            Command::CreateVolume {
+                name,
+                size_bytes,
+                iops_limit,
+                bandwidth_limit,
+                lease_policy,
+                replicas,
+                primary,
+            } => {
+                if self.volumes.contains_key(name) {
+                    return reject(Rejection::AlreadyExists, format!("volume `{name}` exists"));
+                }
+                if *size_bytes == 0 || size_bytes % 4096 != 0 {
+                    return reject(Rejection::Invalid, "size must be a non-zero multiple of 4096");
+                }
+                if !replicas.contains(primary) {
+                    return reject(Rejection::Invalid, "primary must be one of the replicas");
+                }
+                let mut sites = Vec::new();
+                for r in replicas {
+                    match self.nodes.get(r) {
+                        Some(n) if n.role == metro_api::config::Role::Storage => sites.push(n.site.clone()),
+                        _ => return reject(Rejection::Invalid, format!("`{r}` is not a storage node")),
+                    }
+                }
+                let mut dedup = replicas.clone();
+                dedup.sort();
+                dedup.dedup();
+                if dedup.len() != replicas.len() {
+                    return reject(Rejection::Invalid, "replicas listed twice");
+                }
+                for s in self.data_sites() {
+                    if s.mode == SiteMode::Active && !sites.contains(&s.name) {
+                        return reject(
+                            Rejection::Invalid,
+                            format!("no replica in active data site `{}`", s.name),
+                        );
+                    }
+                }
+                self.volumes.insert(
+                    name.clone(),
+                    VolumeRecord {
+                        name: name.clone(),
+                        size_bytes: *size_bytes,
+                        iops_limit: *iops_limit,
+                        bandwidth_limit: *bandwidth_limit,
+                        lease_policy: *lease_policy,
+                        replicas: replicas.clone(),
+                        in_sync: replicas.clone(),
+                        primary: Some(primary.clone()),
+                        epoch: 1,
+                    },
+                );
+                CommandResult::Ok { epoch: 1 }
+            }
+            Command::DeleteVolume { name } => match self.volumes.remove(name) {
+                Some(_) => CommandResult::Ok { epoch: 0 },
+                None => reject(Rejection::NotFound, format!("no volume `{name}`")),
+            },
+            Command::ChangeVolume { name, expected_epoch, primary, in_sync, rejoin } => {
+                let Some(v) = self.volumes.get_mut(name) else {
+                    return reject(Rejection::NotFound, format!("no volume `{name}`"));
+                };
+                if v.epoch != *expected_epoch {
+                    return reject(
+                        Rejection::EpochMismatch,
+                        format!("volume `{name}` is at epoch {}, not {expected_epoch}", v.epoch),
+                    );
+                }
+                for n in in_sync {
+                    if !v.replicas.contains(n) {
+                        return reject(Rejection::Invalid, format!("`{n}` is not a replica of `{name}`"));
+                    }
+                    let joining = rejoin.as_ref() == Some(n);
+                    if !v.in_sync.contains(n) && !joining {
+                        return reject(
+                            Rejection::StalePromotion,
+                            format!("`{n}` is not in sync; it can only rejoin after a resync"),
+                        );
+                    }
+                }
+                if let Some(j) = rejoin {
+                    if !in_sync.contains(j) {
+                        return reject(Rejection::Invalid, "rejoin names a replica missing from in_sync");
+                    }
+                }
+                if let Some(p) = primary {
+                    // Invariant 4: a primary must come from the latest in_sync.
+                    if !v.in_sync.contains(p) || !in_sync.contains(p) {
+                        return reject(
+                            Rejection::StalePromotion,
+                            format!("`{p}` is not in the latest in_sync"),
+                        );
+                    }
+                }
+                let mut dedup = in_sync.clone();
+                dedup.sort();
+                dedup.dedup();
+                if dedup.len() != in_sync.len() {
+                    return reject(Rejection::Invalid, "in_sync lists a replica twice");
+                }
+                v.in_sync = in_sync.clone();
+                v.primary = primary.clone();
+                v.epoch += 1;
+                CommandResult::Ok { epoch: v.epoch }
+            }
+            Command::SetSiteMode { site, mode } => match self.sites.get_mut(site) {
+                Some(s) if s.kind == SiteKind::Data => {
+                    s.mode = *mode;
+                    CommandResult::Ok { epoch: 0 }
+                }
+                Some(_) => reject(Rejection::Invalid, "only data sites change mode"),
+                None => reject(Rejection::NotFound, format!("no site `{site}`")),
+            },
+            Command::SetPreferredSite { site } => {
+                if let Some(s) = site {
+                    if !self.sites.get(s).is_some_and(|r| r.kind == SiteKind::Data) {
+                        return reject(Rejection::Invalid, format!("`{s}` is not a data site"));
+                    }
+                }
+                self.preferred_site = site.clone();
+                CommandResult::Ok { epoch: 0 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metro_api::config::Role;
+
+    fn node(id: &str, site: &str, role: Role) -> NodeRecord {
+        NodeRecord {
+            id: id.into(),
+            raft_id: raft_id_of(id),
+            site: site.into(),
+            role,
+            api: format!("{id}:7443"),
+            nbd: None,
+            replication: None,
+            capacity_bytes: 1 << 30,
+        }
+    }
+
+    fn cluster() -> ClusterState {
+        let mut s = ClusterState::default();
+        let sites = vec![
+            ("dc-a".to_string(), SiteKind::Data),
+            ("dc-b".to_string(), SiteKind::Data),
+            ("witness".to_string(), SiteKind::Witness),
+        ];
+        assert!(s.apply(&Command::InitSites { sites, preferred_site: Some("dc-a".into()) }).is_ok());
+        for (id, site) in [("a1", "dc-a"), ("a2", "dc-a"), ("b1", "dc-b"), ("b2", "dc-b")] {
+            assert!(s.apply(&Command::RegisterNode(node(id, site, Role::Storage))).is_ok());
+        }
+        assert!(s.apply(&Command::RegisterNode(node("w1", "witness", Role::Witness))).is_ok());
+        let r = s.apply(&Command::CreateVolume {
+            name: "v".into(),
+            size_bytes: 1 << 20,
+            iops_limit: 0,
+            bandwidth_limit: 0,
+            lease_policy: LeasePolicy::Suspend,
+            replicas: vec!["a1".into(), "b1".into()],
+            primary: "a1".into(),
+        });
+        assert_eq!(r, CommandResult::Ok { epoch: 1 });
+        s
+    }
+
+    fn change(epoch: u64, primary: Option<&str>, in_sync: &[&str], rejoin: Option<&str>) -> Command {
+        Command::ChangeVolume {
+            name: "v".into(),
+            expected_epoch: epoch,
+            primary: primary.map(Into::into),
+            in_sync: in_sync.iter().map(|s| s.to_string()).collect(),
+            rejoin: rejoin.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn removing_a_replica_bumps_the_epoch() {
+        let mut s = cluster();
+        assert_eq!(s.apply(&change(1, Some("a1"), &["a1"], None)), CommandResult::Ok { epoch: 2 });
+        assert_eq!(s.volumes["v"].in_sync, vec!["a1"]);
+    }
+
+    #[test]
+    fn a_stale_epoch_change_is_rejected_and_changes_nothing() {
+        let mut s = cluster();
+        let before = s.clone();
+        let r = s.apply(&change(7, Some("a1"), &["a1"], None));
+        assert!(matches!(r, CommandResult::Rejected { reason: Rejection::EpochMismatch, .. }));
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn an_out_of_sync_replica_is_never_promoted() {
+        let mut s = cluster();
+        assert!(s.apply(&change(1, Some("a1"), &["a1"], None)).is_ok());
+        let r = s.apply(&change(2, Some("b1"), &["b1"], None));
+        assert!(matches!(r, CommandResult::Rejected { reason: Rejection::StalePromotion, .. }), "{r:?}");
+        assert_eq!(s.volumes["v"].primary.as_deref(), Some("a1"));
+    }
+
+    #[test]
+    fn a_replica_rejoins_only_explicitly() {
+        let mut s = cluster();
+        assert!(s.apply(&change(1, Some("a1"), &["a1"], None)).is_ok());
+        let sneaky = s.apply(&change(2, Some("a1"), &["a1", "b1"], None));
+        assert!(!sneaky.is_ok());
+        assert_eq!(
+            s.apply(&change(2, Some("a1"), &["a1", "b1"], Some("b1"))),
+            CommandResult::Ok { epoch: 3 }
+        );
+    }
+
+    #[test]
+    fn promotion_to_an_in_sync_replica_in_the_other_site() {
+        let mut s = cluster();
+        assert_eq!(s.apply(&change(1, Some("b1"), &["b1"], None)), CommandResult::Ok { epoch: 2 });
+        assert_eq!(s.volumes["v"].primary.as_deref(), Some("b1"));
+    }
+
+    #[test]
+    fn placement_needs_a_replica_in_each_active_data_site() {
+        let mut s = cluster();
+        let r = s.apply(&Command::CreateVolume {
+            name: "w".into(),
+            size_bytes: 1 << 20,
+            iops_limit: 0,
+            bandwidth_limit: 0,
+            lease_policy: LeasePolicy::Suspend,
+            replicas: vec!["a1".into(), "a2".into()],
+            primary: "a1".into(),
+        });
+        assert!(!r.is_ok());
+    }
+
+    #[test]
+    fn a_second_witness_and_an_unknown_site_are_refused() {
+        let mut s = cluster();
+        assert!(!s.apply(&Command::RegisterNode(node("w2", "witness", Role::Witness))).is_ok());
+        assert!(!s.apply(&Command::RegisterNode(node("c1", "dc-c", Role::Storage))).is_ok());
+    }
+
+    #[test]
+    fn apply_is_deterministic_across_serialization() {
+        let s = cluster();
+        let json = serde_json::to_string(&s).unwrap();
+        let back: ClusterState = serde_json::from_str(&json).unwrap();
+        assert_eq!(s, back);
+    }
+}

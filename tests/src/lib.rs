@@ -1,0 +1,1 @@
+//! Test support: fixtures that start clusters and inject faults.
