@@ -7,3 +7,6 @@
 //! ```
 
 pub mod block;
+pub mod registry;
+pub mod repl;
+pub mod volume;

@@ -1,0 +1,212 @@
+//! [`Registry`] on etcd (v3 API; works against Debian's etcd 3.4).
+//! Every call has a deadline; etcd being down is reported as
+//! [`RegistryError::Unavailable`] and never blocks the I/O path.
+
+use super::{Registry, RegistryError, VolumeSpec};
+use async_trait::async_trait;
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use metro_quorum::NodeRecord;
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+/// Registration lease TTL: a dead node's key disappears after this.
+pub const REGISTRATION_TTL_S: i64 = 10;
+
+pub struct EtcdRegistry {
+    endpoints: Vec<String>,
+    prefix: String,
+    timeout: Duration,
+    client: Mutex<Option<Client>>,
+    keepalive: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> RegistryError {
+    RegistryError::Unavailable(e.to_string())
+}
+
+impl EtcdRegistry {
+    /// Does not connect yet: the first call does, so a daemon can start while etcd is down.
+    pub fn new(cluster: &str, endpoints: Vec<String>, timeout: Duration) -> Self {
+        Self {
+            endpoints,
+            prefix: format!("/metro/{cluster}/"),
+            timeout,
+            client: Mutex::new(None),
+            keepalive: std::sync::Mutex::new(None),
+        }
+    }
+
+    async fn client(&self) -> Result<Client, RegistryError> {
+        let mut g = self.client.lock().await;
+        if let Some(c) = g.as_ref() {
+            return Ok(c.clone());
+        }
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(self.timeout)
+            .with_timeout(self.timeout)
+            .with_keep_alive(Duration::from_secs(2), self.timeout);
+        let c = tokio::time::timeout(self.timeout, Client::connect(&self.endpoints, Some(opts)))
+            .await
+            .map_err(|_| unavailable("connect timeout"))?
+            .map_err(unavailable)?;
+        *g = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn with_deadline<T, F>(&self, f: F) -> Result<T, RegistryError>
+    where
+        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(unavailable(e)),
+            Err(_) => Err(unavailable(format!("no answer within {:?}", self.timeout))),
+        }
+    }
+
+    async fn list<T: serde::de::DeserializeOwned>(&self, sub: &str) -> Result<Vec<T>, RegistryError> {
+        let mut c = self.client().await?;
+        let key = format!("{}{sub}", self.prefix);
+        let resp = self.with_deadline(c.get(key, Some(GetOptions::new().with_prefix()))).await?;
+        resp.kvs()
+            .iter()
+            .map(|kv| {
+                serde_json::from_slice(kv.value()).map_err(|e| RegistryError::Corrupt {
+                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+                    reason: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    async fn put_on_lease(&self, key: String, value: String) -> Result<i64, RegistryError> {
+        let mut c = self.client().await?;
+        let lease = self.with_deadline(c.lease_grant(REGISTRATION_TTL_S, None)).await?.id();
+        self.with_deadline(c.put(key, value, Some(PutOptions::new().with_lease(lease)))).await?;
+        Ok(lease)
+    }
+}
+
+#[async_trait]
+impl Registry for EtcdRegistry {
+    async fn register(&self, rec: &NodeRecord) -> Result<(), RegistryError> {
+        let key = format!("{}nodes/{}", self.prefix, rec.id);
+        let value = serde_json::to_string(rec).expect("serializable");
+        let mut lease = self.put_on_lease(key.clone(), value.clone()).await?;
+        let timeout = self.timeout;
+        // Keep the lease alive; on any failure re-register with a new lease.
+        let me = EtcdRegistry::new("-", self.endpoints.clone(), timeout);
+        let task = tokio::spawn(async move {
+            let period = Duration::from_secs((REGISTRATION_TTL_S / 3).max(1) as u64);
+            let mut keeper = None;
+            loop {
+                tokio::time::sleep(period).await;
+                let ok = async {
+                    if keeper.is_none() {
+                        let mut c = me.client().await?;
+                        keeper = Some(me.with_deadline(c.lease_keep_alive(lease)).await?);
+                    }
+                    let (k, s) = keeper.as_mut().expect("set above");
+                    me.with_deadline(k.keep_alive()).await?;
+                    match me.with_deadline(s.message()).await? {
+                        Some(r) if r.ttl() > 0 => Ok(()),
+                        _ => Err(unavailable("lease expired")),
+                    }
+                }
+                .await;
+                if let Err(e) = ok {
+                    tracing::debug!(error = %e, "registration keepalive failed; re-registering");
+                    keeper = None;
+                    *me.client.lock().await = None;
+                    if let Ok(l) = me.put_on_lease(key.clone(), value.clone()).await {
+                        lease = l;
+                    }
+                }
+            }
+        });
+        if let Some(old) = self.keepalive.lock().expect("poisoned").replace(task) {
+            old.abort();
+        }
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, RegistryError> {
+        self.list("nodes/").await
+    }
+
+    async fn claim_bootstrap(&self, node: &str) -> Result<String, RegistryError> {
+        let mut c = self.client().await?;
+        let key = format!("{}bootstrap", self.prefix);
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then(vec![TxnOp::put(key.clone(), node, None)])
+            .or_else(vec![TxnOp::get(key.clone(), None)]);
+        let resp = self.with_deadline(c.txn(txn)).await?;
+        if resp.succeeded() {
+            return Ok(node.to_string());
+        }
+        let got = self.with_deadline(c.get(key.clone(), None)).await?;
+        got.kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+            .ok_or(RegistryError::Corrupt { key, reason: "bootstrap key vanished".into() })
+    }
+
+    async fn put_spec(&self, spec: &VolumeSpec, create_only: bool) -> Result<(), RegistryError> {
+        let mut c = self.client().await?;
+        let key = format!("{}volumes/{}", self.prefix, spec.name);
+        let value = serde_json::to_string(spec).expect("serializable");
+        if create_only {
+            let txn = Txn::new()
+                .when(vec![Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                .and_then(vec![TxnOp::put(key, value, None)]);
+            if !self.with_deadline(c.txn(txn)).await?.succeeded() {
+                return Err(RegistryError::AlreadyExists(spec.name.clone()));
+            }
+        } else {
+            self.with_deadline(c.put(key, value, None)).await?;
+        }
+        Ok(())
+    }
+
+    async fn remove_spec(&self, name: &str) -> Result<(), RegistryError> {
+        let mut c = self.client().await?;
+        self.with_deadline(c.delete(format!("{}volumes/{name}", self.prefix), None)).await?;
+        Ok(())
+    }
+
+    async fn specs(&self) -> Result<Vec<VolumeSpec>, RegistryError> {
+        self.list("volumes/").await
+    }
+
+    async fn put_status(&self, json: &str) -> Result<(), RegistryError> {
+        let mut c = self.client().await?;
+        self.with_deadline(c.put(format!("{}status", self.prefix), json, None)).await?;
+        Ok(())
+    }
+
+    async fn health(&self) -> Vec<(String, bool)> {
+        let mut out = Vec::new();
+        for ep in &self.endpoints {
+            let opts = ConnectOptions::new().with_connect_timeout(self.timeout).with_timeout(self.timeout);
+            let ok = tokio::time::timeout(self.timeout, async {
+                let mut c = Client::connect([ep.as_str()], Some(opts)).await.ok()?;
+                c.status().await.ok()
+            })
+            .await
+            .ok()
+            .flatten()
+            .is_some();
+            out.push((ep.clone(), ok));
+        }
+        out
+    }
+}
+
+impl Drop for EtcdRegistry {
+    fn drop(&mut self) {
+        if let Some(t) = self.keepalive.lock().expect("poisoned").take() {
+            t.abort();
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! In-memory [`Registry`] for tests and the simulator.
+
+use super::{Registry, RegistryError, VolumeSpec};
+use async_trait::async_trait;
+use metro_quorum::NodeRecord;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+#[derive(Default)]
+pub struct MemoryRegistry {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    nodes: BTreeMap<String, NodeRecord>,
+    bootstrap: Option<String>,
+    specs: BTreeMap<String, VolumeSpec>,
+    status: String,
+    down: bool,
+}
+
+impl MemoryRegistry {
+    /// Simulate etcd being unreachable.
+    pub fn set_down(&self, down: bool) {
+        self.inner.lock().expect("poisoned").down = down;
+    }
+
+    fn guard(&self) -> Result<std::sync::MutexGuard<'_, Inner>, RegistryError> {
+        let g = self.inner.lock().expect("poisoned");
+        if g.down {
+            return Err(RegistryError::Unavailable("memory registry is down".into()));
+        }
+        Ok(g)
+    }
+}
+
+#[async_trait]
+impl Registry for MemoryRegistry {
+    async fn register(&self, rec: &NodeRecord) -> Result<(), RegistryError> {
+        self.guard()?.nodes.insert(rec.id.clone(), rec.clone());
+        Ok(())
+    }
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, RegistryError> {
+        Ok(self.guard()?.nodes.values().cloned().collect())
+    }
+    async fn claim_bootstrap(&self, node: &str) -> Result<String, RegistryError> {
+        Ok(self.guard()?.bootstrap.get_or_insert_with(|| node.to_string()).clone())
+    }
+    async fn put_spec(&self, spec: &VolumeSpec, create_only: bool) -> Result<(), RegistryError> {
+        let mut g = self.guard()?;
+        if create_only && g.specs.contains_key(&spec.name) {
+            return Err(RegistryError::AlreadyExists(spec.name.clone()));
+        }
+        g.specs.insert(spec.name.clone(), spec.clone());
+        Ok(())
+    }
+    async fn remove_spec(&self, name: &str) -> Result<(), RegistryError> {
+        self.guard()?.specs.remove(name);
+        Ok(())
+    }
+    async fn specs(&self) -> Result<Vec<VolumeSpec>, RegistryError> {
+        Ok(self.guard()?.specs.values().cloned().collect())
+    }
+    async fn put_status(&self, json: &str) -> Result<(), RegistryError> {
+        self.guard()?.status = json.to_string();
+        Ok(())
+    }
+    async fn health(&self) -> Vec<(String, bool)> {
+        vec![("memory".into(), !self.inner.lock().expect("poisoned").down)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn the_memory_registry_passes_the_conformance_suite() {
+        super::super::conformance(&super::MemoryRegistry::default()).await;
+    }
+}

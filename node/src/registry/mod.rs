@@ -1,0 +1,105 @@
+//! Desired state and registration, kept in etcd (never on the I/O path).
+//!
+//! Keys, under `/metro/<cluster>/`:
+//! - `nodes/<id>`: a [`NodeRecord`] on a lease (deleted when the node dies);
+//! - `bootstrap`: id of the node that initialized the raft group (CAS once);
+//! - `volumes/<name>`: a [`VolumeSpec`] (desired state; the leader reconciles);
+//! - `status`: a JSON summary for outside observers, written by the leader.
+//!
+//! [`Registry`] is the trait; [`etcd::EtcdRegistry`] and
+//! [`memory::MemoryRegistry`] implement it and run one conformance suite.
+
+pub mod etcd;
+pub mod memory;
+
+use async_trait::async_trait;
+use metro_quorum::{LeasePolicy, NodeRecord};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum RegistryError {
+    #[error(
+        "etcd is unreachable ({0}); attached volumes keep working, but create/attach/delete need etcd back"
+    )]
+    Unavailable(String),
+    #[error("`{0}` already exists")]
+    AlreadyExists(String),
+    #[error("corrupt registry entry {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+/// Desired state of a volume, as written by `metroctl volume create`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSpec {
+    pub name: String,
+    pub size_bytes: u64,
+    #[serde(default)]
+    pub iops_limit: u64,
+    #[serde(default)]
+    pub bandwidth_limit: u64,
+    #[serde(default)]
+    pub lease_policy: LeasePolicy,
+    #[serde(default)]
+    pub primary_site: Option<String>,
+    /// Tombstone: the leader deletes the volume, then the key.
+    #[serde(default)]
+    pub deleted: bool,
+}
+
+#[async_trait]
+pub trait Registry: Send + Sync + 'static {
+    /// Register (or refresh) this node on a lease kept alive in the background.
+    async fn register(&self, rec: &NodeRecord) -> Result<(), RegistryError>;
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, RegistryError>;
+    /// Claim the right to initialize the cluster; returns the winner's id.
+    async fn claim_bootstrap(&self, node: &str) -> Result<String, RegistryError>;
+    /// Store a spec; with `create_only`, fail if the name exists.
+    async fn put_spec(&self, spec: &VolumeSpec, create_only: bool) -> Result<(), RegistryError>;
+    async fn remove_spec(&self, name: &str) -> Result<(), RegistryError>;
+    async fn specs(&self) -> Result<Vec<VolumeSpec>, RegistryError>;
+    async fn put_status(&self, json: &str) -> Result<(), RegistryError>;
+    /// Health of each endpoint: `(endpoint, healthy)`.
+    async fn health(&self) -> Vec<(String, bool)>;
+}
+
+/// Conformance suite: every implementation must pass it.
+pub async fn conformance(reg: &dyn Registry) {
+    use metro_api::config::Role;
+    let rec = |id: &str| NodeRecord {
+        id: id.into(),
+        raft_id: metro_quorum::state::raft_id_of(id),
+        site: "dc-a".into(),
+        role: Role::Storage,
+        api: format!("{id}:7443"),
+        nbd: Some(format!("{id}:10809")),
+        replication: None,
+        capacity_bytes: 1 << 30,
+    };
+    reg.register(&rec("a1")).await.expect("register a1");
+    reg.register(&rec("a2")).await.expect("register a2");
+    let mut ids: Vec<String> = reg.nodes().await.expect("nodes").into_iter().map(|n| n.id).collect();
+    ids.sort();
+    assert_eq!(ids, vec!["a1", "a2"]);
+
+    assert_eq!(reg.claim_bootstrap("a2").await.unwrap(), "a2", "first claim wins");
+    assert_eq!(reg.claim_bootstrap("a1").await.unwrap(), "a2", "later claims see the winner");
+
+    let spec = VolumeSpec {
+        name: "v1".into(),
+        size_bytes: 1 << 20,
+        iops_limit: 0,
+        bandwidth_limit: 0,
+        lease_policy: LeasePolicy::Suspend,
+        primary_site: None,
+        deleted: false,
+    };
+    reg.put_spec(&spec, true).await.expect("create spec");
+    assert_eq!(reg.put_spec(&spec, true).await, Err(RegistryError::AlreadyExists("v1".into())));
+    let tomb = VolumeSpec { deleted: true, ..spec.clone() };
+    reg.put_spec(&tomb, false).await.expect("overwrite spec");
+    assert_eq!(reg.specs().await.unwrap(), vec![tomb]);
+    reg.remove_spec("v1").await.unwrap();
+    assert!(reg.specs().await.unwrap().is_empty());
+    reg.put_status("{\"ok\":true}").await.unwrap();
+    assert!(reg.health().await.iter().all(|(_, ok)| *ok));
+}

@@ -1,0 +1,243 @@
+//! The primary's side of a replication link to one peer node: one persistent,
+//! pipelined TLS connection carrying every volume's ops to that peer.
+//!
+//! ```text
+//!  send(op) ─► bounded queue ─► writer task: assign seq, remember responder, write frame
+//!                                reader task: Ack{seq} ─► responder
+//! ```
+//! Ordering: frames are written in queue order, so a volume's ops reach the
+//! peer in the order the primary enqueued them. When the connection drops,
+//! every outstanding op fails at once with [`LinkError::Down`]; the link
+//! reconnects in the background with bounded backoff.
+
+use super::wire::{read_frame, AckStatus, Frame, OpKind, VERSION};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::sync::{mpsc, oneshot};
+
+/// Bound on queued, not yet written ops per link (back-pressure beyond it).
+pub const LINK_QUEUE: usize = 1024;
+/// Deadline for TCP connect + TLS + hello.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A link with unacknowledged data and no progress for this long is dead
+/// (TCP_USER_TIMEOUT); keeps silent drops from hanging forever.
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_millis(1500);
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum LinkError {
+    #[error("link to {0} is down")]
+    Down(String),
+    #[error("peer {peer} refused the link: {message}")]
+    Refused { peer: String, message: String },
+}
+
+/// What the peer answered for one op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    pub status: AckStatus,
+    pub epoch: u64,
+}
+
+/// An op as queued by a volume; the link assigns the sequence number.
+#[derive(Debug, Clone)]
+pub struct OutOp {
+    pub volume: String,
+    pub epoch: u64,
+    pub size: u64,
+    pub fua: bool,
+    pub resync: bool,
+    pub op: OpKind,
+}
+
+type Responder = oneshot::Sender<Result<Ack, LinkError>>;
+
+/// Everything needed to dial a peer.
+#[derive(Clone)]
+pub struct Dialer {
+    pub my_node: String,
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+pub struct Link {
+    peer: String,
+    tx: Mutex<Option<mpsc::Sender<(OutOp, Responder)>>>,
+    connected: AtomicBool,
+    last_error: Mutex<Option<LinkError>>,
+}
+
+impl Link {
+    /// Create a link and keep it connected in the background until dropped.
+    pub fn spawn(peer: String, addr: String, dialer: Dialer) -> Arc<Link> {
+        let link = Arc::new(Link {
+            peer,
+            tx: Mutex::new(None),
+            connected: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+        });
+        let weak = Arc::downgrade(&link);
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                let Some(link) = weak.upgrade() else { return };
+                match connect(&addr, &link.peer, &dialer).await {
+                    Ok(stream) => {
+                        backoff = Duration::from_millis(50);
+                        let (tx, rx) = mpsc::channel(LINK_QUEUE);
+                        *link.tx.lock().expect("poisoned") = Some(tx);
+                        link.connected.store(true, Ordering::SeqCst);
+                        *link.last_error.lock().expect("poisoned") = None;
+                        tracing::info!(peer = %link.peer, %addr, "replication link up");
+                        drop(link);
+                        let reason = run_connection(stream, rx).await;
+                        let Some(link) = weak.upgrade() else { return };
+                        link.connected.store(false, Ordering::SeqCst);
+                        *link.tx.lock().expect("poisoned") = None;
+                        tracing::warn!(peer = %link.peer, %reason, "replication link down");
+                    }
+                    Err(e) => {
+                        if link.last_error.lock().expect("poisoned").as_ref() != Some(&e) {
+                            tracing::warn!(peer = %link.peer, error = %e, "cannot connect replication link");
+                        }
+                        *link.last_error.lock().expect("poisoned") = Some(e);
+                        drop(link);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                }
+            }
+        });
+        link
+    }
+
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+    }
+
+    pub fn last_error(&self) -> Option<LinkError> {
+        self.last_error.lock().expect("poisoned").clone()
+    }
+
+    /// Queue an op. Returns a receiver for its ack; a down link fails at once.
+    /// Callers enqueue under their volume's order lock, which fixes the order.
+    pub async fn enqueue(&self, op: OutOp) -> oneshot::Receiver<Result<Ack, LinkError>> {
+        let (rtx, rrx) = oneshot::channel();
+        let tx = self.tx.lock().expect("poisoned").clone();
+        match tx {
+            Some(tx) => {
+                if let Err(mpsc::error::SendError((_, r))) = tx.send((op, rtx)).await {
+                    let _ = r.send(Err(LinkError::Down(self.peer.clone())));
+                }
+            }
+            None => {
+                let _ =
+                    rtx.send(Err(self.last_error().unwrap_or_else(|| LinkError::Down(self.peer.clone()))));
+            }
+        }
+        rrx
+    }
+}
+
+type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+async fn connect(addr: &str, peer: &str, dialer: &Dialer) -> Result<TlsStream, LinkError> {
+    let down = |why: String| {
+        tracing::debug!(%peer, %why, "dial failed");
+        LinkError::Down(peer.to_string())
+    };
+    let fut = async {
+        let sa = tokio::net::lookup_host(addr)
+            .await
+            .map_err(|e| down(e.to_string()))?
+            .next()
+            .ok_or_else(|| down("no address".into()))?;
+        let tcp = tokio::net::TcpStream::connect(sa).await.map_err(|e| down(e.to_string()))?;
+        tune(&tcp).map_err(|e| down(e.to_string()))?;
+        let connector = tokio_rustls::TlsConnector::from(dialer.tls.clone());
+        let name = rustls::pki_types::ServerName::try_from(metro_api::tls::SERVER_NAME).expect("static name");
+        let mut tls = connector.connect(name, tcp).await.map_err(|e| down(format!("TLS: {e}")))?;
+        let hello = Frame::Hello { version: VERSION, from: dialer.my_node.clone(), hot_extents: Vec::new() };
+        tls.write_all(&hello.encode()).await.map_err(|e| down(e.to_string()))?;
+        tls.flush().await.map_err(|e| down(e.to_string()))?;
+        match read_frame(&mut tls).await {
+            Ok(Frame::HelloAck { .. }) => Ok(tls),
+            Ok(Frame::Error { message }) => Err(LinkError::Refused { peer: peer.to_string(), message }),
+            Ok(other) => Err(down(format!("unexpected frame {other:?}"))),
+            Err(e) => Err(LinkError::Refused { peer: peer.to_string(), message: e.to_string() }),
+        }
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, fut).await.map_err(|_| down("connect timeout".into()))?
+}
+
+/// NODELAY, keepalive and TCP_USER_TIMEOUT on a replication socket.
+pub fn tune(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
+    let s = socket2::SockRef::from(tcp);
+    s.set_tcp_nodelay(true)?;
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(1))
+        .with_interval(Duration::from_millis(500))
+        .with_retries(3);
+    s.set_tcp_keepalive(&ka)?;
+    s.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT))?;
+    Ok(())
+}
+
+async fn run_connection(stream: TlsStream, mut rx: mpsc::Receiver<(OutOp, Responder)>) -> String {
+    let pending: Arc<Mutex<HashMap<u64, Responder>>> = Arc::default();
+    let (mut rd, wr) = tokio::io::split(stream);
+    let p2 = pending.clone();
+    let mut reader = tokio::spawn(async move {
+        loop {
+            match read_frame(&mut rd).await {
+                Ok(Frame::Ack { seq, status, epoch }) => {
+                    if let Some(r) = p2.lock().expect("poisoned").remove(&seq) {
+                        let _ = r.send(Ok(Ack { status, epoch }));
+                    }
+                }
+                Ok(Frame::Error { message }) => return format!("peer error: {message}"),
+                Ok(other) => return format!("unexpected frame from peer: {other:?}"),
+                Err(e) => return format!("read: {e}"),
+            }
+        }
+    });
+    let mut wr = BufWriter::with_capacity(256 * 1024, wr);
+    let mut seq: u64 = 0;
+    let reason = loop {
+        tokio::select! {
+            r = &mut reader => break r.unwrap_or_else(|e| e.to_string()),
+            m = rx.recv() => {
+                let Some((op, resp)) = m else { break "link closed".to_string() };
+                let mut batch = vec![(op, resp)];
+                while batch.len() < 64 {
+                    match rx.try_recv() { Ok(x) => batch.push(x), Err(_) => break }
+                }
+                let mut failed = None;
+                for (op, resp) in batch {
+                    seq += 1;
+                    pending.lock().expect("poisoned").insert(seq, resp);
+                    let f = Frame::Op { seq, volume: op.volume, epoch: op.epoch, size: op.size, fua: op.fua, resync: op.resync, op: op.op };
+                    if let Err(e) = wr.write_all(&f.encode()).await { failed = Some(e); break; }
+                }
+                if failed.is_none() { if let Err(e) = wr.flush().await { failed = Some(e); } }
+                if let Some(e) = failed { break format!("write: {e}"); }
+            }
+        }
+    };
+    reader.abort();
+    rx.close();
+    let peer_down = LinkError::Down("peer".into());
+    for (_, r) in pending.lock().expect("poisoned").drain() {
+        let _ = r.send(Err(peer_down.clone()));
+    }
+    while let Ok((_, r)) = rx.try_recv() {
+        let _ = r.send(Err(peer_down.clone()));
+    }
+    reason
+}

@@ -1,0 +1,181 @@
+//! The replica's side of replication links: accept TLS connections from
+//! primaries, check the protocol version and epochs, apply ops in order with
+//! group commit, and acknowledge each op.
+//!
+//! Durability rule: a plain write is acknowledged once it is in the local
+//! file (page cache); an op with FUA, or a FLUSH, only after fdatasync.
+
+use super::replica::ReplicaVolume;
+use super::wire::{read_frame, AckStatus, Frame, OpKind, VERSION};
+use crate::block::BlockError;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+/// Ops read ahead of the applier per connection (bounded).
+const APPLY_QUEUE: usize = 256;
+/// Deadline for the TLS handshake plus hello.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Finds (or creates) the local replica a primary writes to.
+pub trait ReplicaSink: Send + Sync + 'static {
+    fn replica(&self, volume: &str, size: u64) -> Option<Arc<ReplicaVolume>>;
+    fn node_id(&self) -> &str;
+}
+
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    sink: Arc<dyn ReplicaSink>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            r = listener.accept() => {
+                let Ok((tcp, peer)) = r else { continue };
+                let _ = super::link::tune(&tcp);
+                let acceptor = acceptor.clone();
+                let sink = sink.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(acceptor, tcp, sink).await {
+                        tracing::warn!(%peer, error = %e, "replication connection ended");
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn handle(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    sink: Arc<dyn ReplicaSink>,
+) -> anyhow::Result<()> {
+    let (stream, from) = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let mut stream = acceptor.accept(tcp).await?;
+        match read_frame(&mut stream).await {
+            Ok(Frame::Hello { from, .. }) => {
+                let ack = Frame::HelloAck { version: VERSION, node: sink.node_id().to_string() };
+                stream.write_all(&ack.encode()).await?;
+                stream.flush().await?;
+                Ok::<_, anyhow::Error>((stream, from))
+            }
+            Ok(other) => anyhow::bail!("expected Hello, got {other:?}"),
+            Err(e) => {
+                // Tell an old or foreign peer why, then close.
+                let msg = Frame::Error { message: format!("replication handshake refused: {e}") };
+                let _ = stream.write_all(&msg.encode()).await;
+                let _ = stream.flush().await;
+                anyhow::bail!("handshake refused: {e}")
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("handshake timeout"))??;
+    tracing::info!(%from, "replication link accepted");
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (tx, mut rx) = mpsc::channel::<Frame>(APPLY_QUEUE);
+    let reader = tokio::spawn(async move {
+        loop {
+            match read_frame(&mut rd).await {
+                Ok(f) => {
+                    if tx.send(f).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "replication reader ended");
+                    return;
+                }
+            }
+        }
+    });
+    let mut batch = Vec::with_capacity(64);
+    while rx.recv_many(&mut batch, 64).await > 0 {
+        let acks = apply_batch(&sink, &from, std::mem::take(&mut batch)).await;
+        let mut buf = Vec::with_capacity(acks.len() * 32);
+        for a in acks {
+            buf.extend_from_slice(&a.encode());
+        }
+        if wr.write_all(&buf).await.is_err() || wr.flush().await.is_err() {
+            break;
+        }
+    }
+    reader.abort();
+    Ok(())
+}
+
+/// Apply ops in order; one fdatasync per volume covers every FUA/FLUSH in the
+/// batch (group commit), and their acks wait for it.
+async fn apply_batch(sink: &Arc<dyn ReplicaSink>, from: &str, frames: Vec<Frame>) -> Vec<Frame> {
+    let mut acks: Vec<Frame> = Vec::with_capacity(frames.len());
+    let mut needs_sync: Vec<(Arc<ReplicaVolume>, Vec<usize>)> = Vec::new();
+    for f in frames {
+        match f {
+            Frame::Op { seq, volume, epoch, size, fua, op, .. } => {
+                let Some(vol) = sink.replica(&volume, size) else {
+                    acks.push(Frame::Ack { seq, status: AckStatus::NoVolume, epoch: 0 });
+                    continue;
+                };
+                if let Err(floor) = vol.admit(from, epoch) {
+                    tracing::warn!(%volume, %from, epoch, floor, "refused a write with a stale epoch");
+                    acks.push(Frame::Ack { seq, status: AckStatus::StaleEpoch, epoch: floor });
+                    continue;
+                }
+                let sync = fua || matches!(op, OpKind::Flush);
+                let r = match op {
+                    OpKind::Write { offset, data } => vol.device.write(offset, data, false).await,
+                    OpKind::Zero { offset, len, punch } => {
+                        vol.device.write_zeroes(offset, len, false, punch).await
+                    }
+                    OpKind::Flush => Ok(()),
+                };
+                let status = status_of(r);
+                acks.push(Frame::Ack { seq, status, epoch });
+                if sync && status == AckStatus::Ok {
+                    let idx = acks.len() - 1;
+                    match needs_sync.iter_mut().find(|(v, _)| Arc::ptr_eq(v, &vol)) {
+                        Some((_, v)) => v.push(idx),
+                        None => needs_sync.push((vol, vec![idx])),
+                    }
+                }
+            }
+            Frame::Fence { seq, volume, epoch } => {
+                let status = match sink.replica(&volume, 0) {
+                    Some(v) => match v.admit(from, epoch) {
+                        Ok(()) => AckStatus::Ok,
+                        Err(_) => AckStatus::StaleEpoch,
+                    },
+                    None => AckStatus::NoVolume,
+                };
+                acks.push(Frame::Ack { seq, status, epoch });
+            }
+            other => tracing::warn!(?other, "unexpected frame on replication link"),
+        }
+    }
+    for (vol, idxs) in needs_sync {
+        let status = status_of(vol.device.flush().await);
+        if status != AckStatus::Ok {
+            for i in idxs {
+                if let Frame::Ack { status: s, .. } = &mut acks[i] {
+                    *s = status;
+                }
+            }
+        }
+    }
+    acks
+}
+
+fn status_of(r: Result<(), BlockError>) -> AckStatus {
+    match r {
+        Ok(()) => AckStatus::Ok,
+        Err(e) if e.nbd_errno() == 28 => AckStatus::NoSpace,
+        Err(e) => {
+            tracing::error!(error = %e, "replica write failed");
+            AckStatus::Io
+        }
+    }
+}

@@ -1,0 +1,480 @@
+//! The volume manager follows committed cluster state and makes this node do
+//! its part for every volume:
+//!
+//! - replica of a volume → keep a local thin replica and its epoch floor;
+//! - primary → serve it through a [`PrimaryVolume`] (NBD exports come from here);
+//! - no longer primary → depose the export (clients get ESHUTDOWN and an
+//!   error naming the new primary on reconnect);
+//! - primary with out-of-sync replicas → resync them when reachable, then
+//!   commit their rejoin.
+//!
+//! It implements [`ExportRegistry`] for the NBD server, [`ReplicaSink`] for
+//! the replication server and [`VolumeControl`] for its primaries.
+
+use super::control::VolumeControl;
+use super::primary::{PrimaryVolume, ReplState};
+use super::storage::VolumeStorage;
+use crate::block::{BlockDevice, ExportError, ExportRegistry};
+use crate::repl::link::{Dialer, Link};
+use crate::repl::replica::{Floor, ReplicaVolume};
+use crate::repl::server::ReplicaSink;
+use async_trait::async_trait;
+use metro_quorum::{ClusterState, Command, CommandResult};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Largest chunk a resync copies in one op.
+const RESYNC_CHUNK: u64 = 1024 * 1024;
+/// How often the manager looks for replicas to resync.
+const RESYNC_SCAN: Duration = Duration::from_millis(500);
+
+/// What the manager needs from the quorum engine (a trait so tests and the
+/// simulator can run a manager without raft).
+#[async_trait]
+pub trait ClusterView: Send + Sync + 'static {
+    fn state(&self) -> watch::Receiver<Arc<ClusterState>>;
+    fn lease_valid(&self, volume: &str) -> bool;
+    async fn propose(&self, cmd: Command) -> Result<CommandResult, String>;
+}
+
+/// Resync progress of one (volume, peer).
+#[derive(Debug, Clone, Default)]
+pub struct ResyncProgress {
+    pub bytes_left: u64,
+    pub bytes_done: u64,
+    pub rate_bps: u64,
+    pub running: bool,
+}
+
+#[derive(Default)]
+struct Inner {
+    replicas: HashMap<String, Arc<ReplicaVolume>>,
+    primaries: HashMap<String, Arc<PrimaryVolume>>,
+    links: HashMap<String, Arc<Link>>,
+    resyncing: HashSet<(String, String)>,
+    progress: HashMap<(String, String), ResyncProgress>,
+}
+
+pub struct VolumeManager {
+    me: String,
+    cluster: Arc<dyn ClusterView>,
+    storage: Arc<dyn VolumeStorage>,
+    dialer: Dialer,
+    ack_timeout: Duration,
+    inner: Mutex<Inner>,
+    weak: Weak<VolumeManager>,
+}
+
+struct CtlRef(Weak<VolumeManager>);
+
+impl VolumeManager {
+    pub fn new(
+        me: String,
+        cluster: Arc<dyn ClusterView>,
+        storage: Arc<dyn VolumeStorage>,
+        dialer: Dialer,
+        ack_timeout: Duration,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|weak| VolumeManager {
+            me,
+            cluster,
+            storage,
+            dialer,
+            ack_timeout,
+            inner: Mutex::default(),
+            weak: weak.clone(),
+        })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.me
+    }
+
+    pub fn storage(&self) -> &Arc<dyn VolumeStorage> {
+        &self.storage
+    }
+
+    /// Follow committed state until `shutdown`, and resync in the background.
+    pub fn spawn(self: &Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let me = self.clone();
+        let mut rx = self.cluster.state();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(RESYNC_SCAN);
+            loop {
+                let state = rx.borrow_and_update().clone();
+                me.reconcile(&state).await;
+                tokio::select! {
+                    _ = shutdown.changed() => {
+                        me.depose_all("daemon shutting down");
+                        return;
+                    }
+                    r = rx.changed() => if r.is_err() { return },
+                    _ = tick.tick() => {
+                        me.start_resyncs();
+                    }
+                }
+            }
+        });
+    }
+
+    /// (volume, epoch) of every volume this node serves, for lease renewal.
+    pub fn primaries(&self) -> Vec<(String, u64)> {
+        let state = self.cluster.state().borrow().clone();
+        let inner = self.inner.lock().expect("poisoned");
+        inner.primaries.keys().filter_map(|n| state.volumes.get(n).map(|v| (n.clone(), v.epoch))).collect()
+    }
+
+    pub fn progress(&self, volume: &str, peer: &str) -> ResyncProgress {
+        let inner = self.inner.lock().expect("poisoned");
+        let mut p = inner.progress.get(&(volume.to_string(), peer.to_string())).cloned().unwrap_or_default();
+        if !p.running {
+            p.bytes_left = self.storage.dirty_bytes(volume, peer);
+        }
+        p
+    }
+
+    pub fn is_primary_here(&self, volume: &str) -> bool {
+        self.inner.lock().expect("poisoned").primaries.contains_key(volume)
+    }
+
+    fn depose_all(&self, why: &str) {
+        let inner = self.inner.lock().expect("poisoned");
+        for p in inner.primaries.values() {
+            p.depose(why);
+        }
+    }
+
+    fn link_for(&self, peer: &str, state: &ClusterState) -> Option<Arc<Link>> {
+        let mut inner = self.inner.lock().expect("poisoned");
+        if let Some(l) = inner.links.get(peer) {
+            return Some(l.clone());
+        }
+        let addr = state.nodes.get(peer)?.replication.clone()?;
+        let link = Link::spawn(peer.to_string(), addr, self.dialer.clone());
+        inner.links.insert(peer.to_string(), link.clone());
+        Some(link)
+    }
+
+    /// Bring local objects in line with committed state.
+    pub async fn reconcile(&self, state: &ClusterState) {
+        let mut wanted_replicas = HashSet::new();
+        for v in state.volumes.values() {
+            if !v.replicas.contains(&self.me) {
+                continue;
+            }
+            wanted_replicas.insert(v.name.clone());
+            let primary = v.primary.clone().unwrap_or_default();
+            let replica = self.ensure_replica(&v.name, v.size_bytes, &primary, v.epoch);
+            if let Some(r) = &replica {
+                r.observe(&primary, v.epoch);
+            }
+            let am_primary = v.primary.as_deref() == Some(self.me.as_str());
+            let existing = self.inner.lock().expect("poisoned").primaries.get(&v.name).cloned();
+            let in_sync_peers: Vec<String> = v.in_sync.iter().filter(|n| **n != self.me).cloned().collect();
+            let stale_peers: Vec<String> =
+                v.replicas.iter().filter(|n| **n != self.me && !v.in_sync.contains(n)).cloned().collect();
+            for p in in_sync_peers.iter().chain(stale_peers.iter()) {
+                if am_primary {
+                    self.link_for(p, state);
+                }
+            }
+            match (am_primary, existing) {
+                (true, Some(p)) if !p.is_deposed() => p.adopt(v.epoch, in_sync_peers, stale_peers).await,
+                (true, _) => {
+                    let Some(r) = replica else { continue };
+                    let ctl: Arc<dyn VolumeControl> = Arc::new(CtlRef(self.weak.clone()));
+                    let pv = Arc::new(PrimaryVolume::new(
+                        v.name.clone(),
+                        v.size_bytes,
+                        r.device.clone(),
+                        self.me.clone(),
+                        ReplState { epoch: v.epoch, in_sync_peers, stale_peers, catching_up: Vec::new() },
+                        ctl,
+                        self.ack_timeout,
+                        v.lease_policy,
+                    ));
+                    tracing::info!(volume = %v.name, epoch = v.epoch, "serving as primary");
+                    self.inner.lock().expect("poisoned").primaries.insert(v.name.clone(), pv);
+                }
+                (false, Some(p)) => {
+                    p.depose(&format!("primary moved to {primary}"));
+                    self.inner.lock().expect("poisoned").primaries.remove(&v.name);
+                }
+                (false, None) => {}
+            }
+        }
+        // Volumes deleted from state, or this node no longer a replica.
+        let gone: Vec<String> = {
+            let inner = self.inner.lock().expect("poisoned");
+            inner.replicas.keys().filter(|n| !wanted_replicas.contains(*n)).cloned().collect()
+        };
+        for name in gone {
+            let (p, _) = {
+                let mut inner = self.inner.lock().expect("poisoned");
+                (inner.primaries.remove(&name), inner.replicas.remove(&name))
+            };
+            if let Some(p) = p {
+                p.depose("volume deleted");
+            }
+            if !state.volumes.contains_key(&name) {
+                if let Err(e) = self.storage.delete(&name) {
+                    tracing::warn!(volume = %name, error = %e, "cannot delete local replica");
+                }
+            }
+        }
+    }
+
+    fn ensure_replica(&self, name: &str, size: u64, primary: &str, epoch: u64) -> Option<Arc<ReplicaVolume>> {
+        if let Some(r) = self.inner.lock().expect("poisoned").replicas.get(name) {
+            return Some(r.clone());
+        }
+        match self.storage.open_or_create(name, size) {
+            Ok((dev, persisted)) => {
+                let storage = self.storage.clone();
+                let vname = name.to_string();
+                let floor = Floor { primary: primary.to_string(), epoch: persisted.min(epoch) };
+                let r = Arc::new(ReplicaVolume::new(
+                    name.to_string(),
+                    dev,
+                    floor,
+                    Box::new(move |e| {
+                        if let Err(err) = storage.persist_epoch(&vname, e) {
+                            tracing::error!(volume = %vname, error = %err, "cannot persist epoch");
+                        }
+                    }),
+                ));
+                self.inner.lock().expect("poisoned").replicas.insert(name.to_string(), r.clone());
+                Some(r)
+            }
+            Err(e) => {
+                tracing::error!(volume = %name, error = %e, "cannot open local replica");
+                None
+            }
+        }
+    }
+
+    fn start_resyncs(&self) {
+        let state = self.cluster.state().borrow().clone();
+        let primaries: Vec<Arc<PrimaryVolume>> =
+            self.inner.lock().expect("poisoned").primaries.values().cloned().collect();
+        for p in primaries {
+            let Some(v) = state.volumes.get(&p.name) else { continue };
+            for peer in v.replicas.iter().filter(|n| **n != self.me && !v.in_sync.contains(n)) {
+                let key = (p.name.clone(), peer.clone());
+                let Some(link) = self.link_for(peer, &state) else { continue };
+                if !link.is_connected() || !self.cluster.lease_valid(&p.name) {
+                    continue;
+                }
+                if !self.inner.lock().expect("poisoned").resyncing.insert(key.clone()) {
+                    continue;
+                }
+                let Some(me) = self.weak.upgrade() else { return };
+                let p = p.clone();
+                let peer = peer.clone();
+                tokio::spawn(async move {
+                    let r = me.resync(&p, &peer).await;
+                    let mut inner = me.inner.lock().expect("poisoned");
+                    inner.resyncing.remove(&key);
+                    if let Some(pr) = inner.progress.get_mut(&key) {
+                        pr.running = false;
+                    }
+                    drop(inner);
+                    match r {
+                        Ok(epoch) => {
+                            tracing::info!(volume = %p.name, %peer, epoch, "replica resynced and back in sync")
+                        }
+                        Err(e) => {
+                            tracing::warn!(volume = %p.name, %peer, error = %e, "resync interrupted; it resumes later")
+                        }
+                    }
+                });
+            }
+        }
+    }
+
+    /// Copy only the dirty regions to `peer` while live writes are mirrored
+    /// to it, then commit its rejoin. Interruptible: the dirty bitmap is the
+    /// cursor, so a later attempt continues where this one stopped.
+    async fn resync(&self, p: &Arc<PrimaryVolume>, peer: &str) -> Result<u64, String> {
+        let key = (p.name.clone(), peer.to_string());
+        p.begin_catch_up(peer).await;
+        let started = Instant::now();
+        let mut done: u64 = 0;
+        let result = async {
+            loop {
+                let regions = self.storage.dirty_regions(&p.name, peer);
+                if regions.is_empty() {
+                    break;
+                }
+                let total_left: u64 = regions.iter().map(|r| r.1).sum();
+                for (off, len) in regions {
+                    let mut pos = off;
+                    while pos < off + len {
+                        let chunk = RESYNC_CHUNK.min(off + len - pos);
+                        self.storage.clear_dirty(&p.name, peer, pos, chunk).map_err(|e| e.to_string())?;
+                        if !p.copy_to_peer(peer, pos, chunk as u32).await.map_err(|e| e.to_string())? {
+                            let _ = self.storage.mark_dirty(&p.name, peer, pos, chunk);
+                            return Err(format!("{peer} did not acknowledge a resync write"));
+                        }
+                        pos += chunk;
+                        done += chunk;
+                        let secs = started.elapsed().as_secs_f64().max(0.001);
+                        let mut inner = self.inner.lock().expect("poisoned");
+                        inner.progress.insert(
+                            key.clone(),
+                            ResyncProgress {
+                                bytes_left: total_left.saturating_sub(done),
+                                bytes_done: done,
+                                rate_bps: (done as f64 / secs) as u64,
+                                running: true,
+                            },
+                        );
+                    }
+                }
+            }
+            p.rejoin(peer).await
+        }
+        .await;
+        if result.is_err() {
+            p.abort_catch_up(peer).await;
+        }
+        tracing::info!(volume = %p.name, %peer, bytes = done, ms = started.elapsed().as_millis() as u64, ok = result.is_ok(), "resync pass");
+        result
+    }
+
+    fn state_now(&self) -> Arc<ClusterState> {
+        self.cluster.state().borrow().clone()
+    }
+}
+
+impl ExportRegistry for VolumeManager {
+    fn open(&self, name: &str) -> Result<Arc<dyn BlockDevice>, ExportError> {
+        if let Some(p) = self.inner.lock().expect("poisoned").primaries.get(name) {
+            if !p.is_deposed() {
+                return Ok(p.clone());
+            }
+        }
+        let state = self.state_now();
+        let Some(v) = state.volumes.get(name) else { return Err(ExportError::NotFound(name.to_string())) };
+        match &v.primary {
+            Some(p) if p != &self.me => Err(ExportError::NotPrimary {
+                volume: name.to_string(),
+                primary: p.clone(),
+                nbd: state.nodes.get(p).and_then(|n| n.nbd.clone()).unwrap_or_default(),
+            }),
+            _ => Err(ExportError::Unavailable {
+                volume: name.to_string(),
+                reason: "no primary is serving it right now (failover or quorum loss in progress); retry"
+                    .into(),
+            }),
+        }
+    }
+
+    fn list(&self) -> Vec<String> {
+        self.inner.lock().expect("poisoned").primaries.keys().cloned().collect()
+    }
+}
+
+impl ReplicaSink for VolumeManager {
+    fn replica(&self, volume: &str, _size: u64) -> Option<Arc<ReplicaVolume>> {
+        if let Some(r) = self.inner.lock().expect("poisoned").replicas.get(volume) {
+            return Some(r.clone());
+        }
+        // The primary may know about the volume before our state does.
+        let state = self.state_now();
+        let v = state.volumes.get(volume)?;
+        if !v.replicas.contains(&self.me) {
+            return None;
+        }
+        self.ensure_replica(volume, v.size_bytes, v.primary.as_deref().unwrap_or(""), v.epoch)
+    }
+
+    fn node_id(&self) -> &str {
+        &self.me
+    }
+}
+
+fn expect_ok(r: Result<CommandResult, String>) -> Result<u64, String> {
+    match r? {
+        CommandResult::Ok { epoch } => Ok(epoch),
+        CommandResult::Rejected { reason, detail } => Err(format!("{reason:?}: {detail}")),
+    }
+}
+
+#[async_trait]
+impl VolumeControl for CtlRef {
+    fn lease_valid(&self, volume: &str) -> bool {
+        self.0.upgrade().is_some_and(|m| m.cluster.lease_valid(volume))
+    }
+
+    fn still_primary(&self, volume: &str) -> bool {
+        self.0.upgrade().is_some_and(|m| {
+            m.state_now().volumes.get(volume).and_then(|v| v.primary.as_deref()) == Some(m.me.as_str())
+        })
+    }
+
+    fn link(&self, peer: &str) -> Option<Arc<Link>> {
+        let m = self.0.upgrade()?;
+        let state = m.state_now();
+        m.link_for(peer, &state)
+    }
+
+    fn touch_extent(&self, volume: &str, offset: u64, len: u64) -> std::io::Result<()> {
+        match self.0.upgrade() {
+            Some(m) => m.storage.touch_extent(volume, offset, len),
+            None => Ok(()),
+        }
+    }
+
+    fn mark_dirty(&self, volume: &str, peer: &str, offset: u64, len: u64) -> std::io::Result<()> {
+        match self.0.upgrade() {
+            Some(m) => m.storage.mark_dirty(volume, peer, offset, len),
+            None => Err(std::io::Error::other("node shutting down")),
+        }
+    }
+
+    fn mark_all_outstanding(&self, volume: &str, peer: &str) -> std::io::Result<()> {
+        let Some(m) = self.0.upgrade() else { return Err(std::io::Error::other("node shutting down")) };
+        for (off, len) in m.storage.hot_extents(volume) {
+            m.storage.mark_dirty(volume, peer, off, len)?;
+        }
+        Ok(())
+    }
+
+    async fn shrink_in_sync(
+        &self,
+        volume: &str,
+        expected_epoch: u64,
+        in_sync: Vec<String>,
+    ) -> Result<u64, String> {
+        let m = self.0.upgrade().ok_or("node shutting down")?;
+        let cmd = Command::ChangeVolume {
+            name: volume.to_string(),
+            expected_epoch,
+            primary: Some(m.me.clone()),
+            in_sync,
+            rejoin: None,
+        };
+        expect_ok(m.cluster.propose(cmd).await)
+    }
+
+    async fn rejoin(
+        &self,
+        volume: &str,
+        expected_epoch: u64,
+        in_sync: Vec<String>,
+        peer: &str,
+    ) -> Result<u64, String> {
+        let m = self.0.upgrade().ok_or("node shutting down")?;
+        let cmd = Command::ChangeVolume {
+            name: volume.to_string(),
+            expected_epoch,
+            primary: Some(m.me.clone()),
+            in_sync,
+            rejoin: Some(peer.to_string()),
+        };
+        expect_ok(m.cluster.propose(cmd).await)
+    }
+}

@@ -1,0 +1,383 @@
+//! The primary's block device: local write plus synchronous mirroring to
+//! every in-sync replica, with the acknowledgement rules of DESIGN.md §3.
+//!
+//! ```text
+//!  write ─► lease gate ─► order lock { activity log; enqueue to in-sync links;
+//!                                      mark dirty for out-of-sync replicas; local write }
+//!        ─► await every in-sync ack (≤ ack timeout)
+//!        ─► any replica failed? ─► commit "remove from in_sync" (epoch+1), mark dirty
+//!        ─► acknowledge
+//! ```
+//! Invariants kept here:
+//! - RPO 0: a write is acknowledged only when every replica in `in_sync` at
+//!   that moment holds it (FUA/FLUSH: fdatasync'ed), or after a committed
+//!   change removed the replica and its region was durably marked dirty.
+//! - The order lock fixes one order for a volume's ops, on every copy.
+//! - A stale-epoch answer means this node was deposed: it stops serving.
+
+use super::control::VolumeControl;
+use crate::block::{BlockDevice, BlockError, BlockResult};
+use crate::repl::link::{Ack, LinkError, OutOp};
+use crate::repl::wire::{AckStatus, OpKind};
+use async_trait::async_trait;
+use bytes::Bytes;
+use metro_quorum::LeasePolicy;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{oneshot, Mutex};
+
+/// How often a suspended request re-checks its lease.
+const SUSPEND_POLL: Duration = Duration::from_millis(50);
+
+/// Mutable replication view of the volume, guarded by the order lock.
+#[derive(Debug, Clone)]
+pub struct ReplState {
+    pub epoch: u64,
+    /// Replicas other than this node that are in `in_sync`.
+    pub in_sync_peers: Vec<String>,
+    /// Replicas other than this node that are out of sync (dirty-tracked).
+    pub stale_peers: Vec<String>,
+    /// Out-of-sync replicas currently catching up: they get live writes too.
+    pub catching_up: Vec<String>,
+}
+
+pub struct PrimaryVolume {
+    pub name: String,
+    size: u64,
+    pub local: Arc<dyn BlockDevice>,
+    me: String,
+    state: Mutex<ReplState>,
+    ctl: Arc<dyn VolumeControl>,
+    ack_timeout: Duration,
+    policy: LeasePolicy,
+    deposed: AtomicBool,
+}
+
+enum Outcome {
+    Ok,
+    Failed(String),
+    Stale(u64),
+}
+
+impl PrimaryVolume {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: String,
+        size: u64,
+        local: Arc<dyn BlockDevice>,
+        me: String,
+        repl: ReplState,
+        ctl: Arc<dyn VolumeControl>,
+        ack_timeout: Duration,
+        policy: LeasePolicy,
+    ) -> Self {
+        Self {
+            name,
+            size,
+            local,
+            me,
+            state: Mutex::new(repl),
+            ctl,
+            ack_timeout,
+            policy,
+            deposed: AtomicBool::new(false),
+        }
+    }
+
+    pub async fn repl_state(&self) -> ReplState {
+        self.state.lock().await.clone()
+    }
+
+    /// Adopt a newer committed configuration (e.g. after a rejoin, or a change
+    /// made by the leader). Never goes back in epoch.
+    pub async fn adopt(&self, epoch: u64, in_sync_peers: Vec<String>, stale_peers: Vec<String>) {
+        let mut s = self.state.lock().await;
+        if epoch > s.epoch {
+            s.catching_up.retain(|p| stale_peers.contains(p));
+            s.epoch = epoch;
+            s.in_sync_peers = in_sync_peers;
+            s.stale_peers = stale_peers;
+        }
+    }
+
+    /// Stop serving: every later request gets ESHUTDOWN.
+    pub fn depose(&self, why: &str) {
+        if !self.deposed.swap(true, Ordering::SeqCst) {
+            tracing::warn!(volume = %self.name, %why, "primary stops serving");
+        }
+    }
+
+    pub fn is_deposed(&self) -> bool {
+        self.deposed.load(Ordering::SeqCst)
+    }
+
+    /// Wait for a valid lease (policy `suspend`) or fail (policy `error`).
+    async fn gate(&self) -> BlockResult<()> {
+        loop {
+            if self.is_deposed() {
+                return Err(BlockError::Shutdown(format!("{} is no longer the primary", self.me)));
+            }
+            if self.ctl.lease_valid(&self.name) {
+                return Ok(());
+            }
+            match self.policy {
+                LeasePolicy::Error => {
+                    return Err(BlockError::Io(std::io::Error::other("lease lost (policy error)")))
+                }
+                LeasePolicy::Suspend => {
+                    if !self.ctl.still_primary(&self.name) {
+                        self.depose("the volume moved while suspended");
+                        continue;
+                    }
+                    tokio::time::sleep(SUSPEND_POLL).await;
+                }
+            }
+        }
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> BlockResult<()> {
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(BlockError::OutOfRange { offset, len, size: self.size });
+        }
+        Ok(())
+    }
+
+    /// The mirrored mutation path shared by write, zero and flush.
+    async fn mutate(&self, op: OpKind, fua: bool, region: Option<(u64, u64)>) -> BlockResult<()> {
+        self.gate().await?;
+        let (epoch, waits, local) = {
+            let s = self.state.lock().await;
+            if let Some((off, len)) = region {
+                self.ctl.touch_extent(&self.name, off, len).map_err(BlockError::Io)?;
+                for p in s.stale_peers.iter().filter(|p| !s.catching_up.contains(p)) {
+                    self.ctl.mark_dirty(&self.name, p, off, len).map_err(BlockError::Io)?;
+                }
+            }
+            let mut waits: Vec<(String, bool, oneshot::Receiver<Result<Ack, LinkError>>)> = Vec::new();
+            let targets =
+                s.in_sync_peers.iter().map(|p| (p, true)).chain(s.catching_up.iter().map(|p| (p, false)));
+            for (peer, gating) in targets {
+                let out = OutOp {
+                    volume: self.name.clone(),
+                    epoch: s.epoch,
+                    size: self.size,
+                    fua,
+                    resync: false,
+                    op: op.clone(),
+                };
+                let rx = match self.ctl.link(peer) {
+                    Some(link) => link.enqueue(out).await,
+                    None => {
+                        let (tx, rx) = oneshot::channel();
+                        let _ = tx.send(Err(LinkError::Down(peer.clone())));
+                        rx
+                    }
+                };
+                waits.push((peer.clone(), gating, rx));
+            }
+            let local = match &op {
+                OpKind::Write { offset, data } => self.local.write(*offset, data.clone(), fua).await,
+                OpKind::Zero { offset, len, punch } => {
+                    self.local.write_zeroes(*offset, *len, fua, *punch).await
+                }
+                OpKind::Flush => self.local.flush().await,
+            };
+            (s.epoch, waits, local)
+        };
+        let mut failed = Vec::new();
+        for (peer, gating, rx) in waits {
+            let outcome = match tokio::time::timeout(self.ack_timeout, rx).await {
+                Ok(Ok(Ok(Ack { status: AckStatus::Ok, .. }))) => Outcome::Ok,
+                Ok(Ok(Ok(Ack { status: AckStatus::StaleEpoch, epoch }))) => Outcome::Stale(epoch),
+                Ok(Ok(Ok(Ack { status, .. }))) => Outcome::Failed(format!("{status:?}")),
+                Ok(Ok(Err(e))) => Outcome::Failed(e.to_string()),
+                Ok(Err(_)) => Outcome::Failed("link dropped".into()),
+                Err(_) => Outcome::Failed(format!("no ack within {:?}", self.ack_timeout)),
+            };
+            match outcome {
+                Outcome::Ok => {}
+                Outcome::Stale(e) => {
+                    self.depose(&format!("replica {peer} holds epoch {e} > ours {epoch}"));
+                    return Err(BlockError::Shutdown("a newer primary exists".into()));
+                }
+                Outcome::Failed(why) => {
+                    if gating {
+                        tracing::warn!(volume = %self.name, %peer, %why, "replica did not acknowledge");
+                        failed.push(peer);
+                    } else if let Some((off, len)) = region {
+                        // A catching-up replica missed a live write: re-dirty it.
+                        self.ctl.mark_dirty(&self.name, &peer, off, len).map_err(BlockError::Io)?;
+                    }
+                }
+            }
+        }
+        if !failed.is_empty() {
+            self.degrade(epoch, &failed, region).await?;
+        }
+        local
+    }
+
+    /// Remove `failed` replicas from `in_sync` through a committed change,
+    /// then record the region as dirty for them. Holds the write until the
+    /// change commits or the lease is lost.
+    async fn degrade(
+        &self,
+        _seen_epoch: u64,
+        failed: &[String],
+        region: Option<(u64, u64)>,
+    ) -> BlockResult<()> {
+        loop {
+            {
+                let mut s = self.state.lock().await;
+                let still: Vec<String> =
+                    failed.iter().filter(|p| s.in_sync_peers.contains(p)).cloned().collect();
+                if !still.is_empty() {
+                    let keep: Vec<String> =
+                        s.in_sync_peers.iter().filter(|p| !still.contains(p)).cloned().collect();
+                    let mut in_sync = keep.clone();
+                    in_sync.push(self.me.clone());
+                    // Mark first: if the commit succeeds the marks must already be durable.
+                    for p in &still {
+                        self.ctl.mark_all_outstanding(&self.name, p).map_err(BlockError::Io)?;
+                    }
+                    match self.ctl.shrink_in_sync(&self.name, s.epoch, in_sync).await {
+                        Ok(new_epoch) => {
+                            tracing::warn!(volume = %self.name, removed = ?still, new_epoch, "replicas removed from in_sync");
+                            s.epoch = new_epoch;
+                            s.in_sync_peers = keep;
+                            for p in still {
+                                s.catching_up.retain(|c| c != &p);
+                                if !s.stale_peers.contains(&p) {
+                                    s.stale_peers.push(p);
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            drop(s);
+                            tracing::warn!(volume = %self.name, error = %e, "cannot remove replica from in_sync yet; holding I/O");
+                            if !self.ctl.still_primary(&self.name) {
+                                self.depose("lost primaryship while degrading");
+                                return Err(BlockError::Shutdown("volume moved".into()));
+                            }
+                            self.gate().await?;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    }
+                }
+                if let Some((off, len)) = region {
+                    for p in failed {
+                        self.ctl.mark_dirty(&self.name, p, off, len).map_err(BlockError::Io)?;
+                    }
+                }
+                return Ok(());
+            }
+        }
+    }
+
+    /// Used by resync: copy a range to `peer` in order with live writes.
+    /// Returns Ok(false) if the peer did not acknowledge.
+    pub async fn copy_to_peer(&self, peer: &str, offset: u64, len: u32) -> BlockResult<bool> {
+        let rx = {
+            let s = self.state.lock().await;
+            let data = self.local.read(offset, len).await?;
+            let Some(link) = self.ctl.link(peer) else { return Ok(false) };
+            link.enqueue(OutOp {
+                volume: self.name.clone(),
+                epoch: s.epoch,
+                size: self.size,
+                fua: false,
+                resync: true,
+                op: OpKind::Write { offset, data },
+            })
+            .await
+        };
+        Ok(matches!(
+            tokio::time::timeout(self.ack_timeout * 5, rx).await,
+            Ok(Ok(Ok(Ack { status: AckStatus::Ok, .. })))
+        ))
+    }
+
+    /// Start mirroring live writes to a stale peer (before copying).
+    pub async fn begin_catch_up(&self, peer: &str) {
+        let mut s = self.state.lock().await;
+        if s.stale_peers.iter().any(|p| p == peer) && !s.catching_up.iter().any(|p| p == peer) {
+            s.catching_up.push(peer.to_string());
+        }
+    }
+
+    pub async fn abort_catch_up(&self, peer: &str) {
+        self.state.lock().await.catching_up.retain(|p| p != peer);
+    }
+
+    /// Final step of a resync: flush the peer, then commit its rejoin while
+    /// holding the order lock so no write slips between.
+    pub async fn rejoin(&self, peer: &str) -> Result<u64, String> {
+        let mut s = self.state.lock().await;
+        if !s.catching_up.iter().any(|p| p == peer) {
+            return Err("peer is not catching up".into());
+        }
+        let Some(link) = self.ctl.link(peer) else { return Err("no link".into()) };
+        let rx = link
+            .enqueue(OutOp {
+                volume: self.name.clone(),
+                epoch: s.epoch,
+                size: self.size,
+                fua: true,
+                resync: true,
+                op: OpKind::Flush,
+            })
+            .await;
+        match tokio::time::timeout(self.ack_timeout * 5, rx).await {
+            Ok(Ok(Ok(Ack { status: AckStatus::Ok, .. }))) => {}
+            other => return Err(format!("final flush on {peer} failed: {other:?}")),
+        }
+        let mut in_sync = s.in_sync_peers.clone();
+        in_sync.push(peer.to_string());
+        in_sync.push(self.me.clone());
+        let epoch = self.ctl.rejoin(&self.name, s.epoch, in_sync, peer).await?;
+        s.epoch = epoch;
+        s.catching_up.retain(|p| p != peer);
+        s.stale_peers.retain(|p| p != peer);
+        s.in_sync_peers.push(peer.to_string());
+        Ok(epoch)
+    }
+}
+
+#[async_trait]
+impl BlockDevice for PrimaryVolume {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn block_size(&self) -> u32 {
+        self.local.block_size()
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> BlockResult<Bytes> {
+        self.check_range(offset, u64::from(len))?;
+        self.gate().await?;
+        self.local.read(offset, len).await
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> BlockResult<()> {
+        let len = data.len() as u64;
+        self.check_range(offset, len)?;
+        self.mutate(OpKind::Write { offset, data }, fua, Some((offset, len))).await
+    }
+
+    async fn flush(&self) -> BlockResult<()> {
+        self.mutate(OpKind::Flush, true, None).await
+    }
+
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> BlockResult<()> {
+        self.check_range(offset, u64::from(len))?;
+        self.mutate(OpKind::Zero { offset, len, punch: true }, fua, Some((offset, u64::from(len)))).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u32, fua: bool, may_punch: bool) -> BlockResult<()> {
+        self.check_range(offset, u64::from(len))?;
+        self.mutate(OpKind::Zero { offset, len, punch: may_punch }, fua, Some((offset, u64::from(len)))).await
+    }
+}

@@ -1,0 +1,33 @@
+//! The storage seam the volume manager needs: local replicas, epochs,
+//! the activity log and per-peer dirty bitmaps. Implemented over
+//! `crate::store` for the daemon and in memory for tests and the simulator.
+
+use crate::block::BlockDevice;
+use std::sync::Arc;
+
+pub trait VolumeStorage: Send + Sync + 'static {
+    /// Open the local replica, creating an empty thin one if missing.
+    /// Returns the device and the persisted epoch floor.
+    fn open_or_create(&self, name: &str, size: u64) -> std::io::Result<(Arc<dyn BlockDevice>, u64)>;
+    fn delete(&self, name: &str) -> std::io::Result<()>;
+    /// Names of every local replica.
+    fn list(&self) -> Vec<String>;
+    fn persist_epoch(&self, name: &str, epoch: u64) -> std::io::Result<()>;
+    /// Activity log: durably mark the extents covering a range hot.
+    fn touch_extent(&self, name: &str, offset: u64, len: u64) -> std::io::Result<()>;
+    /// Hot extents left by a crash or still active: `(offset, len)`.
+    fn hot_extents(&self, name: &str) -> Vec<(u64, u64)>;
+    fn mark_dirty(&self, name: &str, peer: &str, offset: u64, len: u64) -> std::io::Result<()>;
+    /// Mark the whole volume dirty for `peer` (full resync; counted).
+    fn mark_all_dirty(&self, name: &str, peer: &str) -> std::io::Result<()>;
+    fn clear_dirty(&self, name: &str, peer: &str, offset: u64, len: u64) -> std::io::Result<()>;
+    /// Dirty regions for `peer`, coalesced, in offset order.
+    fn dirty_regions(&self, name: &str, peer: &str) -> Vec<(u64, u64)>;
+    fn dirty_bytes(&self, name: &str, peer: &str) -> u64;
+    /// Data (non-hole) ranges of the local replica within a range.
+    fn data_ranges(&self, name: &str, offset: u64, len: u64) -> Vec<(u64, u64)>;
+    /// (capacity, used) in bytes.
+    fn capacity(&self) -> (u64, u64);
+    /// Full resyncs done so far (for reporting).
+    fn full_resyncs(&self, name: &str) -> u64;
+}
