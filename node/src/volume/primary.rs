@@ -30,6 +30,9 @@ use tokio::sync::{oneshot, Mutex};
 /// How often a suspended request re-checks its lease.
 const SUSPEND_POLL: Duration = Duration::from_millis(50);
 
+/// Receiver of one replica's answer to one op.
+type AckRx = oneshot::Receiver<Result<Ack, LinkError>>;
+
 /// Mutable replication view of the volume, guarded by the order lock.
 #[derive(Debug, Clone)]
 pub struct ReplState {
@@ -154,7 +157,7 @@ impl PrimaryVolume {
                     self.ctl.mark_dirty(&self.name, p, off, len).map_err(BlockError::Io)?;
                 }
             }
-            let mut waits: Vec<(String, bool, oneshot::Receiver<Result<Ack, LinkError>>)> = Vec::new();
+            let mut waits: Vec<(String, bool, AckRx)> = Vec::new();
             let targets =
                 s.in_sync_peers.iter().map(|p| (p, true)).chain(s.catching_up.iter().map(|p| (p, false)));
             for (peer, gating) in targets {
