@@ -27,7 +27,7 @@ fn start_etcd() -> Etcd {
     let dir = tempfile::tempdir().unwrap();
     let (client, peer) = (free_port(), free_port());
     let url = format!("http://127.0.0.1:{client}");
-    let child = Command::new("etcd")
+    let mut child = Command::new("etcd")
         .args(["--name", "t", "--data-dir"])
         .arg(dir.path().join("data"))
         .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
@@ -45,6 +45,8 @@ fn start_etcd() -> Etcd {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("etcd did not start within 20 s");
 }
 
