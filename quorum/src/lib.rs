@@ -5,6 +5,11 @@
 //! [`state`]. Decisions (arbitration, promotion, voter placement) are pure
 //! functions tested directly; the openraft plumbing only carries them out.
 
+pub mod decide;
+pub mod durable;
+pub(crate) mod log_store;
 pub mod state;
+pub(crate) mod state_machine;
+pub(crate) mod types;
 
 pub use state::{ClusterState, Command, CommandResult, LeasePolicy, NodeRecord, SiteMode, VolumeRecord};
