@@ -8,7 +8,6 @@
 pub mod decide;
 pub mod durable;
 pub(crate) mod log_store;
-pub mod decide;
 pub mod state;
 pub(crate) mod state_machine;
 pub(crate) mod types;
