@@ -274,6 +274,7 @@ impl LogStore {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    #[allow(clippy::result_large_err)] // openraft's error type, returned as is
     fn mutate(&self, rec: Record, sync: bool, verb: ErrorVerb) -> Result<(), StorageError> {
         let mut g = self.lock();
         let bytes = frame(&rec);

@@ -99,11 +99,7 @@ impl StateMachine {
         self.tx.borrow().clone()
     }
 
-    /// Index of the last applied entry.
-    pub fn last_applied_index(&self) -> u64 {
-        self.lock().data.last_applied.map(|l| l.index).unwrap_or(0)
-    }
-
+    #[allow(clippy::result_large_err)] // openraft's error type, returned as is
     fn persist(&self, file: &SnapshotFile) -> Result<(), StorageError> {
         let body = serde_json::to_vec(file).map_err(|e| sm_err(ErrorVerb::Write, e))?;
         durable::write_atomic(&self.path, SNAP_MAGIC, SNAPSHOT_VERSION, &body)
