@@ -5,6 +5,21 @@
 //! [`state`]. Decisions (arbitration, promotion, voter placement) are pure
 //! functions tested directly; the openraft plumbing only carries them out.
 
+mod control;
+pub mod decide;
+pub mod durable;
+pub mod error;
+mod heartbeat;
+pub(crate) mod log_store;
+pub mod network;
+pub mod quorum;
+mod service;
 pub mod state;
+pub(crate) mod state_machine;
+pub(crate) mod types;
+mod wire;
 
+pub use error::QuorumError;
+pub use network::{Connector, TcpConnector};
+pub use quorum::{EngineConfig, HeldLease, Quorum, QuorumStatus};
 pub use state::{ClusterState, Command, CommandResult, LeasePolicy, NodeRecord, SiteMode, VolumeRecord};

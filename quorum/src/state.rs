@@ -145,13 +145,24 @@ pub enum Command {
     SetPreferredSite {
         site: Option<String>,
     },
+    /// Several commands in one log entry (e.g. failing over 1000 volumes),
+    /// applied in order, each on the state left by the previous one; one
+    /// result per sub-command in [`CommandResult::Batch`]. Batches do not nest.
+    Batch(Vec<Command>),
 }
 
 /// The outcome of applying a command; identical on every node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandResult {
-    Ok { epoch: u64 },
-    Rejected { reason: Rejection, detail: String },
+    Ok {
+        epoch: u64,
+    },
+    Rejected {
+        reason: Rejection,
+        detail: String,
+    },
+    /// The results of a [`Command::Batch`], in order.
+    Batch(Vec<CommandResult>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,8 +175,13 @@ pub enum Rejection {
 }
 
 impl CommandResult {
+    /// True when the command (every sub-command of a batch) was applied.
     pub fn is_ok(&self) -> bool {
-        matches!(self, CommandResult::Ok { .. })
+        match self {
+            CommandResult::Ok { .. } => true,
+            CommandResult::Rejected { .. } => false,
+            CommandResult::Batch(rs) => rs.iter().all(CommandResult::is_ok),
+        }
     }
 }
 
@@ -375,6 +391,14 @@ impl ClusterState {
                 self.preferred_site = site.clone();
                 CommandResult::Ok { epoch: 0 }
             }
+            Command::Batch(cmds) => CommandResult::Batch(
+                cmds.iter()
+                    .map(|c| match c {
+                        Command::Batch(_) => reject(Rejection::Invalid, "batches do not nest"),
+                        c => self.apply(c),
+                    })
+                    .collect(),
+            ),
         }
     }
 }
@@ -496,6 +520,24 @@ mod tests {
         let mut s = cluster();
         assert!(!s.apply(&Command::RegisterNode(node("w2", "witness", Role::Witness))).is_ok());
         assert!(!s.apply(&Command::RegisterNode(node("c1", "dc-c", Role::Storage))).is_ok());
+    }
+
+    #[test]
+    fn a_batch_applies_in_order_with_one_result_each() {
+        let mut s = cluster();
+        let r = s.apply(&Command::Batch(vec![
+            change(1, Some("b1"), &["b1"], None),
+            change(1, Some("a1"), &["a1"], None),
+            change(2, Some("b1"), &["b1"], None),
+            Command::Batch(vec![]),
+        ]));
+        let CommandResult::Batch(rs) = &r else { panic!("{r:?}") };
+        assert_eq!(rs[0], CommandResult::Ok { epoch: 2 });
+        assert!(matches!(rs[1], CommandResult::Rejected { reason: Rejection::EpochMismatch, .. }));
+        assert_eq!(rs[2], CommandResult::Ok { epoch: 3 });
+        assert!(matches!(rs[3], CommandResult::Rejected { reason: Rejection::Invalid, .. }));
+        assert!(!r.is_ok());
+        assert_eq!(s.volumes["v"].epoch, 3);
     }
 
     #[test]

@@ -1,0 +1,241 @@
+//! The leader's control loop (runs on every member, acts only on the leader).
+//!
+//! Every `heartbeat_ms`, on the leader:
+//! 1. **failover** — `decide::plan_failover` over the alive set (nodes heard
+//!    from within `node_loss_ms`) and the leader's lease table; the promotions
+//!    commit as one `Command::Batch` per `MAX_BATCH` volumes;
+//! 2. **site modes** — `decide::SiteTracker` (fence a data site with no live
+//!    node; re-activate after `site_stable_ms` of reachability);
+//! 3. **membership** — registered nodes become learners; voters converge to
+//!    `decide::desired_voters` one single-node step at a time (openraft joint
+//!    consensus for each step), only towards caught-up learners.
+//!
+//! Invariants:
+//! - Nothing is promoted before the old primary's lease has certainly expired
+//!   (a new leader first waits `lease_ms + drift_margin_ms`, see `decide::lease`).
+//! - At most one membership change is in flight; the leader never removes itself.
+
+use crate::decide::{self, LeaseTable, LeaseTiming, SiteTracker};
+use crate::quorum::{LeaderState, Shared};
+use crate::state::{ClusterState, Command, NodeId};
+use crate::types::RaftId;
+use openraft::ServerState;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Volumes per failover entry: 1000 ChangeVolume commands are ~200 KiB of
+/// JSON, well inside one AppendEntries message.
+pub const MAX_BATCH: usize = 1000;
+/// A learner within this many entries of the leader's log counts as caught up
+/// and may become a voter.
+const MAX_VOTER_LAG: u64 = 100;
+/// Deadline for one membership change (joint + final config commit).
+const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Keep `Shared::leader` in step with openraft's view of who leads.
+pub(crate) async fn role_watcher(s: Arc<Shared>) {
+    let mut rx = s.raft.metrics();
+    loop {
+        let (leading, term) = {
+            let m = rx.borrow_and_update();
+            (m.state == ServerState::Leader && m.current_leader == Some(s.raft_id), m.current_term)
+        };
+        {
+            let mut g = s.leader_state();
+            match (&*g, leading) {
+                (Some(ls), true) if ls.term == term => {}
+                (_, true) => {
+                    let now = s.now_ms();
+                    let t = &s.cfg.timings;
+                    let timing = LeaseTiming { lease_ms: t.lease_ms, drift_margin_ms: t.drift_margin_ms };
+                    tracing::info!(node = %s.cfg.node_id, term, "became leader; waiting one lease period before any promotion");
+                    *g = Some(LeaderState {
+                        term,
+                        since_ms: now,
+                        last_seen_ms: BTreeMap::new(),
+                        leases: LeaseTable::new(now, timing),
+                        sites: SiteTracker::new(t.site_stable_ms),
+                        handover_at_ms: None,
+                    });
+                }
+                (Some(_), false) => *g = None,
+                (None, false) => {}
+            }
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The nodes the leader considers alive now (itself included).
+pub(crate) fn alive_set(s: &Shared, ls: &LeaderState, state: &ClusterState, now_ms: u64) -> BTreeSet<NodeId> {
+    let loss = s.cfg.timings.node_loss_ms;
+    let mut alive: BTreeSet<NodeId> = state
+        .nodes
+        .keys()
+        .filter(|id| {
+            let last = ls.last_seen_ms.get(*id).copied().unwrap_or(ls.since_ms);
+            now_ms.saturating_sub(last) <= loss
+        })
+        .cloned()
+        .collect();
+    alive.insert(s.cfg.node_id.clone());
+    alive
+}
+
+pub(crate) async fn control_loop(s: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(s.cfg.timings.heartbeat_ms.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if !s.is_leader() {
+            continue;
+        }
+        control_round(&s).await;
+    }
+}
+
+async fn control_round(s: &Shared) {
+    let state = s.sm.current();
+    let now = s.now_ms();
+    let (alive, leases, site_cmds) = {
+        let mut g = s.leader_state();
+        let Some(ls) = g.as_mut() else { return };
+        let alive = alive_set(s, ls, &state, now);
+        let site_cmds = ls.sites.observe(&state, &alive, now);
+        (alive, ls.leases.clone(), site_cmds)
+    };
+
+    // 1. failover
+    let plan = decide::plan_failover(&state, &alive, &leases, now);
+    if !plan.stranded.is_empty() {
+        tracing::warn!(volumes = ?plan.stranded, "volumes have no alive in-sync replica; they stay suspended");
+    }
+    for chunk in plan.commands.chunks(MAX_BATCH) {
+        let cmd = if chunk.len() == 1 { chunk[0].clone() } else { Command::Batch(chunk.to_vec()) };
+        match s.write_local(cmd).await {
+            Ok(r) => tracing::info!(volumes = chunk.len(), ok = r.is_ok(), "committed failover"),
+            Err(e) => {
+                tracing::warn!(error = ?e, "failover commit failed; retrying next round");
+                return;
+            }
+        }
+    }
+
+    // 2. site modes
+    for cmd in site_cmds {
+        tracing::info!(?cmd, "site mode change");
+        if let Err(e) = s.write_local(cmd).await {
+            tracing::warn!(error = ?e, "site mode commit failed");
+            return;
+        }
+    }
+
+    // 3. membership
+    reconcile_membership(s, &state, &alive).await;
+}
+
+async fn reconcile_membership(s: &Shared, state: &ClusterState, alive: &BTreeSet<NodeId>) {
+    let m = s.raft.metrics().borrow().clone();
+    let mem = m.membership_config.membership().clone();
+    for rec in state.nodes.values() {
+        if mem.get_node(&rec.raft_id).is_none() {
+            s.ensure_learner(rec).await;
+            return;
+        }
+    }
+    if mem.get_joint_config().len() != 1 {
+        return;
+    }
+    let mut current = BTreeSet::new();
+    for id in mem.voter_ids() {
+        match state.node_by_raft_id(id) {
+            Some(n) => {
+                current.insert(n.id.clone());
+            }
+            None => return, // a voter we cannot name yet (registration not applied)
+        }
+    }
+    let per_site = usize::from(s.cfg.timings.voters_per_site.max(1));
+    let desired = decide::desired_voters(state, &current, alive, per_site);
+    if desired == current || desired.is_empty() {
+        return;
+    }
+    let steps = decide::membership_steps(&current, &desired, alive);
+    let Some(next) = steps.into_iter().next() else { return };
+    if !next.contains(&s.cfg.node_id) {
+        return;
+    }
+    let last = m.last_log_index.unwrap_or(0);
+    let matched: BTreeMap<RaftId, u64> = m
+        .replication
+        .as_ref()
+        .map(|r| r.iter().map(|(k, v)| (*k, v.map(|l| l.index).unwrap_or(0))).collect())
+        .unwrap_or_default();
+    let mut ids = BTreeSet::new();
+    for name in &next {
+        let Some(rec) = state.nodes.get(name) else { return };
+        if !current.contains(name) {
+            let caught_up = matched.get(&rec.raft_id).is_some_and(|i| i + MAX_VOTER_LAG >= last);
+            if mem.get_node(&rec.raft_id).is_none() || !caught_up {
+                return;
+            }
+        }
+        ids.insert(rec.raft_id);
+    }
+    tracing::info!(from = ?current, to = ?next, "changing voters");
+    match tokio::time::timeout(MEMBERSHIP_TIMEOUT, s.raft.change_membership(ids, true)).await {
+        Ok(Ok(_)) => tracing::info!(voters = ?next, "voters changed"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "membership change failed"),
+        Err(_) => tracing::warn!("membership change timed out"),
+    }
+}
+
+/// Leader side of the preferred-site rule: tell `requester` to take over when
+/// the leader is outside the preferred site and `requester` is a caught-up
+/// voter inside it. The leader pauses its heartbeats so the requester's
+/// election is not refused by followers still honouring the leader's lease.
+pub(crate) fn should_hand_over(s: &Shared, requester: &str, state: &ClusterState) -> bool {
+    let Some(pref) = state.preferred_site.as_deref() else { return false };
+    if s.cfg.site == pref || requester == s.cfg.node_id {
+        return false;
+    }
+    let Some(rec) = state.nodes.get(requester) else { return false };
+    if rec.site != pref {
+        return false;
+    }
+    let m = s.raft.metrics().borrow().clone();
+    if !m.membership_config.membership().voter_ids().any(|v| v == rec.raft_id) {
+        return false;
+    }
+    let last = m.last_log_index.unwrap_or(0);
+    let caught_up = m
+        .replication
+        .as_ref()
+        .and_then(|r| r.get(&rec.raft_id).cloned().flatten())
+        .is_some_and(|l| l.index + 1 >= last);
+    if !caught_up {
+        return false;
+    }
+    let now = s.now_ms();
+    let cooldown = s.cfg.timings.election_timeout_max_ms * 4;
+    {
+        let mut g = s.leader_state();
+        let Some(ls) = g.as_mut() else { return false };
+        if ls.handover_at_ms.is_some_and(|t| now.saturating_sub(t) < cooldown) {
+            return false;
+        }
+        ls.handover_at_ms = Some(now);
+    }
+    tracing::info!(to = %requester, site = %pref, "handing leadership to the preferred site");
+    s.raft.runtime_config().heartbeat(false);
+    let raft = s.raft.clone();
+    let pause = Duration::from_millis(s.cfg.timings.election_timeout_max_ms * 2);
+    tokio::spawn(async move {
+        tokio::time::sleep(pause).await;
+        raft.runtime_config().heartbeat(true);
+    });
+    true
+}

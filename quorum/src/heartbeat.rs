@@ -1,0 +1,135 @@
+//! Liveness and primary leases.
+//!
+//! ```text
+//!  node (every heartbeat_ms)                 leader
+//!  sent = now()
+//!  Heartbeat{node, primaries} ─────────────► last_seen[node] = now
+//!                                            is_leader()  (quorum round trip)
+//!                                            grant each (volume, epoch) whose
+//!                                            committed primary is `node`
+//!  valid_until = sent + lease_ms ◄────────── Granted{granted, lease_ms, take_over}
+//! ```
+//!
+//! Invariants (DESIGN.md 4.3):
+//! - The holder counts its lease from *before* it sent the request; the
+//!   leader counts from after it confirmed leadership, and adds the drift
+//!   margin before it considers the lease certainly over. So the holder always
+//!   stops first.
+//! - A lease is granted only to the committed primary at the committed epoch,
+//!   and only after a quorum round trip proved the leader still leads.
+//! - Leases live in memory only, on both sides.
+
+use crate::network::Method;
+use crate::quorum::{HeldLease, Shared};
+use crate::state::SiteMode;
+use crate::wire::{HeartbeatReply, HeartbeatRequest};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Upper bound on one heartbeat round trip: a reply later than this is
+/// useless (most of the lease it would grant has already run out).
+const MAX_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub(crate) type PrimariesFn = Box<dyn Fn() -> Vec<(String, u64)> + Send + Sync>;
+
+fn heartbeat_timeout(s: &Shared) -> Duration {
+    let t = &s.cfg.timings;
+    Duration::from_millis((t.heartbeat_ms * 4).min(t.lease_ms / 2).max(1)).min(MAX_HEARTBEAT_TIMEOUT)
+}
+
+/// Leader side: record liveness, confirm leadership, grant leases.
+pub(crate) async fn handle_heartbeat(s: &Shared, req: HeartbeatRequest) -> HeartbeatReply {
+    let not_leader = || HeartbeatReply::NotLeader { leader: s.leader_addr().map(|(_, a)| a) };
+    if !s.is_leader() {
+        return not_leader();
+    }
+    {
+        let now = s.now_ms();
+        let mut g = s.leader_state();
+        match g.as_mut() {
+            Some(ls) => {
+                ls.last_seen_ms.insert(req.node_id.clone(), now);
+            }
+            None => return not_leader(),
+        }
+    }
+    // Quorum round trip: a deposed leader must not grant anything.
+    match tokio::time::timeout(heartbeat_timeout(s), s.raft.ensure_linearizable()).await {
+        Ok(Ok(_)) => {}
+        _ => return not_leader(),
+    }
+    let now = s.now_ms();
+    let term = s.raft.metrics().borrow().current_term;
+    let state = s.sm.current();
+    let mut granted = Vec::new();
+    {
+        let mut g = s.leader_state();
+        let Some(ls) = g.as_mut().filter(|ls| ls.term == term) else {
+            return not_leader();
+        };
+        for (vol, epoch) in &req.primaries {
+            let Some(v) = state.volumes.get(vol) else { continue };
+            let site_active = state
+                .site_of(&req.node_id)
+                .and_then(|site| state.sites.get(site))
+                .is_some_and(|site| site.mode == SiteMode::Active);
+            if v.primary.as_deref() != Some(req.node_id.as_str()) || v.epoch != *epoch || !site_active {
+                continue;
+            }
+            match ls.leases.grant(vol, &req.node_id, *epoch, now) {
+                Ok(_) => granted.push((vol.clone(), *epoch)),
+                Err(e) => tracing::info!(node = %req.node_id, error = %e, "lease refused"),
+            }
+        }
+    }
+    let take_over = crate::control::should_hand_over(s, &req.node_id, &state);
+    HeartbeatReply::Granted {
+        leader: s.cfg.node_id.clone(),
+        term,
+        granted,
+        lease_ms: s.cfg.timings.lease_ms,
+        take_over,
+    }
+}
+
+/// Node side: heartbeat the leader forever, keeping `Shared::leases` current.
+pub(crate) async fn heartbeat_loop(s: Arc<Shared>, primaries: PrimariesFn) {
+    let mut tick = tokio::time::interval(Duration::from_millis(s.cfg.timings.heartbeat_ms.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let req = HeartbeatRequest { node_id: s.cfg.node_id.clone(), primaries: primaries() };
+        let sent = Instant::now();
+        let reply = if s.is_leader() {
+            handle_heartbeat(&s, req).await
+        } else if let Some((_, addr)) = s.leader_addr() {
+            match s.peers.call(&addr, Method::Heartbeat, &req, heartbeat_timeout(&s)).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(leader = %addr, error = %e, "heartbeat failed");
+                    continue;
+                }
+            }
+        } else {
+            continue;
+        };
+        if let HeartbeatReply::Granted { granted, lease_ms, take_over, .. } = reply {
+            let valid_until = sent + Duration::from_millis(lease_ms);
+            let now = Instant::now();
+            s.leases.send_modify(|m| {
+                let m = Arc::make_mut(m);
+                m.retain(|_, l| l.valid_until > now);
+                for (vol, epoch) in granted {
+                    m.insert(vol, HeldLease { epoch, valid_until });
+                }
+            });
+            if take_over && !s.is_leader() {
+                tracing::info!(node = %s.cfg.node_id, "the leader hands leadership to the preferred site; campaigning");
+                if let Err(e) = s.raft.trigger().elect().await {
+                    tracing::warn!(error = %e, "could not start an election");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,478 @@
+//! [`Quorum`]: one member of metro's configuration-manager raft group.
+//!
+//! ```text
+//!  daemon ──start()──► Quorum ─┬─ openraft Raft (LogStore, StateMachine, NetworkFactory)
+//!                              ├─ InternalService  (mounted by the daemon's tonic server)
+//!                              ├─ role watcher     (leader? since when? → LeaderState)
+//!                              ├─ control loop     (leader only: membership, failover, site modes)
+//!                              └─ heartbeat loop   (every member: liveness + primary leases)
+//! ```
+//!
+//! Invariants:
+//! - openraft types never appear in this crate's public API.
+//! - Every network wait has a deadline (see `network.rs` constants and the
+//!   `*_DEADLINE` constants here).
+//! - Leases are memory-only on both sides; a new leader starts with an empty
+//!   table and treats every volume as possibly leased until
+//!   `leader_since + lease_ms + drift_margin_ms` (see `decide::lease`).
+
+use crate::error::QuorumError;
+use crate::log_store::LogStore;
+use crate::network::{
+    Connector, Method, NetworkFactory, Peers, TcpConnector, PROPOSE_TIMEOUT, SNAPSHOT_CHUNK_BYTES,
+    SNAPSHOT_TIMEOUT,
+};
+use crate::state::{ClusterState, Command, CommandResult, NodeRecord};
+use crate::state_machine::StateMachine;
+use crate::types::{Raft, RaftId};
+use crate::wire::ProposeReply;
+use metro_api::config::{QuorumConfig, Role, SiteKind};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ServerState};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// Deadline for one `propose` (all retries and leader hops included).
+pub const PROPOSE_DEADLINE: Duration = Duration::from_secs(10);
+/// Deadline for `initialize` to elect itself and commit the bootstrap commands.
+pub const INIT_DEADLINE: Duration = Duration::from_secs(15);
+/// Deadline for `join`: reach a leader, be registered, and catch up.
+pub const JOIN_DEADLINE: Duration = Duration::from_secs(60);
+/// Bound on leader-hint hops per attempt (a stale hint cannot loop forever).
+const MAX_HOPS: usize = 4;
+/// Backoff between attempts while no leader is known.
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_millis(500);
+
+/// Everything a member needs to start.
+#[derive(Clone)]
+pub struct EngineConfig {
+    pub node_id: String,
+    pub site: String,
+    pub role: Role,
+    /// `host:port` other members dial (the daemon's gRPC listener).
+    pub api_addr: String,
+    pub data_dir: PathBuf,
+    pub timings: QuorumConfig,
+    /// None = plaintext (tests, simulator). Some = mTLS, callers must be `node:*` or `witness`.
+    pub tls: Option<metro_api::tls::TlsFiles>,
+}
+
+/// A snapshot of the member's raft view, in node names.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct QuorumStatus {
+    pub leader: Option<String>,
+    pub term: u64,
+    pub voters: Vec<String>,
+    pub learners: Vec<String>,
+    pub last_applied: u64,
+    pub is_leader: bool,
+}
+
+/// A lease this node holds as primary of a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldLease {
+    pub epoch: u64,
+    /// Monotonic instant the lease ends: when the renewing request was *sent* + `lease_ms`.
+    pub valid_until: Instant,
+}
+
+/// The leader-only, in-memory part (never logged).
+pub(crate) struct LeaderState {
+    pub term: u64,
+    pub since_ms: u64,
+    /// node id → last heartbeat, ms on the member's monotonic clock.
+    pub last_seen_ms: BTreeMap<String, u64>,
+    pub leases: crate::decide::LeaseTable,
+    pub sites: crate::decide::SiteTracker,
+    /// When this leader last asked a preferred-site voter to take over.
+    pub handover_at_ms: Option<u64>,
+}
+
+pub(crate) struct Shared {
+    pub cfg: EngineConfig,
+    pub raft_id: RaftId,
+    pub raft: Raft,
+    pub sm: StateMachine,
+    pub peers: Arc<Peers>,
+    pub tls_enabled: bool,
+    /// Origin of the `*_ms` clock used by the decision functions.
+    pub t0: Instant,
+    pub leader: Mutex<Option<LeaderState>>,
+    pub leases: watch::Sender<Arc<BTreeMap<String, HeldLease>>>,
+    pub stop: watch::Sender<bool>,
+    pub tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Shared {
+    pub fn now_ms(&self) -> u64 {
+        self.t0.elapsed().as_millis() as u64
+    }
+
+    pub fn leader_state(&self) -> std::sync::MutexGuard<'_, Option<LeaderState>> {
+        self.leader.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The leader's `(raft id, addr)` as this member sees it.
+    pub fn leader_addr(&self) -> Option<(RaftId, String)> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&id)?.addr.clone();
+        Some((id, addr))
+    }
+
+    pub fn is_leader(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.state == ServerState::Leader && m.current_leader == Some(self.raft_id)
+    }
+
+    /// Commit `cmd` locally (we must be the leader). `Err(Some(addr))`/`Err(None)`: not leader.
+    pub async fn write_local(
+        &self,
+        cmd: Command,
+    ) -> Result<CommandResult, Result<Option<String>, QuorumError>> {
+        let fut = self.raft.client_write(cmd);
+        match tokio::time::timeout(PROPOSE_TIMEOUT, fut).await {
+            Err(_) => Err(Err(QuorumError::Timeout {
+                what: "committing a command".into(),
+                ms: PROPOSE_TIMEOUT.as_millis() as u64,
+            })),
+            Ok(Ok(resp)) => Ok(resp.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Err(Ok(f.leader_node.map(|n| n.addr)))
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+                Err(Err(QuorumError::Invalid(e.to_string())))
+            }
+            Ok(Err(RaftError::Fatal(f))) => Err(Err(QuorumError::Stopped(f.to_string()))),
+        }
+    }
+
+    /// Add `rec` as a learner if the membership does not know it yet (leader only).
+    pub async fn ensure_learner(&self, rec: &NodeRecord) {
+        let known = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            m.membership_config.membership().get_node(&rec.raft_id).is_some()
+        };
+        if known {
+            return;
+        }
+        let node = BasicNode { addr: rec.api.clone() };
+        match tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.add_learner(rec.raft_id, node, false)).await {
+            Ok(Ok(_)) => tracing::info!(node = %rec.id, addr = %rec.api, "added a learner"),
+            Ok(Err(e)) => tracing::warn!(node = %rec.id, error = %e, "could not add the learner yet"),
+            Err(_) => tracing::warn!(node = %rec.id, "adding the learner timed out"),
+        }
+    }
+}
+
+/// One member of the quorum group. Cheap to clone.
+#[derive(Clone)]
+pub struct Quorum {
+    pub(crate) inner: Arc<Shared>,
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let exp = RETRY_MIN.saturating_mul(1 << attempt.min(4));
+    exp.min(RETRY_MAX)
+}
+
+impl Quorum {
+    /// Open the member's storage under `data_dir/raft/` and start its raft core.
+    pub async fn start(cfg: EngineConfig) -> Result<Quorum, QuorumError> {
+        let tls = cfg.tls.as_ref().map(|t| t.tonic_client());
+        Self::start_with_connector(cfg, Arc::new(TcpConnector::new(tls))).await
+    }
+
+    /// As [`Quorum::start`], with a custom way to reach peers (simulation).
+    pub async fn start_with_connector(
+        cfg: EngineConfig,
+        connector: Arc<dyn Connector>,
+    ) -> Result<Quorum, QuorumError> {
+        let t = &cfg.timings;
+        let raft_config = openraft::Config {
+            cluster_name: "metro".into(),
+            heartbeat_interval: t.heartbeat_ms,
+            election_timeout_min: t.election_timeout_min_ms,
+            election_timeout_max: t.election_timeout_max_ms,
+            install_snapshot_timeout: SNAPSHOT_TIMEOUT.as_millis() as u64,
+            snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| QuorumError::Invalid(format!("quorum timings: {e}")))?;
+        if t.lease_ms == 0 || t.node_loss_ms == 0 {
+            return Err(QuorumError::Invalid("lease_ms and node_loss_ms must be > 0".into()));
+        }
+        let dir = cfg.data_dir.join("raft");
+        let log = LogStore::open(&dir).map_err(|e| QuorumError::Storage(e.to_string()))?;
+        let sm = StateMachine::open(&dir).map_err(|e| QuorumError::Storage(e.to_string()))?;
+        let raft_id = crate::state::raft_id_of(&cfg.node_id);
+        let peers = Arc::new(Peers::new(connector, cfg.node_id.clone()));
+        let net = NetworkFactory { peers: peers.clone() };
+        let raft = Raft::new(raft_id, Arc::new(raft_config), net, log, sm.clone())
+            .await
+            .map_err(|e| QuorumError::Storage(e.to_string()))?;
+        let (leases, _) = watch::channel(Arc::new(BTreeMap::new()));
+        let (stop, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            tls_enabled: cfg.tls.is_some(),
+            cfg,
+            raft_id,
+            raft,
+            sm,
+            peers,
+            t0: Instant::now(),
+            leader: Mutex::new(None),
+            leases,
+            stop,
+            tasks: Mutex::new(Vec::new()),
+        });
+        let q = Quorum { inner: shared };
+        q.spawn(crate::control::role_watcher(q.inner.clone()));
+        q.spawn(crate::control::control_loop(q.inner.clone()));
+        tracing::info!(node = %q.inner.cfg.node_id, raft_id, addr = %q.inner.cfg.api_addr, "quorum member started");
+        Ok(q)
+    }
+
+    pub(crate) fn spawn(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut stop = self.inner.stop.subscribe();
+        let h = tokio::spawn(async move {
+            tokio::select! {
+                _ = fut => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+        });
+        self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()).push(h);
+    }
+
+    /// The node id this member was started with.
+    pub fn node_id(&self) -> &str {
+        &self.inner.cfg.node_id
+    }
+
+    /// The `Internal` gRPC service; the daemon mounts it on its tonic server.
+    pub fn internal_service(
+        &self,
+    ) -> metro_api::pb::internal::internal_server::InternalServer<
+        impl metro_api::pb::internal::internal_server::Internal,
+    > {
+        crate::service::InternalService::server(self.inner.clone())
+    }
+
+    /// Bootstrap a brand-new cluster with this node as the only voter, then
+    /// commit `InitSites` and `RegisterNode(me)`. Idempotent.
+    pub async fn initialize(
+        &self,
+        sites: Vec<(String, SiteKind)>,
+        preferred_site: Option<String>,
+        me: NodeRecord,
+    ) -> Result<(), QuorumError> {
+        self.check_me(&me)?;
+        let s = &self.inner;
+        let initialized = s.raft.is_initialized().await.map_err(|e| QuorumError::Stopped(e.to_string()))?;
+        if !initialized {
+            let members = BTreeMap::from([(s.raft_id, BasicNode { addr: s.cfg.api_addr.clone() })]);
+            match s.raft.initialize(members).await {
+                Ok(()) => tracing::info!(node = %s.cfg.node_id, "initialized a new quorum group"),
+                Err(RaftError::APIError(e)) => tracing::info!(error = %e, "already initialized"),
+                Err(RaftError::Fatal(f)) => return Err(QuorumError::Stopped(f.to_string())),
+            }
+        }
+        let deadline = Instant::now() + INIT_DEADLINE;
+        let r = self.propose_until(Command::InitSites { sites, preferred_site }, deadline).await?;
+        if !r.is_ok() {
+            return Err(QuorumError::Invalid(format!("InitSites: {r:?}")));
+        }
+        let r = self.propose_until(Command::RegisterNode(me), deadline).await?;
+        if !r.is_ok() {
+            return Err(QuorumError::Invalid(format!("RegisterNode: {r:?}")));
+        }
+        Ok(())
+    }
+
+    fn check_me(&self, me: &NodeRecord) -> Result<(), QuorumError> {
+        let c = &self.inner.cfg;
+        if me.id != c.node_id || me.raft_id != self.inner.raft_id || me.api != c.api_addr || me.site != c.site
+        {
+            return Err(QuorumError::Invalid(format!(
+                "node record {} (raft id {}, api {}, site {}) does not match this member ({}, {}, {}, {})",
+                me.id, me.raft_id, me.api, me.site, c.node_id, self.inner.raft_id, c.api_addr, c.site
+            )));
+        }
+        Ok(())
+    }
+
+    /// Join an existing cluster through any member's `host:port` in `peers`:
+    /// the leader registers this node and adds it as a learner; returns once
+    /// this member's replicated state contains its own registration.
+    pub async fn join(&self, me: NodeRecord, peers: Vec<String>) -> Result<(), QuorumError> {
+        self.check_me(&me)?;
+        if peers.is_empty() {
+            return Err(QuorumError::Invalid("join needs at least one peer address".into()));
+        }
+        let deadline = Instant::now() + JOIN_DEADLINE;
+        let mut attempt = 0u32;
+        let mut last_err = QuorumError::NoLeader("no peer answered".into());
+        'outer: loop {
+            for p in &peers {
+                if Instant::now() >= deadline {
+                    break 'outer;
+                }
+                match self.propose_via(p, &Command::RegisterNode(me.clone())).await {
+                    Ok(r) if r.is_ok() => {
+                        tracing::info!(node = %me.id, via = %p, "registered; waiting to catch up");
+                        let mut rx = self.state();
+                        let wait = rx.wait_for(|s| s.nodes.get(&me.id) == Some(&me));
+                        return match tokio::time::timeout_at(deadline, wait).await {
+                            Ok(Ok(_)) => Ok(()),
+                            Ok(Err(_)) => Err(QuorumError::Stopped("state channel closed".into())),
+                            Err(_) => Err(QuorumError::Timeout {
+                                what: "catching up after joining".into(),
+                                ms: JOIN_DEADLINE.as_millis() as u64,
+                            }),
+                        };
+                    }
+                    Ok(r) => {
+                        return Err(QuorumError::Invalid(format!("the cluster refused this node: {r:?}")))
+                    }
+                    Err(e) if e.is_retryable() => {
+                        tracing::debug!(via = %p, error = %e, "join attempt failed; retrying");
+                        last_err = e;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            attempt += 1;
+            tokio::time::sleep(backoff(attempt)).await;
+        }
+        Err(QuorumError::Timeout {
+            what: format!("joining via {peers:?} (last error: {last_err})"),
+            ms: JOIN_DEADLINE.as_millis() as u64,
+        })
+    }
+
+    /// Send `cmd` to the member at `addr`, following leader hints.
+    async fn propose_via(&self, addr: &str, cmd: &Command) -> Result<CommandResult, QuorumError> {
+        let mut addr = addr.to_string();
+        for _ in 0..MAX_HOPS {
+            let reply: ProposeReply = self
+                .inner
+                .peers
+                .call(&addr, Method::Propose, cmd, PROPOSE_TIMEOUT)
+                .await
+                .map_err(|e| e.into_quorum())?;
+            match reply {
+                ProposeReply::Applied(r) => return Ok(r),
+                ProposeReply::NotLeader { leader: Some(l) } if l != addr => addr = l,
+                ProposeReply::NotLeader { .. } => {
+                    return Err(QuorumError::NoLeader(format!("{addr} knows no leader")))
+                }
+                ProposeReply::Failed(m) => return Err(QuorumError::NoLeader(m)),
+            }
+        }
+        Err(QuorumError::NoLeader(format!("more than {MAX_HOPS} leader hints")))
+    }
+
+    /// Commit `cmd` through the leader (forwarding if needed) and return its result.
+    /// Retryable errors: [`QuorumError::is_retryable`].
+    pub async fn propose(&self, cmd: Command) -> Result<CommandResult, QuorumError> {
+        self.propose_until(cmd, Instant::now() + PROPOSE_DEADLINE).await
+    }
+
+    pub(crate) async fn propose_until(
+        &self,
+        cmd: Command,
+        deadline: Instant,
+    ) -> Result<CommandResult, QuorumError> {
+        let s = &self.inner;
+        let mut attempt = 0u32;
+        let mut last = QuorumError::NoLeader("no leader elected yet".into());
+        while Instant::now() < deadline {
+            let res = if s.is_leader() {
+                match s.write_local(cmd.clone()).await {
+                    Ok(r) => Ok(r),
+                    Err(Ok(hint)) => Err(QuorumError::NoLeader(format!("lost leadership (hint {hint:?})"))),
+                    Err(Err(e)) => Err(e),
+                }
+            } else if let Some((_, addr)) = s.leader_addr() {
+                self.propose_via(&addr, &cmd).await
+            } else {
+                Err(QuorumError::NoLeader("no leader elected yet".into()))
+            };
+            match res {
+                Ok(r) => return Ok(r),
+                Err(e) if e.is_retryable() => last = e,
+                Err(e) => return Err(e),
+            }
+            attempt += 1;
+            tokio::time::sleep(backoff(attempt).min(deadline.saturating_duration_since(Instant::now())))
+                .await;
+        }
+        Err(last)
+    }
+
+    /// The replicated state, updated on every apply (learners included).
+    pub fn state(&self) -> watch::Receiver<Arc<ClusterState>> {
+        self.inner.sm.subscribe()
+    }
+
+    /// Raft view in node names.
+    pub fn status(&self) -> QuorumStatus {
+        let s = &self.inner;
+        let m = s.raft.metrics().borrow().clone();
+        let state = s.sm.current();
+        let name = |id: &RaftId| {
+            state.node_by_raft_id(*id).map(|n| n.id.clone()).unwrap_or_else(|| format!("raft-{id}"))
+        };
+        let mem = m.membership_config.membership();
+        let voters: BTreeSet<String> = mem.voter_ids().map(|i| name(&i)).collect();
+        let learners: BTreeSet<String> = mem.learner_ids().map(|i| name(&i)).collect();
+        QuorumStatus {
+            leader: m.current_leader.as_ref().map(name),
+            term: m.current_term,
+            voters: voters.into_iter().collect(),
+            learners: learners.into_iter().collect(),
+            last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+            is_leader: m.state == ServerState::Leader && m.current_leader == Some(s.raft_id),
+        }
+    }
+
+    /// Start sending heartbeats (liveness + lease renewal for `primaries()`)
+    /// to the leader every `heartbeat_ms`.
+    pub fn spawn_heartbeat(&self, primaries: impl Fn() -> Vec<(String, u64)> + Send + Sync + 'static) {
+        self.spawn(crate::heartbeat::heartbeat_loop(self.inner.clone(), Box::new(primaries)));
+    }
+
+    /// Until when this node may serve `volume` at `epoch` as primary; None when
+    /// it holds no lease for that epoch or the lease has ended.
+    pub fn lease_valid_until(&self, volume: &str, epoch: u64) -> Option<Instant> {
+        let l = self.inner.leases.borrow().get(volume).copied()?;
+        (l.epoch == epoch && l.valid_until > Instant::now()).then_some(l.valid_until)
+    }
+
+    /// Watch the leases this node holds (updated on every heartbeat reply).
+    pub fn lease_watch(&self) -> watch::Receiver<Arc<BTreeMap<String, HeldLease>>> {
+        self.inner.leases.subscribe()
+    }
+
+    /// Stop the raft core and every background task of this member.
+    pub async fn shutdown(&self) {
+        let _ = self.inner.stop.send(true);
+        let tasks: Vec<_> = std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            t.abort();
+        }
+        if let Err(e) = self.inner.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+        *self.inner.leader_state() = None;
+    }
+}
