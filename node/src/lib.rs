@@ -7,6 +7,9 @@
 //! ```
 
 pub mod block;
+pub mod control;
+pub mod daemon;
+pub mod metrics;
 pub mod registry;
 pub mod repl;
 pub mod volume;

@@ -10,6 +10,7 @@ pub mod decide;
 pub mod durable;
 pub mod error;
 mod heartbeat;
+mod liveness;
 pub(crate) mod log_store;
 pub mod network;
 pub mod quorum;

@@ -400,6 +400,7 @@ fn expect_ok(r: Result<CommandResult, String>) -> Result<u64, String> {
     match r? {
         CommandResult::Ok { epoch } => Ok(epoch),
         CommandResult::Rejected { reason, detail } => Err(format!("{reason:?}: {detail}")),
+        CommandResult::Batch(_) => Err("unexpected batch result".into()),
     }
 }
 

@@ -1,0 +1,491 @@
+//! The operator-facing gRPC `Control` service, served by every daemon
+//! (storage nodes and the witness) over mutual TLS.
+//!
+//! Reads are answered from the local replica of the cluster state; liveness
+//! is only known to the leader, so a follower forwards `GetStatus` to it
+//! (one hop, marked with a header so it never loops). Changes go to etcd
+//! (desired state) or through the quorum (site modes, attach, drain).
+//! Every error goes through [`ApiError`] with a stable code and a next step.
+
+use crate::registry::{Registry, RegistryError, VolumeSpec};
+use crate::volume::manager::VolumeManager;
+use metro_api::config::{DaemonConfig, Role, SiteKind};
+use metro_api::error::{ApiError, Code};
+use metro_api::identity::{authorize, Access};
+use metro_api::pb::control as pb;
+use metro_api::pb::control::control_client::ControlClient;
+use metro_api::tls::TlsFiles;
+use metro_quorum::{ClusterState, Command, CommandResult, LeasePolicy, Quorum, QuorumError, SiteMode, VolumeRecord};
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::{Request, Response, Status};
+
+/// Header marking a request forwarded by another node.
+const FORWARDED: &str = "x-metro-forwarded";
+/// Deadline for a forwarded call to the leader or a primary.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long create/delete wait for the leader to reconcile the spec.
+const RECONCILE_WAIT: Duration = Duration::from_secs(20);
+/// Largest volume metro creates (64 TiB).
+const MAX_VOLUME_BYTES: u64 = 64 << 40;
+
+pub struct ControlService {
+    pub cfg: Arc<DaemonConfig>,
+    pub quorum: Quorum,
+    pub registry: Arc<dyn Registry>,
+    pub manager: Option<Arc<VolumeManager>>,
+    pub tls: TlsFiles,
+}
+
+fn quorum_err(e: QuorumError) -> ApiError {
+    match e {
+        QuorumError::NoLeader(_) | QuorumError::Unreachable { .. } | QuorumError::Timeout { .. } => ApiError::new(
+            Code::NoQuorum,
+            format!("the quorum cannot commit right now: {e}"),
+            "check `metroctl status`: a majority of voters (both data sites, or one site plus the witness) must be up",
+        ),
+        other => ApiError::new(Code::Internal, other.to_string(), "see the daemon log"),
+    }
+}
+
+fn registry_err(e: RegistryError) -> ApiError {
+    match e {
+        RegistryError::Unavailable(_) => ApiError::new(
+            Code::EtcdUnavailable,
+            e.to_string(),
+            "bring etcd back (`metroctl status` shows each member); I/O on attached volumes is not affected",
+        ),
+        RegistryError::AlreadyExists(n) => {
+            ApiError::new(Code::AlreadyExists, format!("volume `{n}` already exists"), "pick another name")
+        }
+        RegistryError::Corrupt { .. } => ApiError::new(Code::Internal, e.to_string(), "inspect the key in etcd"),
+    }
+}
+
+fn committed(r: Result<CommandResult, QuorumError>) -> Result<u64, ApiError> {
+    match r.map_err(quorum_err)? {
+        CommandResult::Ok { epoch } => Ok(epoch),
+        CommandResult::Rejected { reason, detail } => {
+            Err(ApiError::new(Code::Conflict, format!("refused: {reason:?}: {detail}"), "re-read the state and retry"))
+        }
+        CommandResult::Batch(_) => Err(ApiError::new(Code::Internal, "unexpected batch result", "")),
+    }
+}
+
+impl ControlService {
+    fn state(&self) -> Arc<ClusterState> {
+        self.quorum.state().borrow().clone()
+    }
+
+    async fn client_for(&self, api: &str) -> Result<ControlClient<tonic::transport::Channel>, Status> {
+        let ep = tonic::transport::Endpoint::from_shared(format!("https://{api}"))
+            .map_err(|e| Status::internal(e.to_string()))?
+            .tls_config(self.tls.tonic_client())
+            .map_err(|e| Status::internal(e.to_string()))?
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(FORWARD_TIMEOUT);
+        let ch = ep.connect().await.map_err(|e| Status::unavailable(format!("cannot reach {api}: {e}")))?;
+        Ok(ControlClient::new(ch))
+    }
+
+    fn volume_status(&self, state: &ClusterState, v: &VolumeRecord) -> pb::VolumeStatus {
+        let primary_nbd =
+            v.primary.as_ref().and_then(|p| state.nodes.get(p)).and_then(|n| n.nbd.clone()).unwrap_or_default();
+        let replica_status = v
+            .replicas
+            .iter()
+            .map(|r| {
+                let (dirty, left, rate, full) = match &self.manager {
+                    Some(m) if m.is_primary_here(&v.name) && !v.in_sync.contains(r) => {
+                        let p = m.progress(&v.name, r);
+                        let dirty = m.storage().dirty_bytes(&v.name, r);
+                        (dirty, p.bytes_left, p.rate_bps, m.storage().full_resyncs(&v.name))
+                    }
+                    _ => (0, 0, 0, 0),
+                };
+                pb::ReplicaStatus {
+                    node: r.clone(),
+                    in_sync: v.in_sync.contains(r),
+                    dirty_bytes: dirty,
+                    resync_bytes_left: left,
+                    resync_rate_bps: rate,
+                    full_resyncs: full,
+                }
+            })
+            .collect();
+        let state_str = if v.primary.is_none() {
+            "detached"
+        } else if v.in_sync.len() < v.replicas.len() {
+            "degraded"
+        } else {
+            "serving"
+        };
+        pb::VolumeStatus {
+            name: v.name.clone(),
+            size_bytes: v.size_bytes,
+            primary: v.primary.clone().unwrap_or_default(),
+            replicas: v.replicas.clone(),
+            in_sync: v.in_sync.clone(),
+            epoch: v.epoch,
+            replica_status,
+            lease_policy: match v.lease_policy {
+                LeasePolicy::Suspend => "suspend".into(),
+                LeasePolicy::Error => "error".into(),
+            },
+            state: state_str.into(),
+            primary_nbd,
+        }
+    }
+
+    /// Volume status with resync figures from the primary when it is elsewhere.
+    async fn volume_status_full(&self, name: &str, forwarded: bool) -> Result<pb::VolumeStatus, Status> {
+        let state = self.state();
+        let v = state.volumes.get(name).ok_or_else(|| {
+            Status::from(ApiError::new(Code::NotFound, format!("no volume `{name}`"), "list volumes with `metroctl volume list`"))
+        })?;
+        let primary = v.primary.clone().unwrap_or_default();
+        if !forwarded && !primary.is_empty() && primary != self.cfg.node_id {
+            if let Some(api) = state.nodes.get(&primary).map(|n| n.api.clone()) {
+                if let Ok(mut c) = self.client_for(&api).await {
+                    let mut req = Request::new(pb::VolumeRef { name: name.to_string() });
+                    req.metadata_mut().insert(FORWARDED, "1".parse().expect("static"));
+                    if let Ok(r) = c.get_volume(req).await {
+                        return Ok(r.into_inner());
+                    }
+                }
+            }
+        }
+        Ok(self.volume_status(&state, v))
+    }
+
+    async fn wait_for<F: Fn(&ClusterState) -> bool>(&self, what: &str, f: F) -> Result<(), ApiError> {
+        let mut rx = self.quorum.state();
+        let deadline = tokio::time::Instant::now() + RECONCILE_WAIT;
+        loop {
+            if f(&rx.borrow_and_update()) {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                let leader = self.quorum.status().leader;
+                return Err(ApiError::new(
+                    Code::Timeout,
+                    format!("{what}: not reconciled within {RECONCILE_WAIT:?} (leader: {})", leader.as_deref().unwrap_or("none")),
+                    "the request is stored in etcd and will complete when the leader can place it; check `metroctl status`",
+                ));
+            }
+        }
+    }
+
+    async fn build_status(&self) -> pb::ClusterStatus {
+        let st = self.quorum.status();
+        let state = self.state();
+        let ages = self.quorum.heartbeat_ages_ms();
+        let loss = self.quorum.node_loss_ms();
+        let reachable = |id: &str| {
+            id == self.cfg.node_id || ages.as_ref().and_then(|a| a.get(id)).is_some_and(|age| *age < loss)
+        };
+        let nodes: Vec<pb::NodeStatus> = state
+            .nodes
+            .values()
+            .map(|n| pb::NodeStatus {
+                id: n.id.clone(),
+                site: n.site.clone(),
+                role: format!("{:?}", n.role).to_lowercase(),
+                voter: st.voters.contains(&n.id),
+                reachable: reachable(&n.id),
+                api: n.api.clone(),
+                nbd: n.nbd.clone().unwrap_or_default(),
+                capacity_bytes: n.capacity_bytes,
+                used_bytes: state
+                    .volumes
+                    .values()
+                    .filter(|v| v.replicas.contains(&n.id))
+                    .map(|v| v.size_bytes)
+                    .sum(),
+            })
+            .collect();
+        let witness = state.nodes.values().find(|n| n.role == Role::Witness).map(|w| pb::WitnessStatus {
+            id: w.id.clone(),
+            reachable: reachable(&w.id),
+            rtt_us: 0,
+        });
+        let etcd: Vec<pb::EtcdStatus> = self
+            .registry
+            .health()
+            .await
+            .into_iter()
+            .map(|(ep, healthy)| pb::EtcdStatus { name: ep.clone(), healthy, endpoint: ep })
+            .collect();
+        let mut alerts = Vec::new();
+        if st.leader.is_none() {
+            alerts.push("no quorum leader: I/O is suspended; see `metroctl site activate`".to_string());
+        }
+        if let Some(w) = &witness {
+            if !w.reachable && ages.is_some() {
+                alerts.push(format!("witness {} unreachable: one more site failure would stop I/O", w.id));
+            }
+        }
+        for e in etcd.iter().filter(|e| !e.healthy) {
+            alerts.push(format!("etcd member {} unhealthy", e.endpoint));
+        }
+        for s in state.sites.values().filter(|s| s.mode != SiteMode::Active) {
+            alerts.push(format!("site {} is {}", s.name, s.mode.as_str()));
+        }
+        for n in nodes.iter().filter(|n| !n.reachable && ages.is_some() && n.role != "witness") {
+            alerts.push(format!("node {} unreachable", n.id));
+        }
+        let degraded = state.volumes.values().filter(|v| v.in_sync.len() < v.replicas.len()).count();
+        if degraded > 0 {
+            alerts.push(format!("{degraded} volume(s) running with fewer in-sync replicas than placed"));
+        }
+        pb::ClusterStatus {
+            cluster: self.cfg.cluster.clone(),
+            leader: st.leader.clone().unwrap_or_default(),
+            term: st.term,
+            voters: st.voters.clone(),
+            learners: st.learners.clone(),
+            sites: state
+                .sites
+                .values()
+                .map(|s| pb::SiteStatus {
+                    name: s.name.clone(),
+                    kind: match s.kind {
+                        SiteKind::Data => "data".into(),
+                        SiteKind::Witness => "witness".into(),
+                    },
+                    state: s.mode.as_str().into(),
+                })
+                .collect(),
+            nodes,
+            witness,
+            etcd,
+            alerts,
+            answered_by: self.cfg.node_id.clone(),
+            preferred_site: state.preferred_site.clone().unwrap_or_default(),
+        }
+    }
+
+    fn find_volume(&self, name: &str) -> Result<VolumeRecord, ApiError> {
+        self.state().volumes.get(name).cloned().ok_or_else(|| {
+            ApiError::new(Code::NotFound, format!("no volume `{name}`"), "list volumes with `metroctl volume list`")
+        })
+    }
+
+    async fn move_primary(&self, v: &VolumeRecord, to: &str) -> Result<u64, ApiError> {
+        if !v.in_sync.iter().any(|n| n == to) {
+            return Err(ApiError::new(
+                Code::Unsafe,
+                format!("`{to}` is not in sync for `{}` (in sync: {})", v.name, v.in_sync.join(", ")),
+                "wait until its resync finishes (`metroctl volume show`), or pick an in-sync node",
+            ));
+        }
+        let cmd = Command::ChangeVolume {
+            name: v.name.clone(),
+            expected_epoch: v.epoch,
+            primary: Some(to.to_string()),
+            in_sync: v.in_sync.clone(),
+            rejoin: None,
+        };
+        committed(self.quorum.propose(cmd).await)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::control_server::Control for ControlService {
+    async fn get_status(&self, req: Request<pb::GetStatusRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
+        authorize(&req, Access::Read)?;
+        let forwarded = req.metadata().get(FORWARDED).is_some();
+        let st = self.quorum.status();
+        if !forwarded && !st.is_leader {
+            let leader_api = st.leader.as_ref().and_then(|l| self.state().nodes.get(l).map(|n| n.api.clone()));
+            if let Some(api) = leader_api {
+                if let Ok(mut c) = self.client_for(&api).await {
+                    let mut r = Request::new(pb::GetStatusRequest {});
+                    r.metadata_mut().insert(FORWARDED, "1".parse().expect("static"));
+                    if let Ok(resp) = c.get_status(r).await {
+                        return Ok(resp);
+                    }
+                }
+            }
+        }
+        Ok(Response::new(self.build_status().await))
+    }
+
+    async fn list_volumes(
+        &self,
+        req: Request<pb::ListVolumesRequest>,
+    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        authorize(&req, Access::Read)?;
+        let state = self.state();
+        let volumes = state.volumes.values().map(|v| self.volume_status(&state, v)).collect();
+        Ok(Response::new(pb::ListVolumesResponse { volumes }))
+    }
+
+    async fn get_volume(&self, req: Request<pb::VolumeRef>) -> Result<Response<pb::VolumeStatus>, Status> {
+        authorize(&req, Access::Read)?;
+        let forwarded = req.metadata().get(FORWARDED).is_some();
+        Ok(Response::new(self.volume_status_full(&req.get_ref().name, forwarded).await?))
+    }
+
+    async fn create_volume(&self, req: Request<pb::CreateVolumeRequest>) -> Result<Response<pb::VolumeStatus>, Status> {
+        authorize(&req, Access::Write)?;
+        let r = req.into_inner();
+        if !metro_api::config::valid_name(&r.name) {
+            return Err(ApiError::new(
+                Code::InvalidArgument,
+                format!("`{}` is not a valid volume name", r.name),
+                "use 1-63 lowercase letters, digits and dashes",
+            )
+            .into());
+        }
+        if r.size_bytes == 0 || r.size_bytes % 4096 != 0 || r.size_bytes > MAX_VOLUME_BYTES {
+            return Err(ApiError::new(
+                Code::InvalidArgument,
+                format!("size {} is invalid", r.size_bytes),
+                "give a non-zero multiple of 4 KiB up to 64 TiB (e.g. --size 1GiB)",
+            )
+            .into());
+        }
+        let lease_policy = match r.lease_policy.as_str() {
+            "" | "suspend" => LeasePolicy::Suspend,
+            "error" => LeasePolicy::Error,
+            other => {
+                return Err(ApiError::new(
+                    Code::InvalidArgument,
+                    format!("unknown lease policy `{other}`"),
+                    "use `suspend` or `error`",
+                )
+                .into())
+            }
+        };
+        let spec = VolumeSpec {
+            name: r.name.clone(),
+            size_bytes: r.size_bytes,
+            iops_limit: r.iops_limit,
+            bandwidth_limit: r.bandwidth_limit,
+            lease_policy,
+            primary_site: (!r.primary_site.is_empty()).then_some(r.primary_site),
+            deleted: false,
+        };
+        self.registry.put_spec(&spec, true).await.map_err(registry_err)?;
+        let name = r.name.clone();
+        self.wait_for(&format!("create `{name}`"), |s| s.volumes.contains_key(&name)).await?;
+        Ok(Response::new(self.volume_status_full(&name, true).await?))
+    }
+
+    async fn delete_volume(&self, req: Request<pb::VolumeRef>) -> Result<Response<pb::Empty>, Status> {
+        authorize(&req, Access::Write)?;
+        let name = req.into_inner().name;
+        let v = self.find_volume(&name)?;
+        let spec = VolumeSpec {
+            name: name.clone(),
+            size_bytes: v.size_bytes,
+            iops_limit: v.iops_limit,
+            bandwidth_limit: v.bandwidth_limit,
+            lease_policy: v.lease_policy,
+            primary_site: None,
+            deleted: true,
+        };
+        self.registry.put_spec(&spec, false).await.map_err(registry_err)?;
+        self.wait_for(&format!("delete `{name}`"), |s| !s.volumes.contains_key(&name)).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn attach_volume(&self, req: Request<pb::AttachVolumeRequest>) -> Result<Response<pb::VolumeStatus>, Status> {
+        authorize(&req, Access::Write)?;
+        let r = req.into_inner();
+        // Desired-state changes need etcd, even when the quorum could commit.
+        self.registry.specs().await.map_err(registry_err)?;
+        let v = self.find_volume(&r.name)?;
+        if r.node.is_empty() {
+            return Err(ApiError::new(Code::InvalidArgument, "attach needs a node", "add --node <id>").into());
+        }
+        if v.primary.as_deref() != Some(r.node.as_str()) {
+            self.move_primary(&v, &r.node).await?;
+        }
+        Ok(Response::new(self.volume_status_full(&r.name, true).await?))
+    }
+
+    async fn detach_volume(&self, req: Request<pb::VolumeRef>) -> Result<Response<pb::VolumeStatus>, Status> {
+        authorize(&req, Access::Write)?;
+        let name = req.into_inner().name;
+        self.registry.specs().await.map_err(registry_err)?;
+        let v = self.find_volume(&name)?;
+        if v.primary.is_some() {
+            let cmd = Command::ChangeVolume {
+                name: name.clone(),
+                expected_epoch: v.epoch,
+                primary: None,
+                in_sync: v.in_sync.clone(),
+                rejoin: None,
+            };
+            committed(self.quorum.propose(cmd).await)?;
+        }
+        Ok(Response::new(self.volume_status_full(&name, true).await?))
+    }
+
+    async fn site_activate(&self, req: Request<pb::SiteRequest>) -> Result<Response<pb::SiteStatus>, Status> {
+        authorize(&req, Access::Write)?;
+        let r = req.into_inner();
+        let state = self.state();
+        let site = state.sites.get(&r.name).ok_or_else(|| {
+            Status::from(ApiError::new(Code::NotFound, format!("no site `{}`", r.name), "see `metroctl site list`"))
+        })?;
+        if site.kind != SiteKind::Data {
+            return Err(ApiError::new(Code::InvalidArgument, "only data sites can be activated", "").into());
+        }
+        // Refuse when the site may lack acknowledged writes: some volume's
+        // latest in_sync has no replica in this site.
+        let lacking: Vec<String> = state
+            .volumes
+            .values()
+            .filter(|v| !v.in_sync.iter().any(|n| state.site_of(n) == Some(r.name.as_str())))
+            .map(|v| v.name.clone())
+            .collect();
+        if !lacking.is_empty() && !r.force {
+            return Err(ApiError::new(
+                Code::Unsafe,
+                format!(
+                    "site `{}` is not in the latest in-sync set of {} volume(s) ({}): it may lack acknowledged writes",
+                    r.name,
+                    lacking.len(),
+                    lacking.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+                ),
+                "bring the other site back if you can; otherwise re-run with --force and accept possible data loss",
+            )
+            .into());
+        }
+        committed(self.quorum.propose(Command::SetSiteMode { site: r.name.clone(), mode: SiteMode::Active }).await)?;
+        Ok(Response::new(pb::SiteStatus { name: r.name, kind: "data".into(), state: "active".into() }))
+    }
+
+    async fn site_deactivate(&self, req: Request<pb::SiteRequest>) -> Result<Response<pb::SiteStatus>, Status> {
+        authorize(&req, Access::Write)?;
+        let r = req.into_inner();
+        committed(self.quorum.propose(Command::SetSiteMode { site: r.name.clone(), mode: SiteMode::Deactivated }).await)?;
+        Ok(Response::new(pb::SiteStatus { name: r.name, kind: "data".into(), state: "deactivated".into() }))
+    }
+
+    async fn node_drain(&self, req: Request<pb::NodeRef>) -> Result<Response<pb::Empty>, Status> {
+        authorize(&req, Access::Write)?;
+        let node = req.into_inner().id;
+        let state = self.state();
+        let site = state.site_of(&node).map(str::to_string).ok_or_else(|| {
+            Status::from(ApiError::new(Code::NotFound, format!("no node `{node}`"), "see `metroctl node list`"))
+        })?;
+        for v in state.volumes.values().filter(|v| v.primary.as_deref() == Some(node.as_str())) {
+            let mut candidates: Vec<&String> = v.in_sync.iter().filter(|n| **n != node).collect();
+            candidates.sort_by_key(|n| (state.site_of(n) != Some(site.as_str()), (*n).clone()));
+            let Some(to) = candidates.first() else {
+                return Err(ApiError::new(
+                    Code::Unsafe,
+                    format!("volume `{}` has no other in-sync replica", v.name),
+                    "wait for its resync to finish, then drain again",
+                )
+                .into());
+            };
+            self.move_primary(v, to).await?;
+        }
+        Ok(Response::new(pb::Empty {}))
+    }
+}

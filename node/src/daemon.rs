@@ -1,0 +1,350 @@
+//! The daemon: composes the quorum member, the control API, etcd registration
+//! and (on storage nodes) volumes, NBD and replication. `metro-node` and
+//! `metro-witness` are thin wrappers around [`run`]; tests start daemons as
+//! real processes through those binaries.
+//!
+//! ```text
+//!  start ─► quorum member ─► gRPC (Control + Internal, mTLS) ─► metrics
+//!        ─► storage: volume manager, replication server, NBD server
+//!        ─► join: register in etcd; first claimant initializes raft, others join as learners
+//!        ─► heartbeat (liveness + leases) ─► leader-only: reconcile specs, publish status
+//!        ─► READY=1 ... SIGTERM ─► depose primaries, stop
+//! ```
+
+use crate::control::ControlService;
+use crate::registry::{etcd::EtcdRegistry, Registry, VolumeSpec};
+use crate::repl::link::Dialer;
+use crate::volume::manager::{ClusterView, VolumeManager};
+use crate::volume::storage::VolumeStorage;
+use anyhow::Context;
+use async_trait::async_trait;
+use metro_api::config::{DaemonConfig, Role, SiteKind};
+use metro_api::pb::control::control_server::ControlServer;
+use metro_api::telemetry;
+use metro_api::tls::TlsFiles;
+use metro_quorum::decide::placement::place_volume;
+use metro_quorum::{ClusterState, Command, CommandResult, EngineConfig, NodeRecord, Quorum};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// How often the leader reconciles volume specs from etcd.
+const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+/// How often the leader publishes the status summary to etcd.
+const PUBLISH_EVERY: Duration = Duration::from_secs(5);
+/// Retry period for joining the cluster.
+const JOIN_RETRY: Duration = Duration::from_secs(1);
+
+/// [`ClusterView`] over the real quorum engine.
+pub struct QuorumView(pub Quorum);
+
+#[async_trait]
+impl ClusterView for QuorumView {
+    fn state(&self) -> watch::Receiver<Arc<ClusterState>> {
+        self.0.state()
+    }
+
+    fn lease_valid(&self, volume: &str) -> bool {
+        let now = tokio::time::Instant::now();
+        self.0.lease_watch().borrow().get(volume).is_some_and(|l| l.valid_until > now)
+    }
+
+    async fn propose(&self, cmd: Command) -> Result<CommandResult, String> {
+        self.0.propose(cmd).await.map_err(|e| e.to_string())
+    }
+}
+
+fn host_port(host: &str, addr: &std::net::SocketAddr) -> String {
+    format!("{host}:{}", addr.port())
+}
+
+/// This daemon's registration record.
+pub fn node_record(cfg: &DaemonConfig, capacity_bytes: u64) -> NodeRecord {
+    let host = cfg.advertise_host();
+    NodeRecord {
+        id: cfg.node_id.clone(),
+        raft_id: metro_quorum::state::raft_id_of(&cfg.node_id),
+        site: cfg.site.clone(),
+        role: cfg.role,
+        api: host_port(&host, &cfg.listen.api),
+        nbd: cfg.listen.nbd.map(|a| host_port(&host, &a)),
+        replication: cfg.listen.replication.map(|a| host_port(&host, &a)),
+        capacity_bytes,
+    }
+}
+
+/// Run a daemon until SIGTERM/SIGINT.
+pub async fn run(cfg: DaemonConfig, config_path: &str) -> anyhow::Result<()> {
+    metro_api::tls::install_crypto_provider();
+    cfg.check_secrets(config_path)?;
+    let cfg = Arc::new(cfg);
+    let tls = TlsFiles::from_config(&cfg.tls).context("loading TLS files")?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    telemetry::notify_status("starting");
+
+    let quorum = Quorum::start(EngineConfig {
+        node_id: cfg.node_id.clone(),
+        site: cfg.site.clone(),
+        role: cfg.role,
+        api_addr: host_port(&cfg.advertise_host(), &cfg.listen.api),
+        data_dir: cfg.data_dir.join("quorum"),
+        timings: cfg.quorum.clone(),
+        tls: Some(tls.clone()),
+    })
+    .await
+    .context("starting the quorum member")?;
+    let registry: Arc<dyn Registry> = Arc::new(EtcdRegistry::new(
+        &cfg.cluster,
+        cfg.etcd.endpoints.clone(),
+        Duration::from_millis(cfg.etcd.timeout_ms),
+    ));
+
+    // Storage: volumes, replication and NBD.
+    let mut manager = None;
+    let mut capacity = 0;
+    if cfg.role == Role::Storage {
+        let storage = crate::volume::file_storage::FileStorage::open(&cfg)
+            .with_context(|| format!("opening volumes under {}", cfg.data_dir.display()))?;
+        capacity = storage.capacity().0;
+        let storage: Arc<dyn VolumeStorage> = Arc::new(storage);
+        let dialer = Dialer { my_node: cfg.node_id.clone(), tls: tls.rustls_client()? };
+        let m = VolumeManager::new(
+            cfg.node_id.clone(),
+            Arc::new(QuorumView(quorum.clone())),
+            storage,
+            dialer,
+            Duration::from_millis(cfg.storage.replica_ack_timeout_ms),
+        );
+        m.spawn(stop_rx.clone());
+        let repl_addr = cfg.listen.replication.expect("validated: storage nodes have a replication address");
+        let repl_listener = tokio::net::TcpListener::bind(repl_addr)
+            .await
+            .with_context(|| format!("binding replication {repl_addr} (is another daemon running?)"))?;
+        tokio::spawn(crate::repl::server::serve(repl_listener, tls.rustls_server()?, m.clone(), stop_rx.clone()));
+        let nbd_addr = cfg.listen.nbd.expect("validated: storage nodes have an NBD address");
+        let nbd_listener = tokio::net::TcpListener::bind(nbd_addr)
+            .await
+            .with_context(|| format!("binding NBD {nbd_addr} (is another daemon running?)"))?;
+        let nbd = Arc::new(crate::nbd::NbdServer::new(
+            m.clone(),
+            crate::nbd::NbdLimits { max_request_bytes: cfg.storage.max_request_bytes, ..Default::default() },
+        ));
+        tokio::spawn(nbd.serve(nbd_listener, stop_rx.clone()));
+        let m2 = m.clone();
+        quorum.spawn_heartbeat(move || m2.primaries());
+        manager = Some(m);
+    } else {
+        quorum.spawn_heartbeat(Vec::new);
+    }
+
+    // gRPC: operators' Control API and the internal raft services.
+    let control = ControlService {
+        cfg: cfg.clone(),
+        quorum: quorum.clone(),
+        registry: registry.clone(),
+        manager: manager.clone(),
+        tls: tls.clone(),
+    };
+    let api_listener = tokio::net::TcpListener::bind(cfg.listen.api)
+        .await
+        .with_context(|| format!("binding API {} (is another daemon running?)", cfg.listen.api))?;
+    let incoming = tonic::transport::server::TcpIncoming::from(api_listener).with_nodelay(Some(true));
+    let mut grpc_stop = stop_rx.clone();
+    let server = tonic::transport::Server::builder()
+        .tls_config(tls.tonic_server())?
+        .timeout(Duration::from_secs(30))
+        .add_service(ControlServer::new(control))
+        .add_service(quorum.internal_service())
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = grpc_stop.changed().await;
+        });
+    let grpc = tokio::spawn(server);
+
+    let registry_metrics = telemetry::new_registry();
+    crate::metrics::register(&registry_metrics, quorum.clone(), manager.clone());
+    telemetry::serve_metrics(cfg.listen.metrics, registry_metrics)
+        .await
+        .with_context(|| format!("binding metrics {}", cfg.listen.metrics))?;
+
+    let me = node_record(&cfg, capacity);
+    tokio::spawn(join_loop(cfg.clone(), quorum.clone(), registry.clone(), me));
+    tokio::spawn(leader_loop(quorum.clone(), registry.clone(), stop_rx.clone()));
+
+    telemetry::notify_ready(&format!("{} {} serving", cfg.role_name(), cfg.node_id));
+    let q = quorum.clone();
+    telemetry::spawn_watchdog(move || q.status().last_applied > 0 || q.status().leader.is_some());
+    tracing::info!(node = %cfg.node_id, site = %cfg.site, "daemon ready");
+
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    telemetry::notify_stopping();
+    let _ = stop_tx.send(true);
+    quorum.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(3), grpc).await;
+    Ok(())
+}
+
+trait RoleName {
+    fn role_name(&self) -> &'static str;
+}
+
+impl RoleName for DaemonConfig {
+    fn role_name(&self) -> &'static str {
+        match self.role {
+            Role::Storage => "storage node",
+            Role::Storageless => "storageless node",
+            Role::Witness => "witness",
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Register in etcd and get into the raft group: the first claimant of the
+/// bootstrap key initializes it, everyone else joins as a learner (the leader
+/// then balances voters). Retries until it succeeds; also re-registers the
+/// node record on every restart so addresses stay current.
+async fn join_loop(cfg: Arc<DaemonConfig>, quorum: Quorum, registry: Arc<dyn Registry>, me: NodeRecord) {
+    let sites: Vec<(String, SiteKind)> = cfg.sites.iter().map(|s| (s.name.clone(), s.kind)).collect();
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        if let Err(e) = registry.register(&me).await {
+            if attempt == 1 || attempt % 30 == 0 {
+                tracing::warn!(error = %e, "cannot register in etcd yet");
+            }
+        }
+        let known = quorum.state().borrow().nodes.get(&me.id) == Some(&me);
+        if known {
+            tracing::info!(node = %me.id, "member of the cluster");
+            return;
+        }
+        let result = match registry.claim_bootstrap(&me.id).await {
+            Ok(winner) if winner == me.id => quorum
+                .initialize(sites.clone(), cfg.quorum.preferred_site.clone(), me.clone())
+                .await
+                .map_err(|e| e.to_string()),
+            Ok(_) | Err(_) => {
+                let peers: Vec<String> = match registry.nodes().await {
+                    Ok(nodes) => nodes.into_iter().filter(|n| n.id != me.id).map(|n| n.api).collect(),
+                    Err(_) => quorum.state().borrow().nodes.values().filter(|n| n.id != me.id).map(|n| n.api.clone()).collect(),
+                };
+                if peers.is_empty() {
+                    Err("no peers known yet".to_string())
+                } else {
+                    quorum.join(me.clone(), peers).await.map_err(|e| e.to_string())
+                }
+            }
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!(node = %me.id, "joined the cluster");
+                return;
+            }
+            Err(e) => {
+                if attempt == 1 || attempt % 10 == 0 {
+                    tracing::warn!(error = %e, attempt, "not in the cluster yet; retrying");
+                }
+                tokio::time::sleep(JOIN_RETRY).await;
+            }
+        }
+    }
+}
+
+/// Leader-only duties: reconcile volume specs from etcd into committed
+/// state, and publish a status summary for outside observers.
+async fn leader_loop(quorum: Quorum, registry: Arc<dyn Registry>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(RECONCILE_EVERY);
+    let mut last_publish = tokio::time::Instant::now() - PUBLISH_EVERY;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        if !quorum.status().is_leader {
+            continue;
+        }
+        let Ok(specs) = registry.specs().await else { continue };
+        let state = quorum.state().borrow().clone();
+        if let Err(e) = reconcile_specs(&quorum, registry.as_ref(), &state, specs).await {
+            tracing::warn!(error = %e, "reconciling volume specs");
+        }
+        if last_publish.elapsed() >= PUBLISH_EVERY {
+            last_publish = tokio::time::Instant::now();
+            let st = quorum.status();
+            let summary = serde_json::json!({
+                "leader": st.leader, "term": st.term, "voters": st.voters, "learners": st.learners,
+                "sites": state.sites.values().map(|s| (s.name.clone(), s.mode.as_str())).collect::<BTreeMap<_,_>>(),
+                "volumes": state.volumes.values().map(|v| serde_json::json!({
+                    "name": v.name, "primary": v.primary, "in_sync": v.in_sync, "epoch": v.epoch})).collect::<Vec<_>>(),
+            });
+            let _ = registry.put_status(&summary.to_string()).await;
+        }
+    }
+}
+
+async fn reconcile_specs(
+    quorum: &Quorum,
+    registry: &dyn Registry,
+    state: &ClusterState,
+    specs: Vec<VolumeSpec>,
+) -> Result<(), String> {
+    let ages = quorum.heartbeat_ages_ms().unwrap_or_default();
+    let alive: BTreeSet<String> =
+        ages.iter().filter(|(_, age)| **age < quorum.node_loss_ms()).map(|(n, _)| n.clone()).collect();
+    let mut used: BTreeMap<String, u64> = BTreeMap::new();
+    for v in state.volumes.values() {
+        for r in &v.replicas {
+            *used.entry(r.clone()).or_default() += v.size_bytes;
+        }
+    }
+    for spec in specs {
+        let exists = state.volumes.contains_key(&spec.name);
+        if spec.deleted {
+            if exists {
+                quorum
+                    .propose(Command::DeleteVolume { name: spec.name.clone() })
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            registry.remove_spec(&spec.name).await.map_err(|e| e.to_string())?;
+            continue;
+        }
+        if exists {
+            continue;
+        }
+        match place_volume(state, &alive, &used, spec.size_bytes, spec.primary_site.as_deref()) {
+            Ok((replicas, primary)) => {
+                for r in &replicas {
+                    *used.entry(r.clone()).or_default() += spec.size_bytes;
+                }
+                let r = quorum
+                    .propose(Command::CreateVolume {
+                        name: spec.name.clone(),
+                        size_bytes: spec.size_bytes,
+                        iops_limit: spec.iops_limit,
+                        bandwidth_limit: spec.bandwidth_limit,
+                        lease_policy: spec.lease_policy,
+                        replicas: replicas.clone(),
+                        primary: primary.clone(),
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tracing::info!(volume = %spec.name, ?replicas, %primary, result = ?r, "placed volume");
+            }
+            Err(e) => tracing::warn!(volume = %spec.name, error = %e, "cannot place volume yet"),
+        }
+    }
+    Ok(())
+}
