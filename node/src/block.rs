@@ -49,6 +49,12 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn block_size(&self) -> u32 {
         4096
     }
+    /// Smallest alignment (power of two) the device accepts for offsets and
+    /// lengths; 1 means any byte range. The NBD server advertises it and
+    /// refuses unaligned requests with EINVAL when it is above 1.
+    fn min_block_size(&self) -> u32 {
+        1
+    }
     async fn read(&self, offset: u64, len: u32) -> BlockResult<Bytes>;
     /// Write `data` at `offset`. With `fua`, durable before returning.
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> BlockResult<()>;

@@ -10,6 +10,8 @@ pub mod block;
 pub mod control;
 pub mod daemon;
 pub mod metrics;
+pub mod nbd;
 pub mod registry;
 pub mod repl;
+pub mod store;
 pub mod volume;
