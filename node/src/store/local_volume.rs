@@ -143,6 +143,18 @@ impl LocalVolume {
     pub fn dir(&self) -> &Path {
         &self.inner.dir
     }
+    /// Where the dirty bitmap for peer replica `peer` (a node id) lives.
+    pub fn dirty_bitmap_path(&self, peer: &str) -> PathBuf {
+        self.inner.dir.join(format!("dirty-{peer}.bitmap"))
+    }
+    /// Where this volume's activity log lives.
+    pub fn activity_log_path(&self) -> PathBuf {
+        self.inner.dir.join("activity.log")
+    }
+    /// Where the resync cursor toward peer replica `peer` lives.
+    pub fn resync_cursor_path(&self, peer: &str) -> PathBuf {
+        self.inner.dir.join(format!("resync-{peer}.cursor"))
+    }
     pub fn name(&self) -> String {
         self.lock_sb().name.clone()
     }
