@@ -47,7 +47,7 @@ fn a_full_hot_set_evicts_only_flushed_extents_least_recently_used_first() {
     log.begin_write(EXT, 1).unwrap(); // extent 1
     let s = log.begin_write(2 * EXT, 1).unwrap(); // extent 2
     log.begin_write(0, 1).unwrap(); // touch extent 0 again (now newest)
-    // Nothing flushed yet: a fourth extent is refused.
+                                    // Nothing flushed yet: a fourth extent is refused.
     let err = log.begin_write(3 * EXT, 1).unwrap_err();
     assert!(matches!(err, StoreError::ActivityLogFull { hot: 3 }), "{err:?}");
     // Flush covering writes up to extent 2's: extents 1 and 2 may cool, but

@@ -21,9 +21,12 @@ fn marks_coalesce_into_region_ranges_clipped_to_the_volume() {
     assert_eq!(b.region_count(), 17);
     assert!(b.mark(0, 1));
     assert!(b.mark(REGION - 1, 2), "a write straddling two regions dirties both");
+    assert!(b.mark(10, 4096), "not yet durable: still needs a persist");
+    b.persist().unwrap();
     assert!(!b.mark(10, 4096), "already dirty: no persist needed");
     assert!(b.mark(5 * REGION, 3 * REGION));
     assert!(b.mark(size - 1, 1));
+    b.persist().unwrap();
     assert!(!b.mark(size, 4096), "past the end marks nothing");
     let got: Vec<_> = b.dirty_regions().collect();
     assert_eq!(got, vec![(0, 2 * REGION), (5 * REGION, 3 * REGION), (16 * REGION, 100)]);
@@ -205,4 +208,39 @@ fn a_bitmap_killed_at_any_point_keeps_every_mark_it_made_durable() {
         let extra = b.dirty_region_count() - reported.len() as u64;
         assert!(extra <= round + 1, "{extra} regions dirty that were never marked");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_touches_share_persists_and_all_are_durable_on_return() {
+    use metro_node::store::SharedDirtyBitmap;
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("d");
+    let shared = Arc::new(SharedDirtyBitmap::new(DirtyBitmap::create(&p, 1 << 30, REGION).unwrap()));
+    const WRITERS: u64 = 64;
+    let tasks: Vec<_> = (0..WRITERS)
+        .map(|i| {
+            let s = shared.clone();
+            tokio::spawn(async move {
+                s.mark_durable(i * 3 * REGION, 4096).await.unwrap();
+                // On return, this region is in the file.
+                let (b, _) = DirtyBitmap::load(&s.with(|b| b.path().to_path_buf()), 1 << 30, REGION).unwrap();
+                assert!(b.is_dirty(i * 3), "region {} not durable on return", i * 3);
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let persists = shared.persist_count();
+    assert!(persists < WRITERS, "{persists} persists for {WRITERS} first touches: no group commit");
+    // Marks of durable regions do not write at all.
+    shared.mark_durable(0, 1).await.unwrap();
+    assert_eq!(shared.persist_count(), persists);
+    shared.clear(0..1);
+    shared.persist().await.unwrap();
+    let (b, _) = DirtyBitmap::load(&p, 1 << 30, REGION).unwrap();
+    assert_eq!(b.dirty_region_count(), WRITERS - 1);
+    assert_eq!(shared.dirty_bytes(), (WRITERS - 1) * REGION);
+    eprintln!("group commit: {WRITERS} concurrent first touches, {persists} persists");
 }

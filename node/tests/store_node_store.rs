@@ -59,7 +59,10 @@ fn a_volume_larger_than_capacity_is_refused_with_both_numbers() {
     let store = NodeStore::open(dir.path(), None).unwrap();
     let free = store.fs_available_bytes().unwrap();
     assert!(free > 0 && store.capacity_bytes().unwrap() == free);
-    assert!(matches!(store.create_volume("huge", free.saturating_mul(2)), Err(StoreError::CapacityExceeded { .. })));
+    assert!(matches!(
+        store.create_volume("huge", free.saturating_mul(2)),
+        Err(StoreError::CapacityExceeded { .. })
+    ));
 }
 
 #[tokio::test]

@@ -57,7 +57,13 @@ async fn an_interrupted_resync_resumes_and_moves_only_dirty_bytes() {
     tracing::info!("--- b1 leaves in_sync; a1 records what b1 misses");
     let (mut bitmap, _) = DirtyBitmap::open_or_create(&src.dirty_bitmap_path("b1"), SIZE, REGION).unwrap();
     let (mut al, _) = ActivityLog::open(&src.activity_log_path(), SIZE, 4 * MIB, 64).unwrap();
-    let missed: [(u64, u64); 5] = [(3 * MIB, 100_000), (50 * MIB + 777, 5000), (120 * MIB, 3 * MIB), (200 * MIB, 4096), (255 * MIB, MIB)];
+    let missed: [(u64, u64); 5] = [
+        (3 * MIB, 100_000),
+        (50 * MIB + 777, 5000),
+        (120 * MIB, 3 * MIB),
+        (200 * MIB, 4096),
+        (255 * MIB, MIB),
+    ];
     for (i, &(off, len)) in missed.iter().enumerate() {
         bitmap.mark_durable(off, len).unwrap();
         src.write(off, pattern(1000 + i as u64, len as usize), false).await.unwrap();

@@ -57,6 +57,8 @@ pub struct DirtyBitmap {
     dirty_regions: u64,
     /// Memory differs from disk.
     unpersisted: bool,
+    /// Some dirty bit set in memory is not yet on disk.
+    pending_sets: bool,
 }
 
 impl DirtyBitmap {
@@ -80,6 +82,7 @@ impl DirtyBitmap {
             words: vec![0; regions.div_ceil(64) as usize],
             dirty_regions: 0,
             unpersisted: true,
+            pending_sets: false,
         })
     }
 
@@ -207,7 +210,8 @@ impl DirtyBitmap {
     }
 
     /// Mark the regions touched by `[offset, offset+len)` dirty in memory.
-    /// Returns true if a region became dirty: the caller must then
+    /// Returns true if any dirty bit in memory (this call's or an earlier
+    /// one's) is not yet on disk: the caller must then
     /// [`persist`](Self::persist) before acknowledging the write.
     pub fn mark(&mut self, offset: u64, len: u64) -> bool {
         let mut changed = false;
@@ -215,7 +219,8 @@ impl DirtyBitmap {
             changed |= self.set(r);
         }
         self.unpersisted |= changed;
-        changed
+        self.pending_sets |= changed;
+        self.pending_sets
     }
 
     /// [`mark`](Self::mark) then [`persist`](Self::persist) if needed; returns
@@ -234,6 +239,7 @@ impl DirtyBitmap {
             self.set(r);
         }
         self.unpersisted = true;
+        self.pending_sets = true;
     }
 
     /// Clear regions (indices) after they were copied to the peer.
@@ -259,8 +265,22 @@ impl DirtyBitmap {
         if self.unpersisted {
             envelope::atomic_write(&self.path, &self.encode())?;
             self.unpersisted = false;
+            self.pending_sets = false;
         }
         Ok(())
+    }
+
+    /// The file image of the current state (for callers that write it
+    /// outside a lock, see [`super::SharedDirtyBitmap`]).
+    pub fn encode_file(&self) -> Vec<u8> {
+        self.encode()
+    }
+
+    /// Record that a file image taken when memory had no further changes
+    /// is durable.
+    pub(crate) fn mark_persisted(&mut self) {
+        self.unpersisted = false;
+        self.pending_sets = false;
     }
 
     /// Dirty byte ranges `(offset, len)`, coalesced, clipped to the volume.

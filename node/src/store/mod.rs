@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!  NodeStore ── volumes/<name>/ ── LocalVolume (BlockDevice: sparse data + superblock)
-//!                               ├─ DirtyBitmap per peer (what the peer missed)
+//!                               ├─ DirtyBitmap per peer (what the peer missed),
+//!                               │    SharedDirtyBitmap = async + group commit
 //!                               ├─ ActivityLog (extents possibly not on every replica)
 //!                               └─ ResyncCursor per peer (resume an interrupted resync)
 //!  ResyncPlan (pure): dirty ∪ hot, split by source data ranges into copy / punch
@@ -26,6 +27,7 @@ pub mod ranges;
 pub mod rate_limiter;
 pub mod resync_cursor;
 pub mod resync_plan;
+pub mod shared_dirty_bitmap;
 pub mod superblock;
 pub mod testing;
 
@@ -39,4 +41,5 @@ pub use node_store::NodeStore;
 pub use rate_limiter::RateLimiter;
 pub use resync_cursor::ResyncCursor;
 pub use resync_plan::{ResyncPlan, ResyncStep};
+pub use shared_dirty_bitmap::SharedDirtyBitmap;
 pub use superblock::Superblock;
