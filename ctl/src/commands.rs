@@ -1,0 +1,379 @@
+//! Cluster commands of `metroctl`: status, sites, nodes, volumes, witness.
+//! Each renders a table, or JSON with `-o json` (stable keys, DESIGN.md §8).
+
+use crate::client::{request, Target, READ_DEADLINE, WRITE_DEADLINE};
+use metro_api::pb::control as pb;
+use serde_json::{json, Value};
+
+/// Render rows as an aligned table.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if i < w.len() {
+                w[i] = w[i].max(c.len());
+            }
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        cells.iter().enumerate().map(|(i, c)| format!("{:<width$}", c, width = w[i])).collect::<Vec<_>>().join("  ")
+    };
+    let mut out = line(header.to_vec()).trim_end().to_string();
+    for r in rows {
+        out.push('\n');
+        out.push_str(line(r.iter().map(String::as_str).collect()).trim_end());
+    }
+    out
+}
+
+/// Parse sizes like `1GiB`, `512M`, `4096`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a size (examples: 1GiB, 512MiB, 4096)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        u => return Err(format!("unknown size unit `{u}` (use KiB, MiB, GiB or TiB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))
+}
+
+pub fn human(bytes: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+fn status_err(s: tonic::Status) -> anyhow::Error {
+    let msg = s.message();
+    let next = match s.code() {
+        tonic::Code::Unavailable if !msg.contains("next step") => " (next step: check `metroctl status` and that the daemons run)",
+        tonic::Code::DeadlineExceeded if !msg.contains("next step") => " (next step: the cluster is slow or has no quorum; check `metroctl status`)",
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied if !msg.contains("next step") => {
+            " (next step: use an admin certificate for changes)"
+        }
+        _ => "",
+    };
+    anyhow::anyhow!("{}{next}", if msg.is_empty() { s.code().description() } else { msg })
+}
+
+pub fn status_json(t: &Target, s: &pb::ClusterStatus) -> Value {
+    json!({
+        "cluster": s.cluster,
+        "leader": if s.leader.is_empty() { Value::Null } else { json!(s.leader) },
+        "term": s.term,
+        "voters": s.voters,
+        "learners": s.learners,
+        "preferred_site": s.preferred_site,
+        "sites": s.sites.iter().map(|x| json!({"name": x.name, "kind": x.kind, "state": x.state})).collect::<Vec<_>>(),
+        "nodes": s.nodes.iter().map(|n| json!({"id": n.id, "site": n.site, "role": n.role, "voter": n.voter,
+            "reachable": n.reachable, "api": n.api, "nbd": n.nbd, "capacity_bytes": n.capacity_bytes, "used_bytes": n.used_bytes})).collect::<Vec<_>>(),
+        "witness": s.witness.as_ref().map(|w| json!({"id": w.id, "reachable": w.reachable, "rtt_us": w.rtt_us})),
+        "etcd": s.etcd.iter().map(|e| json!({"name": t.etcd_name(&e.endpoint), "healthy": e.healthy, "endpoint": e.endpoint})).collect::<Vec<_>>(),
+        "alerts": s.alerts,
+        "answered_by": s.answered_by,
+    })
+}
+
+pub fn volume_json(v: &pb::VolumeStatus) -> Value {
+    json!({
+        "name": v.name,
+        "size": v.size_bytes,
+        "primary": if v.primary.is_empty() { Value::Null } else { json!(v.primary) },
+        "replicas": v.replicas,
+        "in_sync": v.in_sync,
+        "epoch": v.epoch,
+        "state": v.state,
+        "lease_policy": v.lease_policy,
+        "nbd": if v.primary_nbd.is_empty() { Value::Null } else { json!(format!("nbd://{}/{}", v.primary_nbd, v.name)) },
+        "replica_status": v.replica_status.iter().map(|r| json!({
+            "node": r.node, "in_sync": r.in_sync, "dirty_bytes": r.dirty_bytes,
+            "resync_bytes_left": r.resync_bytes_left, "resync_rate_bps": r.resync_rate_bps, "full_resyncs": r.full_resyncs,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("json"));
+}
+
+pub async fn get_status(t: &Target) -> anyhow::Result<pb::ClusterStatus> {
+    let mut c = t.connect().await?;
+    Ok(c.get_status(request(pb::GetStatusRequest {}, READ_DEADLINE)).await.map_err(status_err)?.into_inner())
+}
+
+pub async fn status(t: &Target, json_out: bool) -> anyhow::Result<()> {
+    let s = get_status(t).await?;
+    if json_out {
+        print_json(&status_json(t, &s));
+        return Ok(());
+    }
+    println!(
+        "cluster {}   leader {}   term {}   preferred site {}",
+        s.cluster,
+        if s.leader.is_empty() { "NONE" } else { &s.leader },
+        s.term,
+        if s.preferred_site.is_empty() { "-" } else { &s.preferred_site }
+    );
+    println!();
+    let rows: Vec<Vec<String>> = s.sites.iter().map(|x| vec![x.name.clone(), x.kind.clone(), x.state.clone()]).collect();
+    println!("{}", table(&["SITE", "KIND", "STATE"], &rows));
+    println!();
+    let rows: Vec<Vec<String>> = s
+        .nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.id.clone(),
+                n.site.clone(),
+                n.role.clone(),
+                if n.voter { "voter".into() } else { "learner".into() },
+                if n.reachable { "yes".into() } else { "NO".into() },
+            ]
+        })
+        .collect();
+    println!("{}", table(&["NODE", "SITE", "ROLE", "QUORUM", "REACHABLE"], &rows));
+    println!();
+    let rows: Vec<Vec<String>> = s
+        .etcd
+        .iter()
+        .map(|e| vec![t.etcd_name(&e.endpoint), e.endpoint.clone(), if e.healthy { "healthy".into() } else { "UNHEALTHY".into() }])
+        .collect();
+    println!("{}", table(&["ETCD", "ENDPOINT", "HEALTH"], &rows));
+    let mut c = t.connect().await?;
+    let vols = c.list_volumes(request(pb::ListVolumesRequest {}, READ_DEADLINE)).await.map_err(status_err)?.into_inner();
+    if !vols.volumes.is_empty() {
+        println!();
+        print_volume_table(&vols.volumes);
+    }
+    if !s.alerts.is_empty() {
+        println!();
+        for a in &s.alerts {
+            println!("ALERT: {a}");
+        }
+    }
+    Ok(())
+}
+
+fn print_volume_table(vols: &[pb::VolumeStatus]) {
+    let rows: Vec<Vec<String>> = vols
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                human(v.size_bytes),
+                if v.primary.is_empty() { "-".into() } else { v.primary.clone() },
+                v.in_sync.join(","),
+                v.replicas.join(","),
+                v.epoch.to_string(),
+                v.state.clone(),
+            ]
+        })
+        .collect();
+    println!("{}", table(&["VOLUME", "SIZE", "PRIMARY", "IN-SYNC", "REPLICAS", "EPOCH", "STATE"], &rows));
+}
+
+pub async fn witness_status(t: &Target, json_out: bool) -> anyhow::Result<()> {
+    let s = get_status(t).await?;
+    let w = s.witness.ok_or_else(|| anyhow::anyhow!("the cluster has no registered witness (next step: start metro-witness in the witness site)"))?;
+    let voter = s.voters.contains(&w.id);
+    if json_out {
+        print_json(&json!({"id": w.id, "reachable": w.reachable, "voter": voter, "rtt_us": w.rtt_us}));
+    } else {
+        println!("{}", table(&["WITNESS", "REACHABLE", "QUORUM"], &[vec![w.id, w.reachable.to_string(), if voter { "voter".into() } else { "learner".into() }]]));
+    }
+    Ok(())
+}
+
+pub async fn node_list(t: &Target, json_out: bool) -> anyhow::Result<()> {
+    let s = get_status(t).await?;
+    if json_out {
+        print_json(&status_json(t, &s)["nodes"]);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = s
+        .nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.id.clone(),
+                n.site.clone(),
+                n.role.clone(),
+                if n.voter { "voter".into() } else { "learner".into() },
+                n.reachable.to_string(),
+                n.api.clone(),
+                if n.nbd.is_empty() { "-".into() } else { n.nbd.clone() },
+                format!("{} / {}", human(n.used_bytes), human(n.capacity_bytes)),
+            ]
+        })
+        .collect();
+    println!("{}", table(&["NODE", "SITE", "ROLE", "QUORUM", "REACHABLE", "API", "NBD", "PROVISIONED/CAPACITY"], &rows));
+    Ok(())
+}
+
+pub async fn node_drain(t: &Target, id: &str) -> anyhow::Result<()> {
+    let mut c = t.connect().await?;
+    c.node_drain(request(pb::NodeRef { id: id.to_string() }, WRITE_DEADLINE)).await.map_err(status_err)?;
+    println!("node {id} drained: it is primary of no volume");
+    Ok(())
+}
+
+pub async fn site_list(t: &Target, json_out: bool) -> anyhow::Result<()> {
+    let s = get_status(t).await?;
+    if json_out {
+        print_json(&status_json(t, &s)["sites"]);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = s
+        .sites
+        .iter()
+        .map(|x| vec![x.name.clone(), x.kind.clone(), x.state.clone(), (x.name == s.preferred_site).to_string()])
+        .collect();
+    println!("{}", table(&["SITE", "KIND", "STATE", "PREFERRED"], &rows));
+    Ok(())
+}
+
+pub async fn site_set(t: &Target, name: &str, activate: bool, force: bool) -> anyhow::Result<()> {
+    let mut c = t.connect().await?;
+    let req = request(pb::SiteRequest { name: name.to_string(), force }, WRITE_DEADLINE);
+    let r = if activate { c.site_activate(req).await } else { c.site_deactivate(req).await };
+    let s = r.map_err(status_err)?.into_inner();
+    println!("site {} is {}", s.name, s.state);
+    Ok(())
+}
+
+pub struct CreateArgs {
+    pub name: String,
+    pub size: u64,
+    pub iops: u64,
+    pub bandwidth: u64,
+    pub policy: String,
+    pub site: Option<String>,
+}
+
+pub async fn volume_create(t: &Target, a: CreateArgs, json_out: bool) -> anyhow::Result<()> {
+    let mut c = t.connect().await?;
+    let v = c
+        .create_volume(request(
+            pb::CreateVolumeRequest {
+                name: a.name,
+                size_bytes: a.size,
+                iops_limit: a.iops,
+                bandwidth_limit: a.bandwidth,
+                lease_policy: a.policy,
+                primary_site: a.site.unwrap_or_default(),
+            },
+            WRITE_DEADLINE,
+        ))
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    print_volume(&v, json_out);
+    Ok(())
+}
+
+fn print_volume(v: &pb::VolumeStatus, json_out: bool) {
+    if json_out {
+        print_json(&volume_json(v));
+        return;
+    }
+    print_volume_table(std::slice::from_ref(v));
+    if !v.primary_nbd.is_empty() {
+        println!("\nexport: nbd://{}/{}", v.primary_nbd, v.name);
+    }
+    if !v.replica_status.is_empty() {
+        println!();
+        let rows: Vec<Vec<String>> = v
+            .replica_status
+            .iter()
+            .map(|r| {
+                vec![
+                    r.node.clone(),
+                    r.in_sync.to_string(),
+                    human(r.dirty_bytes),
+                    human(r.resync_bytes_left),
+                    format!("{}/s", human(r.resync_rate_bps)),
+                    r.full_resyncs.to_string(),
+                ]
+            })
+            .collect();
+        println!("{}", table(&["REPLICA", "IN-SYNC", "DIRTY", "RESYNC-LEFT", "RATE", "FULL-RESYNCS"], &rows));
+    }
+}
+
+pub async fn volume_show(t: &Target, name: &str, json_out: bool) -> anyhow::Result<()> {
+    let mut c = t.connect().await?;
+    let v = c.get_volume(request(pb::VolumeRef { name: name.to_string() }, READ_DEADLINE)).await.map_err(status_err)?.into_inner();
+    print_volume(&v, json_out);
+    Ok(())
+}
+
+pub async fn volume_list(t: &Target, json_out: bool) -> anyhow::Result<()> {
+    let mut c = t.connect().await?;
+    let vols = c.list_volumes(request(pb::ListVolumesRequest {}, READ_DEADLINE)).await.map_err(status_err)?.into_inner();
+    if json_out {
+        print_json(&Value::Array(vols.volumes.iter().map(volume_json).collect()));
+    } else {
+        print_volume_table(&vols.volumes);
+    }
+    Ok(())
+}
+
+pub async fn volume_attach(t: &Target, name: &str, node: &str, json_out: bool) -> anyhow::Result<()> {
+    let mut c = t.connect().await?;
+    let v = c
+        .attach_volume(request(pb::AttachVolumeRequest { name: name.to_string(), node: node.to_string() }, WRITE_DEADLINE))
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    print_volume(&v, json_out);
+    Ok(())
+}
+
+pub async fn volume_detach(t: &Target, name: &str, json_out: bool) -> anyhow::Result<()> {
+    let mut c = t.connect().await?;
+    let v = c.detach_volume(request(pb::VolumeRef { name: name.to_string() }, WRITE_DEADLINE)).await.map_err(status_err)?.into_inner();
+    print_volume(&v, json_out);
+    Ok(())
+}
+
+pub async fn volume_delete(t: &Target, name: &str) -> anyhow::Result<()> {
+    let mut c = t.connect().await?;
+    c.delete_volume(request(pb::VolumeRef { name: name.to_string() }, WRITE_DEADLINE)).await.map_err(status_err)?;
+    println!("volume {name} deleted");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert!(parse_size("1XB").unwrap_err().contains("unknown size unit"));
+        assert!(parse_size("big").is_err());
+    }
+
+    #[test]
+    fn tables_align_columns() {
+        let t = table(&["A", "BB"], &[vec!["xxx".into(), "y".into()]]);
+        assert_eq!(t, "A    BB\nxxx  y");
+    }
+}
