@@ -2,6 +2,7 @@
 //! seam it needs, and the manager that follows committed cluster state.
 
 pub mod control;
+pub mod file_storage;
 pub mod manager;
 pub mod primary;
 pub mod storage;

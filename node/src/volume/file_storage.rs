@@ -1,0 +1,178 @@
+//! [`VolumeStorage`] over the on-disk store (`crate::store`): thin sparse
+//! volumes with superblocks, per-peer persistent dirty bitmaps and the
+//! activity log. Every mark is durable before it returns.
+
+use super::storage::VolumeStorage;
+use crate::block::BlockDevice;
+use crate::store::{ActivityLog, AlOutcome, DirtyBitmap, LoadOutcome, LocalVolume, NodeStore, StoreError};
+use metro_api::config::DaemonConfig;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Hot extents kept before flushed ones are evicted (4 GiB at 4 MiB extents).
+const MAX_HOT_EXTENTS: usize = 1024;
+
+struct Vol {
+    dev: LocalVolume,
+    size: u64,
+    al: Mutex<ActivityLog>,
+    bitmaps: Mutex<HashMap<String, DirtyBitmap>>,
+    full_resyncs: AtomicU64,
+}
+
+pub struct FileStorage {
+    store: NodeStore,
+    region: u64,
+    extent: u64,
+    vols: Mutex<HashMap<String, Arc<Vol>>>,
+}
+
+fn io(e: StoreError) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+impl FileStorage {
+    pub fn open(cfg: &DaemonConfig) -> Result<FileStorage, StoreError> {
+        let cap = (cfg.storage.capacity_bytes > 0).then_some(cfg.storage.capacity_bytes);
+        Ok(FileStorage {
+            store: NodeStore::open(&cfg.data_dir, cap)?,
+            region: cfg.storage.dirty_region_bytes,
+            extent: cfg.storage.activity_extent_bytes,
+            vols: Mutex::default(),
+        })
+    }
+
+    fn vol(&self, name: &str) -> std::io::Result<Arc<Vol>> {
+        self.vols
+            .lock()
+            .expect("poisoned")
+            .get(name)
+            .cloned()
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("volume {name} not open")))
+    }
+
+    fn bitmap<R>(&self, name: &str, peer: &str, f: impl FnOnce(&mut DirtyBitmap) -> R) -> std::io::Result<R> {
+        let v = self.vol(name)?;
+        let mut maps = v.bitmaps.lock().expect("poisoned");
+        if !maps.contains_key(peer) {
+            let path = v.dev.dirty_bitmap_path(peer);
+            let (bm, outcome) = DirtyBitmap::open_or_create(&path, v.size, self.region).map_err(io)?;
+            if let LoadOutcome::FullyDirty { reason } = &outcome {
+                tracing::warn!(volume = %name, %peer, %reason, "dirty bitmap untrusted: full resync");
+                v.full_resyncs.fetch_add(1, Ordering::Relaxed);
+            }
+            maps.insert(peer.to_string(), bm);
+        }
+        Ok(f(maps.get_mut(peer).expect("inserted")))
+    }
+
+    /// Sequence of the activity log before a flush starts.
+    pub fn flush_begin(&self, name: &str) -> u64 {
+        self.vol(name).map(|v| v.al.lock().expect("poisoned").current_seq()).unwrap_or(0)
+    }
+
+    /// After a flush that covered every write up to `seq`: those extents may cool.
+    pub fn flush_done(&self, name: &str, seq: u64) {
+        if let Ok(v) = self.vol(name) {
+            v.al.lock().expect("poisoned").mark_flushed(seq);
+        }
+    }
+}
+
+impl VolumeStorage for FileStorage {
+    fn open_or_create(&self, name: &str, size: u64) -> std::io::Result<(Arc<dyn BlockDevice>, u64)> {
+        if let Ok(v) = self.vol(name) {
+            return Ok((Arc::new(v.dev.clone()), v.dev.epoch()));
+        }
+        let dev = match self.store.open_volume(name) {
+            Ok(d) => d,
+            Err(StoreError::NotFound { .. }) => self.store.create_volume(name, size).map_err(io)?,
+            Err(e) => return Err(io(e)),
+        };
+        let (al, outcome) = ActivityLog::open(&dev.activity_log_path(), size, self.extent, MAX_HOT_EXTENTS).map_err(io)?;
+        if let AlOutcome::AllHot { reason } = &outcome {
+            tracing::warn!(volume = %name, %reason, "activity log untrusted: every extent counts as hot");
+        }
+        let recovered = al.recovered_extents();
+        if recovered > 0 {
+            tracing::info!(volume = %name, extents = recovered, "activity log holds hot extents from before a restart");
+        }
+        let v = Arc::new(Vol {
+            size: dev.superblock().size,
+            dev: dev.clone(),
+            al: Mutex::new(al),
+            bitmaps: Mutex::default(),
+            full_resyncs: AtomicU64::new(0),
+        });
+        self.vols.lock().expect("poisoned").insert(name.to_string(), v);
+        Ok((Arc::new(dev.clone()), dev.epoch()))
+    }
+
+    fn delete(&self, name: &str) -> std::io::Result<()> {
+        self.vols.lock().expect("poisoned").remove(name);
+        self.store.delete_volume(name).map_err(io)
+    }
+
+    fn list(&self) -> Vec<String> {
+        self.store.list().unwrap_or_default()
+    }
+
+    fn persist_epoch(&self, name: &str, epoch: u64) -> std::io::Result<()> {
+        let v = self.vol(name)?;
+        let dev = v.dev.clone();
+        // Called from sync context on the replica path; the superblock write is small.
+        futures::executor::block_on(dev.set_epoch(epoch)).map_err(io)
+    }
+
+    fn touch_extent(&self, name: &str, offset: u64, len: u64) -> std::io::Result<()> {
+        let v = self.vol(name)?;
+        let mut al = v.al.lock().expect("poisoned");
+        al.begin_write(offset, len).map(|_| ()).map_err(io)
+    }
+
+    fn hot_extents(&self, name: &str) -> Vec<(u64, u64)> {
+        self.vol(name).map(|v| v.al.lock().expect("poisoned").hot_extents()).unwrap_or_default()
+    }
+
+    fn mark_dirty(&self, name: &str, peer: &str, offset: u64, len: u64) -> std::io::Result<()> {
+        self.bitmap(name, peer, |b| b.mark_durable(offset, len).map(|_| ()).map_err(io))?
+    }
+
+    fn mark_all_dirty(&self, name: &str, peer: &str) -> std::io::Result<()> {
+        let v = self.vol(name)?;
+        v.full_resyncs.fetch_add(1, Ordering::Relaxed);
+        self.bitmap(name, peer, |b| {
+            b.set_all();
+            b.persist().map_err(io)
+        })?
+    }
+
+    fn clear_dirty(&self, name: &str, peer: &str, offset: u64, len: u64) -> std::io::Result<()> {
+        self.bitmap(name, peer, |b| {
+            let r = b.regions_of(offset, len);
+            b.clear(r);
+            b.persist().map_err(io)
+        })?
+    }
+
+    fn dirty_regions(&self, name: &str, peer: &str) -> Vec<(u64, u64)> {
+        self.bitmap(name, peer, |b| b.dirty_regions().collect()).unwrap_or_default()
+    }
+
+    fn dirty_bytes(&self, name: &str, peer: &str) -> u64 {
+        self.bitmap(name, peer, |b| b.dirty_bytes()).unwrap_or(0)
+    }
+
+    fn data_ranges(&self, name: &str, offset: u64, len: u64) -> Vec<(u64, u64)> {
+        self.vol(name).and_then(|v| v.dev.data_ranges(offset, len).map_err(io)).unwrap_or_else(|_| vec![(offset, len)])
+    }
+
+    fn capacity(&self) -> (u64, u64) {
+        (self.store.capacity_bytes().unwrap_or(0), self.store.used_bytes().unwrap_or(0))
+    }
+
+    fn full_resyncs(&self, name: &str) -> u64 {
+        self.vol(name).map(|v| v.full_resyncs.load(Ordering::Relaxed)).unwrap_or(0)
+    }
+}
