@@ -113,3 +113,43 @@ fn a_damaged_log_makes_every_extent_hot() {
     let (_, outcome) = ActivityLog::open(&p, 10 * EXT + 5, EXT, 64).unwrap();
     assert_eq!(outcome, AlOutcome::Intact, "the conservative state was persisted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_share_persists_and_every_extent_is_on_disk_before_its_write() {
+    use metro_node::store::SharedActivityLog;
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("activity.log");
+    let (log, _) = ActivityLog::open(&p, VOL, EXT, 256).unwrap();
+    let shared = Arc::new(SharedActivityLog::new(log));
+    const WRITERS: u64 = 64;
+    let tasks: Vec<_> = (0..WRITERS)
+        .map(|i| {
+            let s = shared.clone();
+            let p = p.clone();
+            tokio::spawn(async move {
+                // Two writers per extent: the second must also wait for the file.
+                s.begin_write((i / 2) * EXT + (i % 2) * 4096, 4096).await.unwrap();
+                let (on_disk, _) = ActivityLog::open(&p, VOL, EXT, 256).unwrap();
+                let hot = on_disk.hot_extents();
+                let off = (i / 2) * EXT;
+                assert!(
+                    hot.iter().any(|&(o, l)| o <= off && off < o + l),
+                    "extent at {off} not on disk for writer {i}"
+                );
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let persists = shared.persist_count();
+    assert!(persists < WRITERS / 2, "{persists} persists for {} new extents: no group commit", WRITERS / 2);
+    // Hot extents cost nothing more.
+    let seq = shared.begin_write(0, 1).await.unwrap();
+    assert_eq!(shared.persist_count(), persists);
+    shared.mark_flushed(seq);
+    assert_eq!(shared.cool_down().await.unwrap(), (WRITERS / 2) as usize);
+    let (on_disk, _) = ActivityLog::open(&p, VOL, EXT, 256).unwrap();
+    assert!(on_disk.hot_extents().is_empty());
+}

@@ -51,6 +51,19 @@ pub enum AlOutcome {
 struct Entry {
     last_write_seq: u64,
     last_use: u64,
+    /// `version` when the extent was added; durable once `durable_version`
+    /// reaches it.
+    added_version: u64,
+}
+
+/// Result of [`ActivityLog::note_write`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotedWrite {
+    /// The write's sequence number (for [`ActivityLog::mark_flushed`]).
+    pub seq: u64,
+    /// The write may be issued once [`ActivityLog::durable_version`] is at
+    /// least this.
+    pub needs_version: u64,
 }
 
 /// Persistent, bounded set of hot extents.
@@ -66,6 +79,10 @@ pub struct ActivityLog {
     seq: u64,
     flushed_upto: u64,
     tick: u64,
+    /// Bumped by every change of the on-disk set.
+    version: u64,
+    /// Highest version known to be in the file.
+    durable_version: u64,
 }
 
 impl ActivityLog {
@@ -91,6 +108,8 @@ impl ActivityLog {
             seq: 0,
             flushed_upto: 0,
             tick: 0,
+            version: 0,
+            durable_version: 0,
         };
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
@@ -110,6 +129,7 @@ impl ActivityLog {
                 let reason = e.to_string();
                 tracing::warn!(path = %path.display(), %reason, "activity log untrusted; every extent is hot (full resync)");
                 log.recovered = (0..log.extent_count()).collect();
+                log.version += 1;
                 log.persist()?;
                 Ok((log, AlOutcome::AllHot { reason }))
             }
@@ -143,14 +163,34 @@ impl ActivityLog {
         Ok(set)
     }
 
-    fn persist(&self) -> StoreResult<()> {
+    fn persist(&mut self) -> StoreResult<()> {
+        let (image, version) = self.encode_file();
+        envelope::atomic_write(&self.path, &image)?;
+        self.set_durable(version);
+        Ok(())
+    }
+
+    /// The file image of the current set and the version it represents
+    /// (for callers that write it outside a lock, see
+    /// [`super::SharedActivityLog`]).
+    pub fn encode_file(&self) -> (Vec<u8>, u64) {
         let all: BTreeSet<u64> = self.recovered.iter().copied().chain(self.hot.keys().copied()).collect();
         let mut e = Enc::default();
         e.u64(self.volume_size).u64(self.extent_size).u32(all.len() as u32);
         for idx in all {
             e.u64(idx);
         }
-        envelope::atomic_write(&self.path, &envelope::encode(ACTIVITY_MAGIC, ACTIVITY_VERSION, &e.0))
+        (envelope::encode(ACTIVITY_MAGIC, ACTIVITY_VERSION, &e.0), self.version)
+    }
+
+    /// Record that the image of `version` is durable.
+    pub fn set_durable(&mut self, version: u64) {
+        self.durable_version = self.durable_version.max(version);
+    }
+
+    /// Highest version known to be in the file.
+    pub fn durable_version(&self) -> u64 {
+        self.durable_version
     }
 
     fn extents_of(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
@@ -163,17 +203,40 @@ impl ActivityLog {
 
     /// Call before issuing a write (or trim/zeroes) to `[offset, offset+len)`.
     /// Makes its extents hot, durably if any was cold. Returns the write's
-    /// sequence number for [`mark_flushed`](Self::mark_flushed).
+    /// sequence number for [`mark_flushed`](Self::mark_flushed). Blocking
+    /// when it persists; async callers use [`super::SharedActivityLog`].
     pub fn begin_write(&mut self, offset: u64, len: u64) -> StoreResult<u64> {
+        let noted = self.note_write(offset, len)?;
+        if self.durable_version < noted.needs_version {
+            if let Err(e) = self.persist() {
+                // Not durable: forget the new extents so a retry persists again.
+                let durable = self.durable_version;
+                self.hot.retain(|_, e| e.added_version <= durable);
+                return Err(e);
+            }
+        }
+        Ok(noted.seq)
+    }
+
+    /// The in-memory half of [`begin_write`](Self::begin_write): make the
+    /// extents hot (evicting flushed ones if the set is full) without
+    /// writing the file. The write may be issued only once the file holds
+    /// version `needs_version` (see [`encode_file`](Self::encode_file),
+    /// [`set_durable`](Self::set_durable)).
+    pub fn note_write(&mut self, offset: u64, len: u64) -> StoreResult<NotedWrite> {
         let range = self.extents_of(offset, len);
-        let new: Vec<u64> = range.clone().filter(|e| !self.hot.contains_key(e)).collect();
-        let need = (self.hot.len() + new.len()).saturating_sub(self.max_hot);
+        let new = range.clone().filter(|e| !self.hot.contains_key(e)).count();
+        let need = (self.hot.len() + new).saturating_sub(self.max_hot);
         let mut victims = Vec::new();
         if need > 0 {
             let mut cold: Vec<(u64, u64)> = self
                 .hot
                 .iter()
-                .filter(|(idx, e)| e.last_write_seq <= self.flushed_upto && !range.contains(idx))
+                .filter(|(idx, e)| {
+                    e.last_write_seq <= self.flushed_upto
+                        && e.added_version <= self.durable_version
+                        && !range.contains(idx)
+                })
                 .map(|(idx, e)| (e.last_use, *idx))
                 .collect();
             if cold.len() < need {
@@ -184,23 +247,25 @@ impl ActivityLog {
         }
         self.seq += 1;
         self.tick += 1;
-        let (seq, tick) = (self.seq, self.tick);
+        if new > 0 || !victims.is_empty() {
+            self.version += 1;
+        }
+        let (seq, tick, version) = (self.seq, self.tick, self.version);
         for v in &victims {
             self.hot.remove(v);
         }
+        let mut needs_version = 0;
         for idx in range {
-            self.hot.insert(idx, Entry { last_write_seq: seq, last_use: tick });
+            let e = self.hot.entry(idx).or_insert(Entry {
+                last_write_seq: seq,
+                last_use: tick,
+                added_version: version,
+            });
+            e.last_write_seq = seq;
+            e.last_use = tick;
+            needs_version = needs_version.max(e.added_version);
         }
-        if !new.is_empty() {
-            if let Err(e) = self.persist() {
-                // Not durable: forget the new extents so a retry persists again.
-                for idx in &new {
-                    self.hot.remove(idx);
-                }
-                return Err(e);
-            }
-        }
-        Ok(seq)
+        Ok(NotedWrite { seq, needs_version })
     }
 
     /// Sequence number of the latest [`begin_write`](Self::begin_write).
@@ -218,14 +283,23 @@ impl ActivityLog {
     /// Drop every flushed extent from the hot set and persist (e.g. on a
     /// clean shutdown). Returns how many extents cooled.
     pub fn cool_down(&mut self) -> StoreResult<usize> {
-        let before = self.hot.len();
-        let upto = self.flushed_upto;
-        self.hot.retain(|_, e| e.last_write_seq > upto);
-        let cooled = before - self.hot.len();
+        let cooled = self.cool_in_memory();
         if cooled > 0 {
             self.persist()?;
         }
         Ok(cooled)
+    }
+
+    /// The in-memory half of [`cool_down`](Self::cool_down).
+    pub fn cool_in_memory(&mut self) -> usize {
+        let before = self.hot.len();
+        let (upto, durable) = (self.flushed_upto, self.durable_version);
+        self.hot.retain(|_, e| e.last_write_seq > upto || e.added_version > durable);
+        let cooled = before - self.hot.len();
+        if cooled > 0 {
+            self.version += 1;
+        }
+        cooled
     }
 
     /// Extents `(offset, len)` that may hold writes not on every replica:
@@ -257,11 +331,21 @@ impl ActivityLog {
     /// Forget the recovered set, once the caller has durably added it to
     /// its resync set (e.g. the peers' dirty bitmaps).
     pub fn clear_recovered(&mut self) -> StoreResult<()> {
-        if !self.recovered.is_empty() {
-            self.recovered.clear();
+        if self.forget_recovered_in_memory() {
             self.persist()?;
         }
         Ok(())
+    }
+
+    /// The in-memory half of [`clear_recovered`](Self::clear_recovered);
+    /// true if anything changed.
+    pub fn forget_recovered_in_memory(&mut self) -> bool {
+        if self.recovered.is_empty() {
+            return false;
+        }
+        self.recovered.clear();
+        self.version += 1;
+        true
     }
 
     pub fn path(&self) -> &Path {

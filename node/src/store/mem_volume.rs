@@ -148,3 +148,29 @@ impl BlockDevice for MemVolume {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn data_ranges_follow_allocated_chunks_and_whole_chunk_trims_free_memory() {
+        let v = MemVolume::new(16 * MEM_CHUNK_BYTES);
+        v.write(MEM_CHUNK_BYTES + 10, Bytes::from(vec![1; 100]), false).await.unwrap();
+        v.write(5 * MEM_CHUNK_BYTES, Bytes::from(vec![2; 2 * MEM_CHUNK_BYTES as usize]), false)
+            .await
+            .unwrap();
+        assert_eq!(
+            v.data_ranges(0, 16 * MEM_CHUNK_BYTES),
+            vec![(MEM_CHUNK_BYTES, MEM_CHUNK_BYTES), (5 * MEM_CHUNK_BYTES, 2 * MEM_CHUNK_BYTES)]
+        );
+        assert_eq!(v.allocated_bytes(), 3 * MEM_CHUNK_BYTES);
+        v.trim(5 * MEM_CHUNK_BYTES, MEM_CHUNK_BYTES as u32, false).await.unwrap();
+        assert_eq!(v.allocated_bytes(), 2 * MEM_CHUNK_BYTES);
+        // A partial trim zeroes but keeps the chunk.
+        v.trim(6 * MEM_CHUNK_BYTES, 10, false).await.unwrap();
+        assert_eq!(v.allocated_bytes(), 2 * MEM_CHUNK_BYTES);
+        assert!(v.read(6 * MEM_CHUNK_BYTES, 10).await.unwrap().iter().all(|&b| b == 0));
+        assert_eq!(v.read(6 * MEM_CHUNK_BYTES + 10, 1).await.unwrap()[0], 2);
+    }
+}

@@ -5,7 +5,8 @@
 //!  NodeStore ── volumes/<name>/ ── LocalVolume (BlockDevice: sparse data + superblock)
 //!                               ├─ DirtyBitmap per peer (what the peer missed),
 //!                               │    SharedDirtyBitmap = async + group commit
-//!                               ├─ ActivityLog (extents possibly not on every replica)
+//!                               ├─ ActivityLog (extents possibly not on every replica),
+//!                               │    SharedActivityLog = async + group commit
 //!                               └─ ResyncCursor per peer (resume an interrupted resync)
 //!  ResyncPlan (pure): dirty ∪ hot, split by source data ranges into copy / punch
 //!  MemVolume, FaultyVolume: other BlockDevice backends; testing::conformance_suite
@@ -27,6 +28,7 @@ pub mod ranges;
 pub mod rate_limiter;
 pub mod resync_cursor;
 pub mod resync_plan;
+pub mod shared_activity_log;
 pub mod shared_dirty_bitmap;
 pub mod superblock;
 pub mod testing;
@@ -41,5 +43,6 @@ pub use node_store::NodeStore;
 pub use rate_limiter::RateLimiter;
 pub use resync_cursor::ResyncCursor;
 pub use resync_plan::{ResyncPlan, ResyncStep};
+pub use shared_activity_log::SharedActivityLog;
 pub use shared_dirty_bitmap::SharedDirtyBitmap;
 pub use superblock::Superblock;

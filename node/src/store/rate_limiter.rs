@@ -17,6 +17,9 @@ use tokio::time::Instant;
 /// enough that a limit holds over any 1 s window within 10 %, large enough
 /// that a queue-depth-32 client is not serialised by timer granularity.
 pub const BURST: Duration = Duration::from_millis(100);
+/// Largest delay one request can add (a huge request against a tiny limit):
+/// keeps clock arithmetic far from overflow.
+const MAX_COST: Duration = Duration::from_secs(3600);
 
 #[derive(Debug)]
 struct Bucket {
@@ -35,7 +38,7 @@ impl Bucket {
     fn reserve(&mut self, now: Instant, units: u64) -> Instant {
         let tat = self.tat.unwrap_or(now).max(now);
         let start = tat.checked_sub(BURST).unwrap_or(now).max(now);
-        let cost = Duration::from_nanos((self.ns_per_unit * units as f64).round() as u64);
+        let cost = Duration::from_nanos((self.ns_per_unit * units as f64).round() as u64).min(MAX_COST);
         self.tat = Some(tat + cost);
         start
     }

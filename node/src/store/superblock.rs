@@ -1,7 +1,7 @@
 //! The versioned superblock of a local volume replica (`<dir>/meta`).
 //!
 //! Payload (format version 1): `name: str, size: u64, epoch: u64, generation: u64`
-//! inside the common [`envelope`](super::envelope) (magic `MTROVOL1`, crc32c).
+//! inside the common [`envelope`] (magic `MTROVOL1`, crc32c).
 //!
 //! Invariants: the superblock is only ever replaced atomically; a bad
 //! checksum or unknown version on open is an error, never a reason to
