@@ -235,7 +235,7 @@ impl ActivityLog {
                 .filter(|(idx, e)| {
                     e.last_write_seq <= self.flushed_upto
                         && e.added_version <= self.durable_version
-                        && !range.contains(idx)
+                        && !range.contains(*idx)
                 })
                 .map(|(idx, e)| (e.last_use, *idx))
                 .collect();
