@@ -86,9 +86,10 @@ async fn eventually_healthy(url: &str) -> bool {
 }
 
 fn addr_of(info: &LabInfo, id: &str, port: u16) -> String {
-    let a = info.daemon(id).map(|d| d.address.clone()).unwrap_or_else(|| {
-        info.etcd.iter().find(|e| e.name == id).expect("known id").address.clone()
-    });
+    let a = info
+        .daemon(id)
+        .map(|d| d.address.clone())
+        .unwrap_or_else(|| info.etcd.iter().find(|e| e.name == id).expect("known id").address.clone());
     format!("{a}:{port}")
 }
 
@@ -112,11 +113,25 @@ async fn the_netns_lab_comes_up_breaks_heals_restarts_and_goes_away_cleanly() {
 
     tracing::info!("--- lab.json has every contract key, and every address answers from the host");
     let j = lab_json(&dir);
-    for k in ["cluster", "dir", "ca_cert", "admin_cert", "admin_key", "etcd_endpoints", "sites", "nodes", "witness", "etcd"] {
+    for k in [
+        "cluster",
+        "dir",
+        "ca_cert",
+        "admin_cert",
+        "admin_key",
+        "etcd_endpoints",
+        "sites",
+        "nodes",
+        "witness",
+        "etcd",
+    ] {
         assert!(j.get(k).is_some(), "lab.json lacks {k}");
     }
     assert_eq!(j["cluster"], "lab");
-    assert_eq!(j["sites"], serde_json::json!([{"name":"dc-a","kind":"data"},{"name":"dc-b","kind":"data"},{"name":"witness","kind":"witness"}]));
+    assert_eq!(
+        j["sites"],
+        serde_json::json!([{"name":"dc-a","kind":"data"},{"name":"dc-b","kind":"data"},{"name":"witness","kind":"witness"}])
+    );
     assert_eq!(j["nodes"].as_array().unwrap().len(), 4);
     for n in j["nodes"].as_array().unwrap() {
         for k in ["id", "site", "role", "netns", "address", "api", "nbd", "metrics", "pid", "data_dir"] {

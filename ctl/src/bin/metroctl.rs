@@ -49,7 +49,7 @@ fn print_lab(g: &Global, info: &lab::LabInfo, elapsed: std::time::Duration) {
         info.mode,
         info.dir.join(lab::LAB_JSON).display()
     );
-    println!("{:<8} {:<8} {:<8} {:<14} {:<8} {}", "ID", "SITE", "ROLE", "ADDRESS", "PID", "ENDPOINT");
+    println!("{:<8} {:<8} {:<8} {:<14} {:<8} ENDPOINT", "ID", "SITE", "ROLE", "ADDRESS", "PID");
     for e in &info.etcd {
         let pid = e.proc.pid.map(|p| p.to_string()).unwrap_or_default();
         println!("{:<8} {:<8} {:<8} {:<14} {:<8} {}", e.name, e.site, "etcd", e.address, pid, e.client_url);

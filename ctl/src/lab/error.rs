@@ -16,7 +16,7 @@ pub enum LabError {
     MissingBinary { path: PathBuf },
     #[error("{addr} is already in use (by another lab or service); stop it, or run `metroctl lab down` for a stale lab")]
     PortInUse { addr: String },
-    #[error("leftover lab network: {what}; another lab runs on this machine or one crashed: run `metroctl lab down` (with that lab's --dir)")]
+    #[error("leftover lab network: {what}; another lab runs on this machine: run `metroctl lab down --dir` with that lab's directory (or remove the leftover by hand: `ip netns del NAME`, `ip link del metro-host`)")]
     Leftover { what: String },
     #[error("unknown site `{0}`; sites are dc-a, dc-b, witness")]
     UnknownSite(String),

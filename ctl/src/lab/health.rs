@@ -8,7 +8,7 @@
 //! [`wait_healthy`] is the one place that decides "the lab is up"; the
 //! integrator extends it with a gRPC cluster-status check.
 
-use super::info::LabInfo;
+use super::info::{LabInfo, ProcInfo};
 use super::{process, LabError};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -87,36 +87,22 @@ pub async fn wait_healthy_subset(
     deadline: Duration,
 ) -> Result<(), LabError> {
     let wanted = |id: &str| only.is_none_or(|o| o.iter().any(|x| x == id));
-    let mut pending: Vec<(String, Probe, Option<u32>, Vec<String>, std::path::PathBuf)> = Vec::new();
+    let mut pending: Vec<(String, Probe, &ProcInfo)> = Vec::new();
     for e in info.etcd.iter().filter(|e| wanted(&e.name)) {
-        let p = &e.proc;
-        pending.push((
-            e.name.clone(),
-            Probe::Etcd(e.client_url.clone()),
-            p.pid,
-            p.command.clone(),
-            p.log.clone(),
-        ));
+        pending.push((e.name.clone(), Probe::Etcd(e.client_url.clone()), &e.proc));
     }
     for d in info.nodes.iter().chain(std::iter::once(&info.witness)).filter(|d| wanted(&d.id)) {
-        let p = &d.proc;
-        pending.push((
-            d.id.clone(),
-            Probe::Metrics(d.metrics.clone()),
-            p.pid,
-            p.command.clone(),
-            p.log.clone(),
-        ));
+        pending.push((d.id.clone(), Probe::Metrics(d.metrics.clone()), &d.proc));
     }
     let start = Instant::now();
     let mut last_report = Instant::now();
     while !pending.is_empty() {
-        for (id, _, pid, argv, log) in &pending {
-            if !pid.is_some_and(|p| process::alive(p, argv)) {
+        for (id, _, p) in &pending {
+            if !p.pid.is_some_and(|pid| process::alive(pid, &p.command)) {
                 return Err(LabError::Exited {
                     id: id.clone(),
-                    log: log.clone(),
-                    tail: process::tail(log, 20),
+                    log: p.log.clone(),
+                    tail: process::tail(&p.log, 20),
                 });
             }
         }

@@ -90,6 +90,10 @@ pub struct LabInfo {
     pub ready: bool,
     /// Namespace of the bridge (netns mode).
     pub switch_netns: Option<String>,
+    /// True while this lab owns network state (namespaces, host link, nft
+    /// table) that `down` must remove.
+    #[serde(default)]
+    pub network: bool,
     /// Active partitions, as pairs of site names.
     pub partitions: Vec<[String; 2]>,
 }

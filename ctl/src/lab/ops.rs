@@ -2,8 +2,9 @@
 //! `start-node`, `partition`, `heal`.
 //!
 //! Every verb reads `DIR/lab.json`, acts, and rewrites it when a pid or a
-//! partition changes. `down` also works without lab.json (a crashed `up`):
-//! it then removes every lab namespace and the loopback nft table by name.
+//! partition changes. `up` writes lab.json before it builds anything, so
+//! `down` can clean up after any failed or interrupted `up`; without lab.json
+//! `down` touches nothing.
 
 use super::info::LabInfo;
 use super::topology as topo;
@@ -11,9 +12,14 @@ use super::{health, net, plan, process, LabError, LabOptions, NetMode};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// SIGTERM grace in `down` before SIGKILL (an etcd leader needs up to ~7 s to
-/// hand over; the lab is being destroyed, so it does not wait for that).
+/// SIGTERM grace for metro daemons in `down` before SIGKILL (time to flush
+/// and deregister from etcd).
 pub const DOWN_GRACE: Duration = Duration::from_secs(3);
+/// SIGTERM grace for etcd members, stopped after the daemons. A leader whose
+/// followers are also stopping tries a leadership transfer for several seconds
+/// (7 s measured); the lab is going away and etcd's WAL is crash-safe, so it
+/// gets SIGKILL after this.
+pub const ETCD_DOWN_GRACE: Duration = Duration::from_secs(1);
 /// Bound on restarted processes becoming healthy in `start-site`/`start-node`.
 pub const START_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -146,12 +152,14 @@ pub async fn up(opts: LabOptions) -> Result<LabInfo, LabError> {
 }
 
 async fn start_everything(info: &mut LabInfo, deadline: Duration) -> Result<(), LabError> {
+    // Saved before anything is built, so `down` can always clean up.
+    info.network = true;
+    info.save()?;
     if info.mode == NetMode::Netns {
         let t = Instant::now();
         net::setup_netns()?;
         tracing::info!("lab: network built in {} ms", t.elapsed().as_millis());
     }
-    info.save()?;
     // etcd first, so daemons find it; the order within each group is fixed.
     let ids: Vec<String> = info.procs_mut().iter().map(|p| p.id.to_string()).collect();
     for id in ids {
@@ -188,36 +196,47 @@ pub fn down(dir: &Path, purge: bool) -> Result<(), LabError> {
         Err(LabError::BadLabJson { .. }) if purge => None,
         Err(e) => return Err(e),
     };
-    let mode = info.as_ref().map(|i| i.mode);
+    // No lab.json: nothing of ours runs here. Touch nothing (the namespaces
+    // may belong to a lab in another directory).
+    let Some(mut info) = info else {
+        if purge && dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(LabError::io(dir))?;
+        }
+        return Ok(());
+    };
     let mut problems = Vec::new();
-    if let Some(mut info) = info {
-        let procs: Vec<(u32, Vec<String>)> = info
-            .procs_mut()
+    let etcd_names: Vec<String> = info.etcd.iter().map(|e| e.name.clone()).collect();
+    let group = |info: &mut LabInfo, etcd: bool| -> Vec<(u32, Vec<String>)> {
+        info.procs_mut()
             .iter()
+            .filter(|p| etcd_names.iter().any(|n| n == p.id) == etcd)
             .filter_map(|p| p.proc.pid.map(|pid| (pid, p.proc.command.clone())))
-            .collect();
-        let survivors = process::stop_all(&procs, DOWN_GRACE);
-        if !survivors.is_empty() {
-            problems.push(format!("pids {survivors:?} survived SIGKILL"));
-        }
-        for p in info.procs_mut() {
-            p.proc.pid = None;
-        }
-        info.ready = false;
-        info.partitions.clear();
-        if !purge {
-            info.save()?;
+            .collect()
+    };
+    // Daemons first (they may still talk to etcd while stopping), then etcd.
+    let mut survivors = process::stop_all(&group(&mut info, false), DOWN_GRACE);
+    survivors.extend(process::stop_all(&group(&mut info, true), ETCD_DOWN_GRACE));
+    if !survivors.is_empty() {
+        problems.push(format!("pids {survivors:?} survived SIGKILL"));
+    }
+    for p in info.procs_mut() {
+        p.proc.pid = None;
+    }
+    // Only the network this lab built is torn down (never another lab's).
+    if info.network {
+        let res = match info.mode {
+            NetMode::Netns => net::teardown_netns(),
+            _ => net::heal(NetMode::Loopback),
+        };
+        match res {
+            Ok(()) => info.network = false,
+            Err(e) => problems.push(e.to_string()),
         }
     }
-    if mode != Some(NetMode::Loopback) && is_root() {
-        if let Err(e) = net::teardown_netns() {
-            problems.push(e.to_string());
-        }
-    }
-    if mode != Some(NetMode::Netns) && is_root() {
-        if let Err(e) = net::heal(NetMode::Loopback) {
-            problems.push(e.to_string());
-        }
+    info.ready = false;
+    info.partitions.clear();
+    if !purge {
+        info.save()?;
     }
     if purge && dir.exists() {
         std::fs::remove_dir_all(dir).map_err(LabError::io(dir))?;

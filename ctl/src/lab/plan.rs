@@ -188,6 +188,7 @@ pub fn build(opts: &LabOptions, dir: &Path, mode: NetMode) -> LabInfo {
         etcd,
         mode,
         ready: false,
+        network: false,
         switch_netns: (mode == NetMode::Netns).then(|| topo::SWITCH_NS.to_string()),
         partitions: vec![],
     }
