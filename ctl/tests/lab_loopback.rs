@@ -147,3 +147,30 @@ async fn fault_commands_without_a_lab_say_to_run_lab_up() {
     assert!(matches!(err, LabError::SameSite(_)), "{err}");
     lab::down(&tmp.path().join("never-up"), false).expect("down with nothing running is a no-op");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_dies_at_start_fails_up_with_its_log_and_the_lab_is_torn_down() {
+    let _serial = SERIAL.lock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("lab");
+    let _guard = Guard(dir.clone());
+    let mut opts = LabOptions::new(&dir);
+    opts.mode = NetMode::Loopback;
+    opts.daemon_override = Some(
+        ["sh", "-c", "echo config {config} is broken for {id}; exit 3"]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+    );
+    let t = Instant::now();
+    let err = lab::up(opts).await.expect_err("daemons exit");
+    assert!(t.elapsed() < Duration::from_secs(20), "fails well before the health deadline");
+    let LabError::Exited { id, tail, .. } = &err else { panic!("{err}") };
+    assert!(tail.contains(&format!("is broken for {id}")), "{err}");
+    let info = LabInfo::require(&dir).unwrap();
+    assert!(!info.ready);
+    assert!(info.pids().is_empty(), "every pid cleared after the teardown");
+    for e in &info.etcd {
+        assert!(!lab::etcd_healthy(&e.client_url).await, "{} still answers", e.name);
+    }
+}
