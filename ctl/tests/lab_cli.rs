@@ -68,3 +68,28 @@ fn lab_down_with_nothing_running_succeeds_and_fault_commands_need_a_lab() {
     assert!(!ok);
     assert!(err.contains("unknown site `moon`"), "{err}");
 }
+
+#[test]
+fn lab_up_without_root_or_without_etcd_fails_fast_naming_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let d = tmp.path().join("lab");
+    let d = d.to_str().unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_metroctl")])
+        .args(["lab", "up", "--netns", "--dir", d])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs root") && err.contains("--loopback"), "{err}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_metroctl"))
+        .args(["lab", "up", "--loopback", "--dir", d])
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("apt-get install etcd-server"), "{err}");
+}
