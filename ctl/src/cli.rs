@@ -1,0 +1,181 @@
+//! The clap command tree of `metroctl`. Adding a subcommand is one variant in
+//! [`Command`] plus one match arm in `src/bin/metroctl.rs`.
+//!
+//! Lab directory resolution (every command that needs a lab): the command's
+//! own `--dir`, else the global `--lab`, else `METRO_LAB_DIR`, else `./lab`.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "metroctl",
+    version,
+    about = "metro stretch-cluster storage: operate the cluster and the lab"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Global {
+    /// Lab directory whose lab.json gives endpoints and certificates.
+    #[arg(long, global = true, env = "METRO_LAB_DIR", value_name = "DIR")]
+    pub lab: Option<PathBuf>,
+    /// Output format.
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+impl Global {
+    /// The lab directory: `explicit` (a command's `--dir`), else `--lab`/`METRO_LAB_DIR`, else `./lab`.
+    pub fn lab_dir(&self, explicit: Option<&PathBuf>) -> PathBuf {
+        explicit.cloned().or_else(|| self.lab.clone()).unwrap_or_else(crate::lab::default_dir)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build, break and tear down the one-machine lab.
+    #[command(subcommand)]
+    Lab(LabCmd),
+    /// Create the cluster CA and issue certificates.
+    #[command(subcommand)]
+    Certs(CertsCmd),
+}
+
+/// `--dir DIR` of the lab commands.
+#[derive(Debug, Clone, Args)]
+pub struct DirArg {
+    /// Lab directory (default: --lab, METRO_LAB_DIR, or ./lab).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LabCmd {
+    /// Build the topology, start etcd and the daemons, wait until healthy, write lab.json.
+    Up {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Use 127.77.x.y addresses in the root namespace instead of network namespaces.
+        #[arg(long, conflicts_with = "netns")]
+        loopback: bool,
+        /// Require network namespaces (no fallback to loopback).
+        #[arg(long)]
+        netns: bool,
+        /// Directory holding metro-node and metro-witness (default: METRO_BIN_DIR or metroctl's own).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// Seconds to wait for the lab to become healthy.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        /// Stand-in for the metro daemons (space-separated; placeholders as in LabOptions).
+        #[arg(long, hide = true)]
+        daemon_cmd: Option<String>,
+    },
+    /// Stop every lab process and remove its namespaces (keeps data unless --purge).
+    Down {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Delete the lab directory too.
+        #[arg(long)]
+        purge: bool,
+    },
+    /// kill -9 every process of a site (daemons and its etcd member).
+    KillSite {
+        #[command(flatten)]
+        dir: DirArg,
+        site: String,
+    },
+    /// Restart a killed site's processes with their existing data.
+    StartSite {
+        #[command(flatten)]
+        dir: DirArg,
+        site: String,
+    },
+    /// kill -9 one daemon (a1, w1, etcd-a, ...).
+    KillNode {
+        #[command(flatten)]
+        dir: DirArg,
+        id: String,
+    },
+    /// Restart one killed daemon.
+    StartNode {
+        #[command(flatten)]
+        dir: DirArg,
+        id: String,
+    },
+    /// Silently drop all traffic between two sites.
+    Partition {
+        #[command(flatten)]
+        dir: DirArg,
+        site_a: String,
+        site_b: String,
+    },
+    /// Remove every partition.
+    Heal {
+        #[command(flatten)]
+        dir: DirArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCmd {
+    /// Create the cluster CA (ca.pem, ca.key) in DIR; keeps an existing one.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a certificate signed by DIR's CA, written to DIR/<cn with ':' as '-'>.{pem,key}.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// node:<id>, witness, admin:<name> or viewer:<name>.
+        #[arg(long)]
+        cn: String,
+        /// IP SAN (repeatable).
+        #[arg(long)]
+        ip: Vec<IpAddr>,
+        /// Extra DNS SAN (repeatable); `metro` is always included.
+        #[arg(long)]
+        dns: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = crate::certs::DEFAULT_VALIDITY_DAYS)]
+        days: u32,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_tree_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_commands_dir_wins_over_the_global_lab() {
+        let cli = Cli::try_parse_from(["metroctl", "--lab", "/x", "lab", "down", "--dir", "/y", "--purge"])
+            .unwrap();
+        let Command::Lab(LabCmd::Down { dir, purge }) = &cli.command else { panic!("{cli:?}") };
+        assert!(purge);
+        assert_eq!(cli.global.lab_dir(dir.dir.as_ref()), PathBuf::from("/y"));
+        let cli = Cli::try_parse_from(["metroctl", "-o", "json", "lab", "heal", "--lab", "/x"]).unwrap();
+        let Command::Lab(LabCmd::Heal { dir }) = &cli.command else { panic!() };
+        assert_eq!(cli.global.lab_dir(dir.dir.as_ref()), PathBuf::from("/x"));
+        assert_eq!(cli.global.output, Output::Json);
+    }
+}
