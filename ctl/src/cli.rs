@@ -52,6 +52,129 @@ pub enum Command {
     /// Create the cluster CA and issue certificates.
     #[command(subcommand)]
     Certs(CertsCmd),
+    /// One screen: sites, quorum and leader, witness, etcd, volumes, alerts.
+    Status(Conn),
+    /// Sites: list, activate (quorum-loss override), deactivate (maintenance).
+    #[command(subcommand)]
+    Site(SiteCmd),
+    /// Storage nodes and the witness.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Volumes: create, list, show, attach, detach, delete.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// The witness: reachability and quorum role.
+    #[command(subcommand)]
+    Witness(WitnessCmd),
+    /// Print shell completions for SHELL to stdout.
+    Completions { shell: clap_complete::Shell },
+    /// Write man pages into DIR.
+    Manpages { dir: PathBuf },
+}
+
+/// How to reach the cluster (defaults come from --lab's lab.json or METRO_* variables).
+#[derive(Debug, Clone, Args, Default)]
+pub struct Conn {
+    /// Control API endpoint host:port (repeatable; tried in order). Env: METRO_ENDPOINTS (comma-separated).
+    #[arg(long = "endpoint", global = true)]
+    pub endpoints: Vec<String>,
+    /// Cluster CA certificate. Env: METRO_CA.
+    #[arg(long, global = true)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (CN admin:<n> or viewer:<n>). Env: METRO_CERT.
+    #[arg(long, global = true)]
+    pub cert: Option<PathBuf>,
+    /// Client key. Env: METRO_KEY.
+    #[arg(long, global = true)]
+    pub key: Option<PathBuf>,
+    /// Use the lab's viewer certificate instead of the admin one.
+    #[arg(long, global = true)]
+    pub viewer: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SiteCmd {
+    List(Conn),
+    /// Put a data site (back) into service. Refused when it may lack acknowledged writes, unless --force.
+    Activate {
+        site: String,
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Take a data site out of service for maintenance.
+    Deactivate {
+        site: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    List(Conn),
+    /// Move every primary off NODE before maintenance.
+    Drain {
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WitnessCmd {
+    Status(Conn),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCmd {
+    /// Create a thin, synchronously mirrored volume (one replica per data site).
+    Create {
+        name: String,
+        /// Size, e.g. 1GiB, 512MiB.
+        #[arg(long)]
+        size: String,
+        /// IOPS limit (0 = unlimited).
+        #[arg(long, default_value_t = 0)]
+        iops: u64,
+        /// Bandwidth limit in bytes/s (0 = unlimited).
+        #[arg(long, default_value_t = 0)]
+        bandwidth: u64,
+        /// What the primary does without a lease: suspend (hold I/O) or error.
+        #[arg(long, default_value = "suspend")]
+        policy: String,
+        /// Preferred site for the primary.
+        #[arg(long)]
+        site: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    List(Conn),
+    Show {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Make NODE the primary (planned move, no lost write).
+    Attach {
+        name: String,
+        #[arg(long)]
+        node: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Stop serving the volume anywhere (replicas are kept).
+    Detach {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    Delete {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 /// `--dir DIR` of the lab commands.

@@ -217,14 +217,22 @@ async fn wait_for_signal() {
 /// node record on every restart so addresses stay current.
 async fn join_loop(cfg: Arc<DaemonConfig>, quorum: Quorum, registry: Arc<dyn Registry>, me: NodeRecord) {
     let sites: Vec<(String, SiteKind)> = cfg.sites.iter().map(|s| (s.name.clone(), s.kind)).collect();
+    // Registration is independent of joining: keep trying until etcd takes it
+    // (then the registry keeps the lease alive on its own).
+    let (reg, rec) = (registry.clone(), me.clone());
+    tokio::spawn(async move {
+        let mut attempt = 0u32;
+        while let Err(e) = reg.register(&rec).await {
+            attempt += 1;
+            if attempt == 1 || attempt % 30 == 0 {
+                tracing::warn!(error = %e, "cannot register in etcd yet; retrying");
+            }
+            tokio::time::sleep(JOIN_RETRY).await;
+        }
+    });
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        if let Err(e) = registry.register(&me).await {
-            if attempt == 1 || attempt % 30 == 0 {
-                tracing::warn!(error = %e, "cannot register in etcd yet");
-            }
-        }
         let known = quorum.state().borrow().nodes.get(&me.id) == Some(&me);
         if known {
             tracing::info!(node = %me.id, "member of the cluster");

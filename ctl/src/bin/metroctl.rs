@@ -3,8 +3,9 @@
 
 use anyhow::Context;
 use clap::Parser;
-use metroctl::cli::{CertsCmd, Cli, Command, Global, LabCmd, Output};
-use metroctl::{certs, lab};
+use metroctl::cli::{CertsCmd, Cli, Command, Conn, Global, LabCmd, NodeCmd, Output, SiteCmd, VolumeCmd, WitnessCmd};
+use metroctl::client::{Overrides, Target};
+use metroctl::{certs, commands, lab};
 use std::process::ExitCode;
 
 #[tokio::main]
@@ -24,6 +25,64 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Lab(cmd) => run_lab(&cli.global, cmd).await,
         Command::Certs(cmd) => run_certs(&cli.global, cmd),
+        Command::Completions { shell } => {
+            let mut c = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut c, "metroctl", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Manpages { dir } => {
+            std::fs::create_dir_all(&dir)?;
+            let c = <Cli as clap::CommandFactory>::command();
+            clap_mangen::generate_to(c, &dir)?;
+            println!("man pages written to {}", dir.display());
+            Ok(())
+        }
+        other => run_cluster(&cli.global, other).await,
+    }
+}
+
+fn target(g: &Global, c: &Conn) -> anyhow::Result<Target> {
+    let o = Overrides {
+        endpoints: c.endpoints.clone(),
+        ca: c.ca.clone(),
+        cert: c.cert.clone(),
+        key: c.key.clone(),
+        viewer: c.viewer,
+    };
+    Ok(Target::resolve(&g.lab_dir(None), &o)?)
+}
+
+async fn run_cluster(g: &Global, cmd: Command) -> anyhow::Result<()> {
+    let json = g.output == Output::Json;
+    match cmd {
+        Command::Status(c) => commands::status(&target(g, &c)?, json).await,
+        Command::Witness(WitnessCmd::Status(c)) => commands::witness_status(&target(g, &c)?, json).await,
+        Command::Node(NodeCmd::List(c)) => commands::node_list(&target(g, &c)?, json).await,
+        Command::Node(NodeCmd::Drain { id, conn }) => commands::node_drain(&target(g, &conn)?, &id).await,
+        Command::Site(SiteCmd::List(c)) => commands::site_list(&target(g, &c)?, json).await,
+        Command::Site(SiteCmd::Activate { site, force, conn }) => {
+            commands::site_set(&target(g, &conn)?, &site, true, force).await
+        }
+        Command::Site(SiteCmd::Deactivate { site, conn }) => {
+            commands::site_set(&target(g, &conn)?, &site, false, false).await
+        }
+        Command::Volume(v) => match v {
+            VolumeCmd::Create { name, size, iops, bandwidth, policy, site, conn } => {
+                let size = commands::parse_size(&size).map_err(anyhow::Error::msg)?;
+                let a = commands::CreateArgs { name, size, iops, bandwidth, policy, site };
+                commands::volume_create(&target(g, &conn)?, a, json).await
+            }
+            VolumeCmd::List(c) => commands::volume_list(&target(g, &c)?, json).await,
+            VolumeCmd::Show { name, conn } => commands::volume_show(&target(g, &conn)?, &name, json).await,
+            VolumeCmd::Attach { name, node, conn } => {
+                commands::volume_attach(&target(g, &conn)?, &name, &node, json).await
+            }
+            VolumeCmd::Detach { name, conn } => commands::volume_detach(&target(g, &conn)?, &name, json).await,
+            VolumeCmd::Delete { name, conn } => commands::volume_delete(&target(g, &conn)?, &name).await,
+        },
+        Command::Lab(_) | Command::Certs(_) | Command::Completions { .. } | Command::Manpages { .. } => {
+            unreachable!("handled in run")
+        }
     }
 }
 

@@ -148,10 +148,7 @@ impl Link {
 type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
 async fn connect(addr: &str, peer: &str, dialer: &Dialer) -> Result<TlsStream, LinkError> {
-    let down = |why: String| {
-        tracing::debug!(%peer, %why, "dial failed");
-        LinkError::Down(peer.to_string())
-    };
+    let down = |why: String| LinkError::Down(format!("{peer} ({why})"));
     let fut = async {
         let sa = tokio::net::lookup_host(addr)
             .await
@@ -182,7 +179,7 @@ pub fn tune(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
     s.set_tcp_nodelay(true)?;
     let ka = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(1))
-        .with_interval(Duration::from_millis(500))
+        .with_interval(Duration::from_secs(1))
         .with_retries(3);
     s.set_tcp_keepalive(&ka)?;
     s.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT))?;
