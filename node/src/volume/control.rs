@@ -16,6 +16,9 @@ pub trait VolumeControl: Send + Sync + 'static {
     fn link(&self, peer: &str) -> Option<Arc<Link>>;
     /// Durably record that the extent holding `[offset, offset+len)` is hot.
     fn touch_extent(&self, volume: &str, offset: u64, len: u64) -> std::io::Result<()>;
+    /// Activity-log hooks around a flush (see `VolumeStorage::flush_begin`).
+    fn flush_begin(&self, volume: &str) -> u64;
+    fn flush_done(&self, volume: &str, seq: u64);
     /// Durably mark a region dirty for an out-of-sync peer.
     fn mark_dirty(&self, volume: &str, peer: &str, offset: u64, len: u64) -> std::io::Result<()>;
     /// Before a peer leaves in_sync, mark what might be missing on it: the

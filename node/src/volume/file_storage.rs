@@ -67,17 +67,6 @@ impl FileStorage {
         Ok(f(maps.get_mut(peer).expect("inserted")))
     }
 
-    /// Sequence of the activity log before a flush starts.
-    pub fn flush_begin(&self, name: &str) -> u64 {
-        self.vol(name).map(|v| v.al.lock().expect("poisoned").current_seq()).unwrap_or(0)
-    }
-
-    /// After a flush that covered every write up to `seq`: those extents may cool.
-    pub fn flush_done(&self, name: &str, seq: u64) {
-        if let Ok(v) = self.vol(name) {
-            v.al.lock().expect("poisoned").mark_flushed(seq);
-        }
-    }
 }
 
 impl VolumeStorage for FileStorage {
@@ -128,7 +117,30 @@ impl VolumeStorage for FileStorage {
     fn touch_extent(&self, name: &str, offset: u64, len: u64) -> std::io::Result<()> {
         let v = self.vol(name)?;
         let mut al = v.al.lock().expect("poisoned");
-        al.begin_write(offset, len).map(|_| ()).map_err(io)
+        match al.begin_write(offset, len) {
+            Ok(_) => Ok(()),
+            Err(StoreError::ActivityLogFull { hot }) => {
+                // Every hot extent was written since the last flush: make the
+                // local copy durable (the caller holds the order lock, so all
+                // earlier writes completed) and let extents cool.
+                tracing::info!(volume = %name, hot, "activity log full: flushing to cool extents");
+                futures::executor::block_on(v.dev.flush()).map_err(|e| std::io::Error::other(e.to_string()))?;
+                let seq = al.current_seq();
+                al.mark_flushed(seq);
+                al.begin_write(offset, len).map(|_| ()).map_err(io)
+            }
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    fn flush_begin(&self, name: &str) -> u64 {
+        self.vol(name).map(|v| v.al.lock().expect("poisoned").current_seq()).unwrap_or(0)
+    }
+
+    fn flush_done(&self, name: &str, seq: u64) {
+        if let Ok(v) = self.vol(name) {
+            v.al.lock().expect("poisoned").mark_flushed(seq);
+        }
     }
 
     fn hot_extents(&self, name: &str) -> Vec<(u64, u64)> {

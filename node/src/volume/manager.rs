@@ -302,6 +302,7 @@ impl VolumeManager {
         p.begin_catch_up(peer).await;
         let started = Instant::now();
         let mut done: u64 = 0;
+        let mut sent: u64 = 0;
         let result = async {
             loop {
                 let regions = self.storage.dirty_regions(&p.name, peer);
@@ -314,9 +315,15 @@ impl VolumeManager {
                     while pos < off + len {
                         let chunk = RESYNC_CHUNK.min(off + len - pos);
                         self.storage.clear_dirty(&p.name, peer, pos, chunk).map_err(|e| e.to_string())?;
-                        if !p.copy_to_peer(peer, pos, chunk as u32).await.map_err(|e| e.to_string())? {
-                            let _ = self.storage.mark_dirty(&p.name, peer, pos, chunk);
-                            return Err(format!("{peer} did not acknowledge a resync write"));
+                        let storage = self.storage.clone();
+                        let name = p.name.clone();
+                        let ranges = move |o: u64, l: u64| storage.data_ranges(&name, o, l);
+                        match p.copy_to_peer(peer, pos, chunk, ranges).await.map_err(|e| e.to_string())? {
+                            Some(bytes) => sent += bytes,
+                            None => {
+                                let _ = self.storage.mark_dirty(&p.name, peer, pos, chunk);
+                                return Err(format!("{peer} did not acknowledge a resync write"));
+                            }
                         }
                         pos += chunk;
                         done += chunk;
@@ -340,7 +347,7 @@ impl VolumeManager {
         if result.is_err() {
             p.abort_catch_up(peer).await;
         }
-        tracing::info!(volume = %p.name, %peer, bytes = done, ms = started.elapsed().as_millis() as u64, ok = result.is_ok(), "resync pass");
+        tracing::info!(volume = %p.name, %peer, dirty_bytes = done, data_bytes_sent = sent, ms = started.elapsed().as_millis() as u64, ok = result.is_ok(), "resync pass");
         result
     }
 
@@ -426,6 +433,16 @@ impl VolumeControl for CtlRef {
         match self.0.upgrade() {
             Some(m) => m.storage.touch_extent(volume, offset, len),
             None => Ok(()),
+        }
+    }
+
+    fn flush_begin(&self, volume: &str) -> u64 {
+        self.0.upgrade().map(|m| m.storage.flush_begin(volume)).unwrap_or(0)
+    }
+
+    fn flush_done(&self, volume: &str, seq: u64) {
+        if let Some(m) = self.0.upgrade() {
+            m.storage.flush_done(volume, seq);
         }
     }
 

@@ -149,8 +149,10 @@ impl PrimaryVolume {
     /// The mirrored mutation path shared by write, zero and flush.
     async fn mutate(&self, op: OpKind, fua: bool, region: Option<(u64, u64)>) -> BlockResult<()> {
         self.gate().await?;
-        let (epoch, waits, local) = {
+        let is_flush = matches!(op, OpKind::Flush);
+        let (epoch, waits, local, flush_seq) = {
             let s = self.state.lock().await;
+            let flush_seq = if is_flush { self.ctl.flush_begin(&self.name) } else { 0 };
             if let Some((off, len)) = region {
                 self.ctl.touch_extent(&self.name, off, len).map_err(BlockError::Io)?;
                 for p in s.stale_peers.iter().filter(|p| !s.catching_up.contains(p)) {
@@ -186,7 +188,7 @@ impl PrimaryVolume {
                 }
                 OpKind::Flush => self.local.flush().await,
             };
-            (s.epoch, waits, local)
+            (s.epoch, waits, local, flush_seq)
         };
         let mut failed = Vec::new();
         for (peer, gating, rx) in waits {
@@ -217,6 +219,8 @@ impl PrimaryVolume {
         }
         if !failed.is_empty() {
             self.degrade(epoch, &failed, region).await?;
+        } else if is_flush && local.is_ok() {
+            self.ctl.flush_done(&self.name, flush_seq);
         }
         local
     }
@@ -279,27 +283,50 @@ impl PrimaryVolume {
         }
     }
 
-    /// Used by resync: copy a range to `peer` in order with live writes.
-    /// Returns Ok(false) if the peer did not acknowledge.
-    pub async fn copy_to_peer(&self, peer: &str, offset: u64, len: u32) -> BlockResult<bool> {
-        let rx = {
+    /// Used by resync: bring `[offset, offset+len)` of `peer` up to date, in
+    /// order with live writes. Only data is sent; holes (per `data_ranges`,
+    /// evaluated under the order lock) become punch ops. Returns the bytes of
+    /// data sent, or None if the peer did not acknowledge everything.
+    pub async fn copy_to_peer(
+        &self,
+        peer: &str,
+        offset: u64,
+        len: u64,
+        data_ranges: impl Fn(u64, u64) -> Vec<(u64, u64)>,
+    ) -> BlockResult<Option<u64>> {
+        let mut waits = Vec::new();
+        let mut sent = 0u64;
+        {
             let s = self.state.lock().await;
-            let data = self.local.read(offset, len).await?;
-            let Some(link) = self.ctl.link(peer) else { return Ok(false) };
-            link.enqueue(OutOp {
-                volume: self.name.clone(),
-                epoch: s.epoch,
-                size: self.size,
-                fua: false,
-                resync: true,
-                op: OpKind::Write { offset, data },
-            })
-            .await
-        };
-        Ok(matches!(
-            tokio::time::timeout(self.ack_timeout * 5, rx).await,
-            Ok(Ok(Ok(Ack { status: AckStatus::Ok, .. })))
-        ))
+            let Some(link) = self.ctl.link(peer) else { return Ok(None) };
+            let mut pos = offset;
+            let mut ops = Vec::new();
+            for (d_off, d_len) in data_ranges(offset, len) {
+                if d_off > pos {
+                    ops.push(OpKind::Zero { offset: pos, len: (d_off - pos) as u32, punch: true });
+                }
+                let data = self.local.read(d_off, d_len as u32).await?;
+                sent += d_len;
+                ops.push(OpKind::Write { offset: d_off, data });
+                pos = d_off + d_len;
+            }
+            if pos < offset + len {
+                ops.push(OpKind::Zero { offset: pos, len: (offset + len - pos) as u32, punch: true });
+            }
+            for op in ops {
+                let out = OutOp { volume: self.name.clone(), epoch: s.epoch, size: self.size, fua: false, resync: true, op };
+                waits.push(link.enqueue(out).await);
+            }
+        }
+        for rx in waits {
+            if !matches!(
+                tokio::time::timeout(self.ack_timeout * 5, rx).await,
+                Ok(Ok(Ok(Ack { status: AckStatus::Ok, .. })))
+            ) {
+                return Ok(None);
+            }
+        }
+        Ok(Some(sent))
     }
 
     /// Start mirroring live writes to a stale peer (before copying).

@@ -15,6 +15,14 @@ pub trait VolumeStorage: Send + Sync + 'static {
     fn persist_epoch(&self, name: &str, epoch: u64) -> std::io::Result<()>;
     /// Activity log: durably mark the extents covering a range hot.
     fn touch_extent(&self, name: &str, offset: u64, len: u64) -> std::io::Result<()>;
+    /// Activity-log sequence before a flush is issued (every write up to it
+    /// has completed locally: callers hold the volume's order lock).
+    fn flush_begin(&self, _name: &str) -> u64 {
+        0
+    }
+    /// A flush covering every write up to `seq` is durable on every in-sync
+    /// copy: those extents may cool.
+    fn flush_done(&self, _name: &str, _seq: u64) {}
     /// Hot extents left by a crash or still active: `(offset, len)`.
     fn hot_extents(&self, name: &str) -> Vec<(u64, u64)>;
     fn mark_dirty(&self, name: &str, peer: &str, offset: u64, len: u64) -> std::io::Result<()>;
