@@ -239,6 +239,8 @@ async fn the_netns_lab_comes_up_breaks_heals_restarts_and_goes_away_cleanly() {
     let down_ms = t.elapsed().as_millis();
     assert_eq!(metro_namespaces(), Vec::<String>::new());
     assert!(!Path::new("/sys/class/net/metro-host").exists());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains("/run/netns/metro-"), "a namespace mount survived down");
     for p in &procs {
         assert!(!lab::alive(p.pid.unwrap(), &p.command), "{:?} survived down", p.command);
     }

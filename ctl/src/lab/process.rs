@@ -10,7 +10,8 @@
 //! - a pid is only signalled if it still runs the recorded command (its
 //!   cmdline contains the command's last argument), so a reused pid is never
 //!   killed;
-//! - a zombie counts as dead (PID 1 here does not reap orphans);
+//! - a zombie counts as dead (PID 1 here reaps orphans only lazily);
+//! - an empty cmdline (mid-exec) counts as alive;
 //! - every wait is bounded.
 
 use super::LabError;
@@ -60,7 +61,9 @@ pub fn alive(pid: u32, argv: &[String]) -> bool {
     }
     let Some(last) = argv.last() else { return true };
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
-    cmdline.split(|b| *b == 0).any(|arg| arg == last.as_bytes())
+    // The cmdline reads empty for a moment while a process execs (a fresh lab
+    // process execs sh -> setsid -> nsenter -> daemon): that is not a death.
+    cmdline.is_empty() || cmdline.split(|b| *b == 0).any(|arg| arg == last.as_bytes())
 }
 
 /// Send `sig` to the process group of `pid` (the lab makes every process a
