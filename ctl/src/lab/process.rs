@@ -131,10 +131,15 @@ mod tests {
         let argv = vec!["sleep".to_string(), "31.5".to_string()];
         let pid = spawn(None, &argv, &log, dir.path()).unwrap();
         assert!(alive(pid, &argv));
-        // It leads its own process group.
+        let start = Instant::now();
+        while std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim() != "sleep" {
+            assert!(start.elapsed() < Duration::from_secs(5), "sleep never exec'd");
+            std::thread::sleep(POLL);
+        }
+        // Once it has exec'd sleep, it leads its own process group...
         // SAFETY: getpgid has no memory-safety preconditions.
         assert_eq!(unsafe { libc::getpgid(pid as i32) }, pid as i32);
-        // A different recorded command does not match the pid.
+        // ... and a different recorded command does not match the pid.
         assert!(!alive(pid, &["sleep".to_string(), "99".to_string()]));
         assert!(kill_now(pid, &argv));
         assert!(!alive(pid, &argv));
