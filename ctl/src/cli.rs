@@ -203,6 +203,9 @@ pub enum LabCmd {
         /// Seconds to wait for the lab to become healthy.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// Loopback mode: use 127.N.x.y (default 77), e.g. to run a second loopback lab.
+        #[arg(long, value_name = "N", default_value_t = crate::lab::topology::DEFAULT_LOOPBACK_OCTET)]
+        loopback_net: u8,
         /// Stand-in for the metro daemons (space-separated; placeholders as in LabOptions).
         #[arg(long, hide = true)]
         daemon_cmd: Option<String>,

@@ -1,13 +1,17 @@
-//! The lab in loopback mode (127.77.x.y in the root namespace, partitions in
+//! The lab in loopback mode (127.78.x.y in the root namespace, partitions in
 //! an `inet` nft table) and `lab up`'s fail-fast checks. Real etcd; the metro
 //! daemons are stand-ins serving HTTP on their metrics address.
 //!
-//! Tests in this file share 127.77.x.y ports, so they hold [`SERIAL`].
+//! Tests in this file share 127.78.x.y ports, so they hold [`SERIAL`]. They
+//! use octet 78 so that a default loopback lab (127.77) may run beside them.
 
 use metroctl::lab::{self, LabError, LabInfo, LabOptions, NetMode};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+
+/// Second octet of the loopback labs of this file.
+const OCTET: u8 = 78;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -38,8 +42,7 @@ async fn connects(from: &str, to: &str) -> bool {
 }
 
 fn nft_has_lab_table() -> bool {
-    let out = std::process::Command::new("nft").args(["list", "tables"]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).contains("metro_lab")
+    lab::nft_table_exists(NetMode::Loopback, "metro_lab_78")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -53,12 +56,13 @@ async fn a_loopback_lab_comes_up_partitions_heals_and_goes_away() {
     tracing::info!("--- up in loopback mode");
     let mut opts = LabOptions::new(&dir);
     opts.mode = NetMode::Loopback;
+    opts.loopback_octet = OCTET;
     opts.daemon_override = Some(standin());
     let t = Instant::now();
     let info = lab::up(opts).await.expect("loopback lab up");
     eprintln!("MEASURED loopback lab up {} ms", t.elapsed().as_millis());
     assert_eq!(info.mode, NetMode::Loopback);
-    assert!(info.nodes.iter().all(|n| n.netns.is_none() && n.address.starts_with("127.77.")));
+    assert!(info.nodes.iter().all(|n| n.netns.is_none() && n.address.starts_with("127.78.")));
     for e in &info.etcd {
         assert!(lab::etcd_healthy(&e.client_url).await, "{}", e.client_url);
     }
@@ -67,7 +71,7 @@ async fn a_loopback_lab_comes_up_partitions_heals_and_goes_away() {
     }
 
     tracing::info!("--- cut dc-a from dc-b");
-    let (a1, b1, w1) = ("127.77.1.11", "127.77.2.11", "127.77.3.11");
+    let (a1, b1, w1) = ("127.78.1.11", "127.78.2.11", "127.78.3.11");
     assert!(connects(a1, &format!("{b1}:9100")).await);
     lab::partition(&dir, "dc-a", "dc-b").unwrap();
     assert!(nft_has_lab_table());
@@ -111,6 +115,7 @@ async fn up_without_the_daemon_binaries_fails_fast_saying_how_to_build_them() {
     let tmp = tempfile::tempdir().unwrap();
     let mut opts = LabOptions::new(tmp.path().join("lab"));
     opts.mode = NetMode::Loopback;
+    opts.loopback_octet = OCTET;
     opts.bin_dir = tmp.path().join("empty");
     let t = Instant::now();
     let err = lab::up(opts).await.expect_err("no binaries");
@@ -123,15 +128,16 @@ async fn up_without_the_daemon_binaries_fails_fast_saying_how_to_build_them() {
 #[tokio::test]
 async fn up_in_loopback_mode_refuses_a_port_in_use_and_names_it() {
     let _serial = SERIAL.lock().await;
-    let busy = std::net::TcpListener::bind("127.77.2.12:7443").unwrap();
+    let busy = std::net::TcpListener::bind("127.78.2.12:7443").unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("lab");
     let _guard = Guard(dir.clone());
     let mut opts = LabOptions::new(&dir);
     opts.mode = NetMode::Loopback;
+    opts.loopback_octet = OCTET;
     opts.daemon_override = Some(standin());
     let err = lab::up(opts).await.expect_err("port in use");
-    assert!(matches!(&err, LabError::PortInUse { addr } if addr == "127.77.2.12:7443"), "{err}");
+    assert!(matches!(&err, LabError::PortInUse { addr } if addr == "127.78.2.12:7443"), "{err}");
     assert!(err.to_string().contains("already in use"), "{err}");
     drop(busy);
 }
@@ -156,6 +162,7 @@ async fn a_daemon_that_dies_at_start_fails_up_with_its_log_and_the_lab_is_torn_d
     let _guard = Guard(dir.clone());
     let mut opts = LabOptions::new(&dir);
     opts.mode = NetMode::Loopback;
+    opts.loopback_octet = OCTET;
     opts.daemon_override = Some(
         ["sh", "-c", "echo config {config} is broken for {id}; exit 3"]
             .into_iter()

@@ -174,7 +174,7 @@ async fn the_netns_lab_comes_up_breaks_heals_restarts_and_goes_away_cleanly() {
     let (a1, b1) = (addr_of(&info, "a1", 9100), addr_of(&info, "b1", 9100));
     assert!(connects_from("metro-a1", &b1), "before the cut");
     lab::partition(&dir, "dc-a", "dc-b").unwrap();
-    assert!(lab::nft_table_exists(NetMode::Netns));
+    assert!(lab::nft_table_exists(NetMode::Netns, "metro_lab"));
     assert!(!connects_from("metro-a1", &b1), "a1 -> b1 must be dropped");
     assert!(!connects_from("metro-b2", &a1), "b2 -> a1 must be dropped");
     assert!(!connects_from("metro-etcd-a", &addr_of(&info, "etcd-b", 2380)), "etcd-a -> etcd-b peer");
@@ -186,7 +186,7 @@ async fn the_netns_lab_comes_up_breaks_heals_restarts_and_goes_away_cleanly() {
 
     tracing::info!("--- heal");
     lab::heal(&dir).unwrap();
-    assert!(!lab::nft_table_exists(NetMode::Netns));
+    assert!(!lab::nft_table_exists(NetMode::Netns, "metro_lab"));
     assert!(connects_from("metro-a1", &b1), "a1 -> b1 after heal");
     assert!(connects_from("metro-b2", &a1), "b2 -> a1 after heal");
 
@@ -239,6 +239,8 @@ async fn the_netns_lab_comes_up_breaks_heals_restarts_and_goes_away_cleanly() {
     let down_ms = t.elapsed().as_millis();
     assert_eq!(metro_namespaces(), Vec::<String>::new());
     assert!(!Path::new("/sys/class/net/metro-host").exists());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains("/run/netns/metro-"), "a namespace mount survived down");
     for p in &procs {
         assert!(!lab::alive(p.pid.unwrap(), &p.command), "{:?} survived down", p.command);
     }

@@ -94,8 +94,15 @@ pub struct LabInfo {
     /// table) that `down` must remove.
     #[serde(default)]
     pub network: bool,
+    /// nft table holding the partitions.
+    #[serde(default = "default_table")]
+    pub nft_table: String,
     /// Active partitions, as pairs of site names.
     pub partitions: Vec<[String; 2]>,
+}
+
+fn default_table() -> String {
+    super::topology::NFT_TABLE.to_string()
 }
 
 /// A view of one process of the lab, whatever its kind.

@@ -64,6 +64,9 @@ pub struct LabOptions {
     pub daemon_override: Option<Vec<String>>,
     /// Bound on waiting until the lab is healthy.
     pub health_deadline: Duration,
+    /// Loopback mode uses 127.`loopback_octet`.S.H (default 77); another
+    /// value lets a second loopback lab (e.g. a test) run beside the default one.
+    pub loopback_octet: u8,
 }
 
 impl LabOptions {
@@ -75,6 +78,7 @@ impl LabOptions {
             mode: NetMode::Auto,
             daemon_override: None,
             health_deadline: DEFAULT_HEALTH_DEADLINE,
+            loopback_octet: topology::DEFAULT_LOOPBACK_OCTET,
         }
     }
 }

@@ -99,7 +99,7 @@ pub fn setup_netns() -> Result<(), LabError> {
     for d in &topo::DAEMONS {
         let ns = topo::netns(d.id);
         let peer = format!("v-{}", d.id);
-        let addr = format!("{}/{}", topo::address(NetMode::Netns, d), topo::NET_PREFIX);
+        let addr = format!("{}/{}", topo::address(topo::NETNS_BASE, d), topo::NET_PREFIX);
         run(&["ip", "netns", "add", &ns])?;
         run(&[
             "ip", "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &peer, "netns", sw,
@@ -172,9 +172,8 @@ fn nft(ns: Option<&str>, args: &[&str], input: Option<&str>) -> Result<String, L
 }
 
 /// Drop all traffic between two site subnets, both directions.
-pub fn partition(mode: NetMode, subnet_a: &str, subnet_b: &str) -> Result<(), LabError> {
+pub fn partition(mode: NetMode, t: &str, subnet_a: &str, subnet_b: &str) -> Result<(), LabError> {
     let (family, chain, ns) = nft_target(mode);
-    let t = topo::NFT_TABLE;
     let hook = if chain == "input" { "input" } else { "forward" };
     let script = format!(
         "table {family} {t} {{\n  chain {chain} {{ type filter hook {hook} priority 0; policy accept; }}\n}}\n\
@@ -184,19 +183,20 @@ pub fn partition(mode: NetMode, subnet_a: &str, subnet_b: &str) -> Result<(), La
     nft(ns, &["-f", "-"], Some(&script)).map(|_| ())
 }
 
-pub fn nft_table_exists(mode: NetMode) -> bool {
+/// Does partition table `table` exist (in the switch ns, or the root ns in loopback mode)?
+pub fn nft_table_exists(mode: NetMode, table: &str) -> bool {
     let (family, _, ns) = nft_target(mode);
     if ns.is_some_and(|n| !netns_exists(n)) {
         return false;
     }
-    nft(ns, &["list", "table", family, topo::NFT_TABLE], None).is_ok()
+    nft(ns, &["list", "table", family, table], None).is_ok()
 }
 
 /// Remove the partition table (idempotent).
-pub fn heal(mode: NetMode) -> Result<(), LabError> {
-    if !nft_table_exists(mode) {
+pub fn heal(mode: NetMode, table: &str) -> Result<(), LabError> {
+    if !nft_table_exists(mode, table) {
         return Ok(());
     }
     let (family, _, ns) = nft_target(mode);
-    nft(ns, &["delete", "table", family, topo::NFT_TABLE], None).map(|_| ())
+    nft(ns, &["delete", "table", family, table], None).map(|_| ())
 }

@@ -226,7 +226,7 @@ pub fn down(dir: &Path, purge: bool) -> Result<(), LabError> {
     if info.network {
         let res = match info.mode {
             NetMode::Netns => net::teardown_netns(),
-            _ => net::heal(NetMode::Loopback),
+            _ => net::heal(NetMode::Loopback, &info.nft_table),
         };
         match res {
             Ok(()) => info.network = false,
@@ -318,6 +318,13 @@ pub async fn start_node(dir: &Path, id: &str) -> Result<Vec<String>, LabError> {
     start_where(dir, |i, _| i == id).await
 }
 
+/// The /24 of a site, from its etcd member's address (`10.77.1.10` -> `10.77.1.0/24`).
+fn site_subnet(info: &LabInfo, site: &str) -> String {
+    let e = info.etcd.iter().find(|e| e.site == site).expect("every site has an etcd member");
+    let (net, _) = e.address.rsplit_once('.').expect("an IPv4 address");
+    format!("{net}.0/24")
+}
+
 /// Silently drop all traffic between two sites (both directions).
 pub fn partition(dir: &Path, site_a: &str, site_b: &str) -> Result<(), LabError> {
     check_site(site_a)?;
@@ -330,7 +337,7 @@ pub fn partition(dir: &Path, site_a: &str, site_b: &str) -> Result<(), LabError>
         return Err(LabError::NotRoot { what: "lab partition".into() });
     }
     let (a, b) = (topo::site(site_a).expect("checked"), topo::site(site_b).expect("checked"));
-    net::partition(info.mode, &topo::site_subnet(info.mode, a), &topo::site_subnet(info.mode, b))?;
+    net::partition(info.mode, &info.nft_table, &site_subnet(&info, a.name), &site_subnet(&info, b.name))?;
     let mut pair = [site_a.to_string(), site_b.to_string()];
     pair.sort();
     if !info.partitions.contains(&pair) {
@@ -345,7 +352,7 @@ pub fn heal(dir: &Path) -> Result<(), LabError> {
     if !is_root() {
         return Err(LabError::NotRoot { what: "lab heal".into() });
     }
-    net::heal(info.mode)?;
+    net::heal(info.mode, &info.nft_table)?;
     info.partitions.clear();
     info.save()
 }

@@ -110,6 +110,7 @@ fn etcd_command(etcd: &EtcdInfo, initial_cluster: &str) -> Vec<String> {
 /// The full plan for `mode` in the (absolute) directory `dir`.
 pub fn build(opts: &LabOptions, dir: &Path, mode: NetMode) -> LabInfo {
     let certs = dir.join("certs");
+    let base = topo::base(mode, opts.loopback_octet);
     let ns_of = |id: &str| (mode == NetMode::Netns).then(|| topo::netns(id));
     let proc_of = |id: &str, cwd: PathBuf| ProcInfo {
         pid: None,
@@ -121,7 +122,7 @@ pub fn build(opts: &LabOptions, dir: &Path, mode: NetMode) -> LabInfo {
         .iter()
         .filter(|d| d.kind == Kind::Etcd)
         .map(|d| {
-            let addr = topo::address(mode, d);
+            let addr = topo::address(base, d);
             EtcdInfo {
                 name: d.id.into(),
                 site: d.site.into(),
@@ -143,7 +144,7 @@ pub fn build(opts: &LabOptions, dir: &Path, mode: NetMode) -> LabInfo {
         .iter()
         .filter(|d| d.kind != Kind::Etcd)
         .map(|d| {
-            let addr = topo::address(mode, d);
+            let addr = topo::address(base, d);
             let storage = d.kind == Kind::Storage;
             let stem = certs::file_stem(&cn_of(d));
             let data_dir = dir.join("nodes").join(d.id);
@@ -189,6 +190,7 @@ pub fn build(opts: &LabOptions, dir: &Path, mode: NetMode) -> LabInfo {
         mode,
         ready: false,
         network: false,
+        nft_table: topo::nft_table(mode, opts.loopback_octet),
         switch_netns: (mode == NetMode::Netns).then(|| topo::SWITCH_NS.to_string()),
         partitions: vec![],
     }
@@ -200,9 +202,10 @@ pub fn issue_certs(info: &LabInfo) -> Result<(), LabError> {
     let (ca, _) = certs::init(&dir)?;
     let mut wanted: Vec<(String, Vec<IpAddr>)> =
         vec![(format!("admin:{CLIENT_NAME}"), vec![]), (format!("viewer:{CLIENT_NAME}"), vec![])];
-    for d in topo::DAEMONS.iter().filter(|d| d.kind != Kind::Etcd) {
-        let ip = IpAddr::V4(topo::address(info.mode, d));
-        wanted.push((cn_of(d), vec![ip, IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)]));
+    for d in info.nodes.iter().chain(std::iter::once(&info.witness)) {
+        let def = topo::daemon(&d.id).expect("planned daemons are in the topology");
+        let ip: IpAddr = d.address.parse().expect("planned addresses are IPs");
+        wanted.push((cn_of(def), vec![ip, IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)]));
     }
     for (cn, ips) in wanted {
         let stem = certs::file_stem(&cn);

@@ -10,7 +10,8 @@
 //! - a pid is only signalled if it still runs the recorded command (its
 //!   cmdline contains the command's last argument), so a reused pid is never
 //!   killed;
-//! - a zombie counts as dead (PID 1 here does not reap orphans);
+//! - a zombie counts as dead (PID 1 here reaps orphans only lazily);
+//! - an empty cmdline (mid-exec) counts as alive;
 //! - every wait is bounded.
 
 use super::LabError;
@@ -60,7 +61,9 @@ pub fn alive(pid: u32, argv: &[String]) -> bool {
     }
     let Some(last) = argv.last() else { return true };
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
-    cmdline.split(|b| *b == 0).any(|arg| arg == last.as_bytes())
+    // The cmdline reads empty for a moment while a process execs (a fresh lab
+    // process execs sh -> setsid -> nsenter -> daemon): that is not a death.
+    cmdline.is_empty() || cmdline.split(|b| *b == 0).any(|arg| arg == last.as_bytes())
 }
 
 /// Send `sig` to the process group of `pid` (the lab makes every process a
@@ -128,10 +131,15 @@ mod tests {
         let argv = vec!["sleep".to_string(), "31.5".to_string()];
         let pid = spawn(None, &argv, &log, dir.path()).unwrap();
         assert!(alive(pid, &argv));
-        // It leads its own process group.
+        let start = Instant::now();
+        while std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim() != "sleep" {
+            assert!(start.elapsed() < Duration::from_secs(5), "sleep never exec'd");
+            std::thread::sleep(POLL);
+        }
+        // Once it has exec'd sleep, it leads its own process group...
         // SAFETY: getpgid has no memory-safety preconditions.
         assert_eq!(unsafe { libc::getpgid(pid as i32) }, pid as i32);
-        // A different recorded command does not match the pid.
+        // ... and a different recorded command does not match the pid.
         assert!(!alive(pid, &["sleep".to_string(), "99".to_string()]));
         assert!(kill_now(pid, &argv));
         assert!(!alive(pid, &argv));

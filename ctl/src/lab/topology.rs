@@ -83,16 +83,31 @@ pub fn daemon(id: &str) -> Option<&'static DaemonDef> {
     DAEMONS.iter().find(|d| d.id == id)
 }
 
-/// First octets of the lab network.
-fn base(mode: NetMode) -> [u8; 2] {
+/// First two octets of the netns lab network.
+pub const NETNS_BASE: [u8; 2] = [10, 77];
+/// Default second octet of the loopback lab (127.77.S.H).
+pub const DEFAULT_LOOPBACK_OCTET: u8 = 77;
+
+/// First two octets of the lab network: 10.77 (netns) or 127.`loopback_octet`.
+pub fn base(mode: NetMode, loopback_octet: u8) -> [u8; 2] {
     match mode {
-        NetMode::Loopback => [127, 77],
-        _ => [10, 77],
+        NetMode::Loopback => [127, loopback_octet],
+        _ => NETNS_BASE,
     }
 }
 
-pub fn address(mode: NetMode, d: &DaemonDef) -> Ipv4Addr {
-    let [a, b] = base(mode);
+/// Name of the partition table: the default lab's is `metro_lab`; a loopback
+/// lab on another octet gets its own, so two such labs never heal each other.
+pub fn nft_table(mode: NetMode, loopback_octet: u8) -> String {
+    if mode == NetMode::Loopback && loopback_octet != DEFAULT_LOOPBACK_OCTET {
+        format!("{NFT_TABLE}_{loopback_octet}")
+    } else {
+        NFT_TABLE.to_string()
+    }
+}
+
+pub fn address(base: [u8; 2], d: &DaemonDef) -> Ipv4Addr {
+    let [a, b] = base;
     let s = site(d.site).expect("daemon in a known site");
     Ipv4Addr::new(a, b, s.octet, d.host)
 }
@@ -103,8 +118,8 @@ pub fn host_address() -> Ipv4Addr {
 }
 
 /// The /24 of a site, e.g. `10.77.1.0/24`.
-pub fn site_subnet(mode: NetMode, s: &SiteDef) -> String {
-    let [a, b] = base(mode);
+pub fn site_subnet(base: [u8; 2], s: &SiteDef) -> String {
+    let [a, b] = base;
     format!("{a}.{b}.{}.0/24", s.octet)
 }
 
@@ -127,9 +142,9 @@ mod tests {
         for mode in [NetMode::Netns, NetMode::Loopback] {
             let mut seen = std::collections::BTreeSet::new();
             for d in &DAEMONS {
-                let a = address(mode, d);
+                let a = address(base(mode, 78), d);
                 assert!(seen.insert(a), "{a} twice");
-                let net = site_subnet(mode, site(d.site).unwrap());
+                let net = site_subnet(base(mode, 78), site(d.site).unwrap());
                 let prefix = net.trim_end_matches("0/24");
                 assert!(a.to_string().starts_with(prefix), "{a} not in {net}");
             }
