@@ -18,9 +18,13 @@ pub const WRITE_DEADLINE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("no cluster endpoints: pass --endpoint, set METRO_ENDPOINTS, or point --lab at a lab directory ({0})")]
+    #[error(
+        "no cluster endpoints: pass --endpoint, set METRO_ENDPOINTS, or point --lab at a lab directory ({0})"
+    )]
     NoEndpoints(String),
-    #[error("cannot read certificates: {0} (next step: check --ca/--cert/--key or METRO_CA/METRO_CERT/METRO_KEY)")]
+    #[error(
+        "cannot read certificates: {0} (next step: check --ca/--cert/--key or METRO_CA/METRO_CERT/METRO_KEY)"
+    )]
     Tls(String),
     #[error("no daemon answered at {tried}: {last} (next step: is the cluster up? `metroctl lab up` starts the lab)")]
     Unreachable { tried: String, last: String },
@@ -53,8 +57,9 @@ impl Target {
         let mut t = Target::default();
         let lab_json = lab_dir.join("lab.json");
         if let Ok(text) = std::fs::read_to_string(&lab_json) {
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| ClientError::NoEndpoints(format!("{} is not valid JSON: {e}", lab_json.display())))?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                ClientError::NoEndpoints(format!("{} is not valid JSON: {e}", lab_json.display()))
+            })?;
             let s = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
             for n in v.get("nodes").and_then(|n| n.as_array()).into_iter().flatten() {
                 if let Some(api) = s(n, "api") {
@@ -80,7 +85,11 @@ impl Target {
         if !o.endpoints.is_empty() {
             t.endpoints = o.endpoints.clone();
         }
-        for (field, flag, var) in [(&mut t.ca, &o.ca, "METRO_CA"), (&mut t.cert, &o.cert, "METRO_CERT"), (&mut t.key, &o.key, "METRO_KEY")] {
+        for (field, flag, var) in [
+            (&mut t.ca, &o.ca, "METRO_CA"),
+            (&mut t.cert, &o.cert, "METRO_CERT"),
+            (&mut t.key, &o.key, "METRO_KEY"),
+        ] {
             if let Some(v) = env(var) {
                 *field = PathBuf::from(v);
             }
@@ -95,13 +104,18 @@ impl Target {
     }
 
     pub fn etcd_name(&self, url: &str) -> String {
-        self.etcd_names.iter().find(|(u, _)| u == url).map(|(_, n)| n.clone()).unwrap_or_else(|| url.to_string())
+        self.etcd_names
+            .iter()
+            .find(|(u, _)| u == url)
+            .map(|(_, n)| n.clone())
+            .unwrap_or_else(|| url.to_string())
     }
 
     /// Connect to the first endpoint that answers the TLS handshake.
     pub async fn connect(&self) -> Result<ControlClient<Channel>, ClientError> {
         metro_api::tls::install_crypto_provider();
-        let tls = TlsFiles::load(&self.ca, &self.cert, &self.key).map_err(|e| ClientError::Tls(e.to_string()))?;
+        let tls =
+            TlsFiles::load(&self.ca, &self.cert, &self.key).map_err(|e| ClientError::Tls(e.to_string()))?;
         let mut last = String::from("no endpoint tried");
         for ep in &self.endpoints {
             let uri = if ep.starts_with("https://") { ep.clone() } else { format!("https://{ep}") };

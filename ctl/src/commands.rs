@@ -16,7 +16,12 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         }
     }
     let line = |cells: Vec<&str>| {
-        cells.iter().enumerate().map(|(i, c)| format!("{:<width$}", c, width = w[i])).collect::<Vec<_>>().join("  ")
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{:<width$}", c, width = w[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
     };
     let mut out = line(header.to_vec()).trim_end().to_string();
     for r in rows {
@@ -61,8 +66,12 @@ pub fn human(bytes: u64) -> String {
 fn status_err(s: tonic::Status) -> anyhow::Error {
     let msg = s.message();
     let next = match s.code() {
-        tonic::Code::Unavailable if !msg.contains("next step") => " (next step: check `metroctl status` and that the daemons run)",
-        tonic::Code::DeadlineExceeded if !msg.contains("next step") => " (next step: the cluster is slow or has no quorum; check `metroctl status`)",
+        tonic::Code::Unavailable if !msg.contains("next step") => {
+            " (next step: check `metroctl status` and that the daemons run)"
+        }
+        tonic::Code::DeadlineExceeded if !msg.contains("next step") => {
+            " (next step: the cluster is slow or has no quorum; check `metroctl status`)"
+        }
         tonic::Code::Unauthenticated | tonic::Code::PermissionDenied if !msg.contains("next step") => {
             " (next step: use an admin certificate for changes)"
         }
@@ -130,7 +139,8 @@ pub async fn status(t: &Target, json_out: bool) -> anyhow::Result<()> {
         if s.preferred_site.is_empty() { "-" } else { &s.preferred_site }
     );
     println!();
-    let rows: Vec<Vec<String>> = s.sites.iter().map(|x| vec![x.name.clone(), x.kind.clone(), x.state.clone()]).collect();
+    let rows: Vec<Vec<String>> =
+        s.sites.iter().map(|x| vec![x.name.clone(), x.kind.clone(), x.state.clone()]).collect();
     println!("{}", table(&["SITE", "KIND", "STATE"], &rows));
     println!();
     let rows: Vec<Vec<String>> = s
@@ -151,11 +161,21 @@ pub async fn status(t: &Target, json_out: bool) -> anyhow::Result<()> {
     let rows: Vec<Vec<String>> = s
         .etcd
         .iter()
-        .map(|e| vec![t.etcd_name(&e.endpoint), e.endpoint.clone(), if e.healthy { "healthy".into() } else { "UNHEALTHY".into() }])
+        .map(|e| {
+            vec![
+                t.etcd_name(&e.endpoint),
+                e.endpoint.clone(),
+                if e.healthy { "healthy".into() } else { "UNHEALTHY".into() },
+            ]
+        })
         .collect();
     println!("{}", table(&["ETCD", "ENDPOINT", "HEALTH"], &rows));
     let mut c = t.connect().await?;
-    let vols = c.list_volumes(request(pb::ListVolumesRequest {}, READ_DEADLINE)).await.map_err(status_err)?.into_inner();
+    let vols = c
+        .list_volumes(request(pb::ListVolumesRequest {}, READ_DEADLINE))
+        .await
+        .map_err(status_err)?
+        .into_inner();
     if !vols.volumes.is_empty() {
         println!();
         print_volume_table(&vols.volumes);
@@ -189,12 +209,22 @@ fn print_volume_table(vols: &[pb::VolumeStatus]) {
 
 pub async fn witness_status(t: &Target, json_out: bool) -> anyhow::Result<()> {
     let s = get_status(t).await?;
-    let w = s.witness.ok_or_else(|| anyhow::anyhow!("the cluster has no registered witness (next step: start metro-witness in the witness site)"))?;
+    let w = s.witness.ok_or_else(|| {
+        anyhow::anyhow!(
+            "the cluster has no registered witness (next step: start metro-witness in the witness site)"
+        )
+    })?;
     let voter = s.voters.contains(&w.id);
     if json_out {
         print_json(&json!({"id": w.id, "reachable": w.reachable, "voter": voter, "rtt_us": w.rtt_us}));
     } else {
-        println!("{}", table(&["WITNESS", "REACHABLE", "QUORUM"], &[vec![w.id, w.reachable.to_string(), if voter { "voter".into() } else { "learner".into() }]]));
+        println!(
+            "{}",
+            table(
+                &["WITNESS", "REACHABLE", "QUORUM"],
+                &[vec![w.id, w.reachable.to_string(), if voter { "voter".into() } else { "learner".into() }]]
+            )
+        );
     }
     Ok(())
 }
@@ -221,7 +251,10 @@ pub async fn node_list(t: &Target, json_out: bool) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    println!("{}", table(&["NODE", "SITE", "ROLE", "QUORUM", "REACHABLE", "API", "NBD", "PROVISIONED/CAPACITY"], &rows));
+    println!(
+        "{}",
+        table(&["NODE", "SITE", "ROLE", "QUORUM", "REACHABLE", "API", "NBD", "PROVISIONED/CAPACITY"], &rows)
+    );
     Ok(())
 }
 
@@ -241,7 +274,9 @@ pub async fn site_list(t: &Target, json_out: bool) -> anyhow::Result<()> {
     let rows: Vec<Vec<String>> = s
         .sites
         .iter()
-        .map(|x| vec![x.name.clone(), x.kind.clone(), x.state.clone(), (x.name == s.preferred_site).to_string()])
+        .map(|x| {
+            vec![x.name.clone(), x.kind.clone(), x.state.clone(), (x.name == s.preferred_site).to_string()]
+        })
         .collect();
     println!("{}", table(&["SITE", "KIND", "STATE", "PREFERRED"], &rows));
     Ok(())
@@ -317,14 +352,22 @@ fn print_volume(v: &pb::VolumeStatus, json_out: bool) {
 
 pub async fn volume_show(t: &Target, name: &str, json_out: bool) -> anyhow::Result<()> {
     let mut c = t.connect().await?;
-    let v = c.get_volume(request(pb::VolumeRef { name: name.to_string() }, READ_DEADLINE)).await.map_err(status_err)?.into_inner();
+    let v = c
+        .get_volume(request(pb::VolumeRef { name: name.to_string() }, READ_DEADLINE))
+        .await
+        .map_err(status_err)?
+        .into_inner();
     print_volume(&v, json_out);
     Ok(())
 }
 
 pub async fn volume_list(t: &Target, json_out: bool) -> anyhow::Result<()> {
     let mut c = t.connect().await?;
-    let vols = c.list_volumes(request(pb::ListVolumesRequest {}, READ_DEADLINE)).await.map_err(status_err)?.into_inner();
+    let vols = c
+        .list_volumes(request(pb::ListVolumesRequest {}, READ_DEADLINE))
+        .await
+        .map_err(status_err)?
+        .into_inner();
     if json_out {
         print_json(&Value::Array(vols.volumes.iter().map(volume_json).collect()));
     } else {
@@ -336,7 +379,10 @@ pub async fn volume_list(t: &Target, json_out: bool) -> anyhow::Result<()> {
 pub async fn volume_attach(t: &Target, name: &str, node: &str, json_out: bool) -> anyhow::Result<()> {
     let mut c = t.connect().await?;
     let v = c
-        .attach_volume(request(pb::AttachVolumeRequest { name: name.to_string(), node: node.to_string() }, WRITE_DEADLINE))
+        .attach_volume(request(
+            pb::AttachVolumeRequest { name: name.to_string(), node: node.to_string() },
+            WRITE_DEADLINE,
+        ))
         .await
         .map_err(status_err)?
         .into_inner();
@@ -346,14 +392,20 @@ pub async fn volume_attach(t: &Target, name: &str, node: &str, json_out: bool) -
 
 pub async fn volume_detach(t: &Target, name: &str, json_out: bool) -> anyhow::Result<()> {
     let mut c = t.connect().await?;
-    let v = c.detach_volume(request(pb::VolumeRef { name: name.to_string() }, WRITE_DEADLINE)).await.map_err(status_err)?.into_inner();
+    let v = c
+        .detach_volume(request(pb::VolumeRef { name: name.to_string() }, WRITE_DEADLINE))
+        .await
+        .map_err(status_err)?
+        .into_inner();
     print_volume(&v, json_out);
     Ok(())
 }
 
 pub async fn volume_delete(t: &Target, name: &str) -> anyhow::Result<()> {
     let mut c = t.connect().await?;
-    c.delete_volume(request(pb::VolumeRef { name: name.to_string() }, WRITE_DEADLINE)).await.map_err(status_err)?;
+    c.delete_volume(request(pb::VolumeRef { name: name.to_string() }, WRITE_DEADLINE))
+        .await
+        .map_err(status_err)?;
     println!("volume {name} deleted");
     Ok(())
 }

@@ -15,7 +15,9 @@ use metro_api::identity::{authorize, Access};
 use metro_api::pb::control as pb;
 use metro_api::pb::control::control_client::ControlClient;
 use metro_api::tls::TlsFiles;
-use metro_quorum::{ClusterState, Command, CommandResult, LeasePolicy, Quorum, QuorumError, SiteMode, VolumeRecord};
+use metro_quorum::{
+    ClusterState, Command, CommandResult, LeasePolicy, Quorum, QuorumError, SiteMode, VolumeRecord,
+};
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::{Request, Response, Status};
@@ -58,16 +60,20 @@ fn registry_err(e: RegistryError) -> ApiError {
         RegistryError::AlreadyExists(n) => {
             ApiError::new(Code::AlreadyExists, format!("volume `{n}` already exists"), "pick another name")
         }
-        RegistryError::Corrupt { .. } => ApiError::new(Code::Internal, e.to_string(), "inspect the key in etcd"),
+        RegistryError::Corrupt { .. } => {
+            ApiError::new(Code::Internal, e.to_string(), "inspect the key in etcd")
+        }
     }
 }
 
 fn committed(r: Result<CommandResult, QuorumError>) -> Result<u64, ApiError> {
     match r.map_err(quorum_err)? {
         CommandResult::Ok { epoch } => Ok(epoch),
-        CommandResult::Rejected { reason, detail } => {
-            Err(ApiError::new(Code::Conflict, format!("refused: {reason:?}: {detail}"), "re-read the state and retry"))
-        }
+        CommandResult::Rejected { reason, detail } => Err(ApiError::new(
+            Code::Conflict,
+            format!("refused: {reason:?}: {detail}"),
+            "re-read the state and retry",
+        )),
         CommandResult::Batch(_) => Err(ApiError::new(Code::Internal, "unexpected batch result", "")),
     }
 }
@@ -89,8 +95,12 @@ impl ControlService {
     }
 
     fn volume_status(&self, state: &ClusterState, v: &VolumeRecord) -> pb::VolumeStatus {
-        let primary_nbd =
-            v.primary.as_ref().and_then(|p| state.nodes.get(p)).and_then(|n| n.nbd.clone()).unwrap_or_default();
+        let primary_nbd = v
+            .primary
+            .as_ref()
+            .and_then(|p| state.nodes.get(p))
+            .and_then(|n| n.nbd.clone())
+            .unwrap_or_default();
         let replica_status = v
             .replicas
             .iter()
@@ -141,7 +151,11 @@ impl ControlService {
     async fn volume_status_full(&self, name: &str, forwarded: bool) -> Result<pb::VolumeStatus, Status> {
         let state = self.state();
         let v = state.volumes.get(name).ok_or_else(|| {
-            Status::from(ApiError::new(Code::NotFound, format!("no volume `{name}`"), "list volumes with `metroctl volume list`"))
+            Status::from(ApiError::new(
+                Code::NotFound,
+                format!("no volume `{name}`"),
+                "list volumes with `metroctl volume list`",
+            ))
         })?;
         let primary = v.primary.clone().unwrap_or_default();
         if !forwarded && !primary.is_empty() && primary != self.cfg.node_id {
@@ -267,7 +281,11 @@ impl ControlService {
 
     fn find_volume(&self, name: &str) -> Result<VolumeRecord, ApiError> {
         self.state().volumes.get(name).cloned().ok_or_else(|| {
-            ApiError::new(Code::NotFound, format!("no volume `{name}`"), "list volumes with `metroctl volume list`")
+            ApiError::new(
+                Code::NotFound,
+                format!("no volume `{name}`"),
+                "list volumes with `metroctl volume list`",
+            )
         })
     }
 
@@ -292,12 +310,16 @@ impl ControlService {
 
 #[tonic::async_trait]
 impl pb::control_server::Control for ControlService {
-    async fn get_status(&self, req: Request<pb::GetStatusRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
+    async fn get_status(
+        &self,
+        req: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
         authorize(&req, Access::Read)?;
         let forwarded = req.metadata().get(FORWARDED).is_some();
         let st = self.quorum.status();
         if !forwarded && !st.is_leader {
-            let leader_api = st.leader.as_ref().and_then(|l| self.state().nodes.get(l).map(|n| n.api.clone()));
+            let leader_api =
+                st.leader.as_ref().and_then(|l| self.state().nodes.get(l).map(|n| n.api.clone()));
             if let Some(api) = leader_api {
                 if let Ok(mut c) = self.client_for(&api).await {
                     let mut r = Request::new(pb::GetStatusRequest {});
@@ -327,7 +349,10 @@ impl pb::control_server::Control for ControlService {
         Ok(Response::new(self.volume_status_full(&req.get_ref().name, forwarded).await?))
     }
 
-    async fn create_volume(&self, req: Request<pb::CreateVolumeRequest>) -> Result<Response<pb::VolumeStatus>, Status> {
+    async fn create_volume(
+        &self,
+        req: Request<pb::CreateVolumeRequest>,
+    ) -> Result<Response<pb::VolumeStatus>, Status> {
         authorize(&req, Access::Write)?;
         let r = req.into_inner();
         if !metro_api::config::valid_name(&r.name) {
@@ -391,7 +416,10 @@ impl pb::control_server::Control for ControlService {
         Ok(Response::new(pb::Empty {}))
     }
 
-    async fn attach_volume(&self, req: Request<pb::AttachVolumeRequest>) -> Result<Response<pb::VolumeStatus>, Status> {
+    async fn attach_volume(
+        &self,
+        req: Request<pb::AttachVolumeRequest>,
+    ) -> Result<Response<pb::VolumeStatus>, Status> {
         authorize(&req, Access::Write)?;
         let r = req.into_inner();
         // Desired-state changes need etcd, even when the quorum could commit.
@@ -429,7 +457,11 @@ impl pb::control_server::Control for ControlService {
         let r = req.into_inner();
         let state = self.state();
         let site = state.sites.get(&r.name).ok_or_else(|| {
-            Status::from(ApiError::new(Code::NotFound, format!("no site `{}`", r.name), "see `metroctl site list`"))
+            Status::from(ApiError::new(
+                Code::NotFound,
+                format!("no site `{}`", r.name),
+                "see `metroctl site list`",
+            ))
         })?;
         if site.kind != SiteKind::Data {
             return Err(ApiError::new(Code::InvalidArgument, "only data sites can be activated", "").into());
@@ -455,14 +487,23 @@ impl pb::control_server::Control for ControlService {
             )
             .into());
         }
-        committed(self.quorum.propose(Command::SetSiteMode { site: r.name.clone(), mode: SiteMode::Active }).await)?;
+        committed(
+            self.quorum.propose(Command::SetSiteMode { site: r.name.clone(), mode: SiteMode::Active }).await,
+        )?;
         Ok(Response::new(pb::SiteStatus { name: r.name, kind: "data".into(), state: "active".into() }))
     }
 
-    async fn site_deactivate(&self, req: Request<pb::SiteRequest>) -> Result<Response<pb::SiteStatus>, Status> {
+    async fn site_deactivate(
+        &self,
+        req: Request<pb::SiteRequest>,
+    ) -> Result<Response<pb::SiteStatus>, Status> {
         authorize(&req, Access::Write)?;
         let r = req.into_inner();
-        committed(self.quorum.propose(Command::SetSiteMode { site: r.name.clone(), mode: SiteMode::Deactivated }).await)?;
+        committed(
+            self.quorum
+                .propose(Command::SetSiteMode { site: r.name.clone(), mode: SiteMode::Deactivated })
+                .await,
+        )?;
         Ok(Response::new(pb::SiteStatus { name: r.name, kind: "data".into(), state: "deactivated".into() }))
     }
 
@@ -471,7 +512,11 @@ impl pb::control_server::Control for ControlService {
         let node = req.into_inner().id;
         let state = self.state();
         let site = state.site_of(&node).map(str::to_string).ok_or_else(|| {
-            Status::from(ApiError::new(Code::NotFound, format!("no node `{node}`"), "see `metroctl node list`"))
+            Status::from(ApiError::new(
+                Code::NotFound,
+                format!("no node `{node}`"),
+                "see `metroctl node list`",
+            ))
         })?;
         for v in state.volumes.values().filter(|v| v.primary.as_deref() == Some(node.as_str())) {
             let mut candidates: Vec<&String> = v.in_sync.iter().filter(|n| **n != node).collect();

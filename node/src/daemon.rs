@@ -35,6 +35,8 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 const PUBLISH_EVERY: Duration = Duration::from_secs(5);
 /// Retry period for joining the cluster.
 const JOIN_RETRY: Duration = Duration::from_secs(1);
+/// Bound on one join attempt through the peers.
+const JOIN_ATTEMPT: Duration = Duration::from_secs(5);
 
 /// [`ClusterView`] over the real quorum engine.
 pub struct QuorumView(pub Quorum);
@@ -123,7 +125,12 @@ pub async fn run(cfg: DaemonConfig, config_path: &str) -> anyhow::Result<()> {
         let repl_listener = tokio::net::TcpListener::bind(repl_addr)
             .await
             .with_context(|| format!("binding replication {repl_addr} (is another daemon running?)"))?;
-        tokio::spawn(crate::repl::server::serve(repl_listener, tls.rustls_server()?, m.clone(), stop_rx.clone()));
+        tokio::spawn(crate::repl::server::serve(
+            repl_listener,
+            tls.rustls_server()?,
+            m.clone(),
+            stop_rx.clone(),
+        ));
         let nbd_addr = cfg.listen.nbd.expect("validated: storage nodes have an NBD address");
         let nbd_listener = tokio::net::TcpListener::bind(nbd_addr)
             .await
@@ -243,15 +250,27 @@ async fn join_loop(cfg: Arc<DaemonConfig>, quorum: Quorum, registry: Arc<dyn Reg
                 .initialize(sites.clone(), cfg.quorum.preferred_site.clone(), me.clone())
                 .await
                 .map_err(|e| e.to_string()),
-            Ok(_) | Err(_) => {
+            Ok(_) => {
                 let peers: Vec<String> = match registry.nodes().await {
                     Ok(nodes) => nodes.into_iter().filter(|n| n.id != me.id).map(|n| n.api).collect(),
-                    Err(_) => quorum.state().borrow().nodes.values().filter(|n| n.id != me.id).map(|n| n.api.clone()).collect(),
+                    Err(_) => Vec::new(),
                 };
+                join_bounded(&quorum, &me, peers).await
+            }
+            // etcd is down: only a node that already knows its cluster can rejoin it.
+            Err(e) => {
+                let peers: Vec<String> = quorum
+                    .state()
+                    .borrow()
+                    .nodes
+                    .values()
+                    .filter(|n| n.id != me.id)
+                    .map(|n| n.api.clone())
+                    .collect();
                 if peers.is_empty() {
-                    Err("no peers known yet".to_string())
+                    Err(format!("cannot reach etcd to find the cluster: {e}"))
                 } else {
-                    quorum.join(me.clone(), peers).await.map_err(|e| e.to_string())
+                    join_bounded(&quorum, &me, peers).await
                 }
             }
         };
@@ -267,6 +286,18 @@ async fn join_loop(cfg: Arc<DaemonConfig>, quorum: Quorum, registry: Arc<dyn Reg
                 tokio::time::sleep(JOIN_RETRY).await;
             }
         }
+    }
+}
+
+/// One bounded join attempt, so the loop re-reads etcd (the bootstrap winner
+/// may change from unknown to known) instead of waiting out a long deadline.
+async fn join_bounded(quorum: &Quorum, me: &NodeRecord, peers: Vec<String>) -> Result<(), String> {
+    if peers.is_empty() {
+        return Err("no peers registered yet".into());
+    }
+    match tokio::time::timeout(JOIN_ATTEMPT, quorum.join(me.clone(), peers)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no leader answered within {JOIN_ATTEMPT:?}")),
     }
 }
 

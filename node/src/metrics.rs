@@ -56,27 +56,39 @@ impl Collector for Metrics {
         for v in state.volumes.values() {
             ConstGauge::new(v.epoch as i64).encode(e.encode_family(&[("volume", v.name.as_str())])?)?;
         }
-        let mut e = enc.encode_descriptor("volume_in_sync_replicas", "In-sync replicas", None, MetricType::Gauge)?;
+        let mut e =
+            enc.encode_descriptor("volume_in_sync_replicas", "In-sync replicas", None, MetricType::Gauge)?;
         for v in state.volumes.values() {
-            ConstGauge::new(v.in_sync.len() as i64).encode(e.encode_family(&[("volume", v.name.as_str())])?)?;
+            ConstGauge::new(v.in_sync.len() as i64)
+                .encode(e.encode_family(&[("volume", v.name.as_str())])?)?;
         }
         let mut e = enc.encode_descriptor("volume_replicas", "Placed replicas", None, MetricType::Gauge)?;
         for v in state.volumes.values() {
-            ConstGauge::new(v.replicas.len() as i64).encode(e.encode_family(&[("volume", v.name.as_str())])?)?;
+            ConstGauge::new(v.replicas.len() as i64)
+                .encode(e.encode_family(&[("volume", v.name.as_str())])?)?;
         }
         if let Some(m) = &self.manager {
-            let mut e =
-                enc.encode_descriptor("volume_primary_here", "1 where this node serves", None, MetricType::Gauge)?;
+            let mut e = enc.encode_descriptor(
+                "volume_primary_here",
+                "1 where this node serves",
+                None,
+                MetricType::Gauge,
+            )?;
             for v in state.volumes.values() {
                 let here = i64::from(m.is_primary_here(&v.name));
                 ConstGauge::new(here).encode(e.encode_family(&[("volume", v.name.as_str())])?)?;
             }
-            let mut e =
-                enc.encode_descriptor("replica_dirty_bytes", "Bytes a replica misses", None, MetricType::Gauge)?;
+            let mut e = enc.encode_descriptor(
+                "replica_dirty_bytes",
+                "Bytes a replica misses",
+                None,
+                MetricType::Gauge,
+            )?;
             for v in state.volumes.values().filter(|v| m.is_primary_here(&v.name)) {
                 for r in v.replicas.iter().filter(|r| !v.in_sync.contains(r)) {
                     let b = m.storage().dirty_bytes(&v.name, r) as i64;
-                    ConstGauge::new(b).encode(e.encode_family(&[("volume", v.name.as_str()), ("replica", r.as_str())])?)?;
+                    ConstGauge::new(b)
+                        .encode(e.encode_family(&[("volume", v.name.as_str()), ("replica", r.as_str())])?)?;
                 }
             }
         }

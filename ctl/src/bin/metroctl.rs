@@ -3,7 +3,9 @@
 
 use anyhow::Context;
 use clap::Parser;
-use metroctl::cli::{CertsCmd, Cli, Command, Conn, Global, LabCmd, NodeCmd, Output, SiteCmd, VolumeCmd, WitnessCmd};
+use metroctl::cli::{
+    CertsCmd, Cli, Command, Conn, Global, LabCmd, NodeCmd, Output, SiteCmd, VolumeCmd, WitnessCmd,
+};
 use metroctl::client::{Overrides, Target};
 use metroctl::{certs, commands, lab};
 use std::process::ExitCode;
@@ -77,7 +79,9 @@ async fn run_cluster(g: &Global, cmd: Command) -> anyhow::Result<()> {
             VolumeCmd::Attach { name, node, conn } => {
                 commands::volume_attach(&target(g, &conn)?, &name, &node, json).await
             }
-            VolumeCmd::Detach { name, conn } => commands::volume_detach(&target(g, &conn)?, &name, json).await,
+            VolumeCmd::Detach { name, conn } => {
+                commands::volume_detach(&target(g, &conn)?, &name, json).await
+            }
             VolumeCmd::Delete { name, conn } => commands::volume_delete(&target(g, &conn)?, &name).await,
         },
         Command::Lab(_) | Command::Certs(_) | Command::Completions { .. } | Command::Manpages { .. } => {

@@ -176,3 +176,54 @@ mod tests {
         assert!(t.elapsed() <= PROBE_TIMEOUT + Duration::from_millis(500));
     }
 }
+
+/// Is `info` running the real metro daemons (not stand-ins)?
+pub fn runs_metro_daemons(info: &LabInfo) -> bool {
+    info.nodes.iter().all(|d| d.proc.command.iter().any(|a| a.ends_with("metro-node")))
+}
+
+/// Wait until the cluster itself is healthy: a leader, every daemon
+/// registered and reachable from it, and balanced voters (one per data site
+/// plus the witness).
+pub async fn wait_cluster(info: &LabInfo, deadline: Duration) -> Result<(), LabError> {
+    use crate::client::{request, Overrides, Target};
+    let start = Instant::now();
+    let expected = info.nodes.len() + 1;
+    let mut last = String::from("no answer yet");
+    while start.elapsed() < deadline {
+        let attempt = async {
+            let t = Target::resolve(&info.dir, &Overrides::default()).map_err(|e| e.to_string())?;
+            let mut c = t.connect().await.map_err(|e| e.to_string())?;
+            let s = c
+                .get_status(request(metro_api::pb::control::GetStatusRequest {}, Duration::from_secs(3)))
+                .await
+                .map_err(|e| e.message().to_string())?
+                .into_inner();
+            let reachable = s.nodes.iter().filter(|n| n.reachable).count();
+            if s.leader.is_empty() {
+                return Err("no leader yet".to_string());
+            }
+            if s.nodes.len() < expected || reachable < expected {
+                return Err(format!("{reachable}/{expected} daemons registered and reachable"));
+            }
+            if s.voters.len() < 3 {
+                return Err(format!("voters {:?} (want one per data site plus the witness)", s.voters));
+            }
+            Ok(())
+        };
+        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+            Ok(Ok(())) => {
+                tracing::info!("lab: cluster healthy after {} ms", start.elapsed().as_millis());
+                return Ok(());
+            }
+            Ok(Err(e)) => last = e,
+            Err(_) => last = "status call timed out".into(),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Err(LabError::Unhealthy {
+        waited_s: deadline.as_secs(),
+        pending: format!("cluster: {last}"),
+        logs: info.dir.join("logs"),
+    })
+}

@@ -166,7 +166,12 @@ async fn start_everything(info: &mut LabInfo, deadline: Duration) -> Result<(), 
         start_one(info, &id)?;
     }
     tracing::info!("lab: all processes started; waiting for health (deadline {} s)", deadline.as_secs());
-    health::wait_healthy(info, deadline).await
+    let t = Instant::now();
+    health::wait_healthy(info, deadline).await?;
+    if health::runs_metro_daemons(info) {
+        health::wait_cluster(info, deadline.saturating_sub(t.elapsed())).await?;
+    }
+    Ok(())
 }
 
 /// Start one process (must not be running) and record its pid in lab.json.

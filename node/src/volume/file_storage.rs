@@ -44,12 +44,9 @@ impl FileStorage {
     }
 
     fn vol(&self, name: &str) -> std::io::Result<Arc<Vol>> {
-        self.vols
-            .lock()
-            .expect("poisoned")
-            .get(name)
-            .cloned()
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("volume {name} not open")))
+        self.vols.lock().expect("poisoned").get(name).cloned().ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, format!("volume {name} not open"))
+        })
     }
 
     fn bitmap<R>(&self, name: &str, peer: &str, f: impl FnOnce(&mut DirtyBitmap) -> R) -> std::io::Result<R> {
@@ -66,7 +63,6 @@ impl FileStorage {
         }
         Ok(f(maps.get_mut(peer).expect("inserted")))
     }
-
 }
 
 impl VolumeStorage for FileStorage {
@@ -79,7 +75,8 @@ impl VolumeStorage for FileStorage {
             Err(StoreError::NotFound { .. }) => self.store.create_volume(name, size).map_err(io)?,
             Err(e) => return Err(io(e)),
         };
-        let (al, outcome) = ActivityLog::open(&dev.activity_log_path(), size, self.extent, MAX_HOT_EXTENTS).map_err(io)?;
+        let (al, outcome) =
+            ActivityLog::open(&dev.activity_log_path(), size, self.extent, MAX_HOT_EXTENTS).map_err(io)?;
         if let AlOutcome::AllHot { reason } = &outcome {
             tracing::warn!(volume = %name, %reason, "activity log untrusted: every extent counts as hot");
         }
@@ -124,7 +121,8 @@ impl VolumeStorage for FileStorage {
                 // local copy durable (the caller holds the order lock, so all
                 // earlier writes completed) and let extents cool.
                 tracing::info!(volume = %name, hot, "activity log full: flushing to cool extents");
-                futures::executor::block_on(v.dev.flush()).map_err(|e| std::io::Error::other(e.to_string()))?;
+                futures::executor::block_on(v.dev.flush())
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
                 let seq = al.current_seq();
                 al.mark_flushed(seq);
                 al.begin_write(offset, len).map(|_| ()).map_err(io)
@@ -177,7 +175,9 @@ impl VolumeStorage for FileStorage {
     }
 
     fn data_ranges(&self, name: &str, offset: u64, len: u64) -> Vec<(u64, u64)> {
-        self.vol(name).and_then(|v| v.dev.data_ranges(offset, len).map_err(io)).unwrap_or_else(|_| vec![(offset, len)])
+        self.vol(name)
+            .and_then(|v| v.dev.data_ranges(offset, len).map_err(io))
+            .unwrap_or_else(|_| vec![(offset, len)])
     }
 
     fn capacity(&self) -> (u64, u64) {

@@ -314,7 +314,14 @@ impl PrimaryVolume {
                 ops.push(OpKind::Zero { offset: pos, len: (offset + len - pos) as u32, punch: true });
             }
             for op in ops {
-                let out = OutOp { volume: self.name.clone(), epoch: s.epoch, size: self.size, fua: false, resync: true, op };
+                let out = OutOp {
+                    volume: self.name.clone(),
+                    epoch: s.epoch,
+                    size: self.size,
+                    fua: false,
+                    resync: true,
+                    op,
+                };
                 waits.push(link.enqueue(out).await);
             }
         }
