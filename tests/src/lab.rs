@@ -1,0 +1,278 @@
+//! A real lab (processes, namespaces, etcd) per test, fault
+//! injection through the lab's own commands, and the write oracle (a libnbd
+//! client in `tests/tools/oracle_writer.py`) with its checks.
+//!
+//! Lab tests share global names (network namespaces), so [`Lab::up`] holds a
+//! process-wide lock for the lab's lifetime; test binaries run one at a time.
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+static LAB_LOCK: Mutex<()> = Mutex::new(());
+
+/// Workspace root (for binaries and tools).
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// Directory holding metro-node, metro-witness and metroctl of this build.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("METRO_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace().join("target"));
+    target.join("debug")
+}
+
+pub struct Lab {
+    pub dir: PathBuf,
+    pub info: metroctl::lab::LabInfo,
+    _guard: MutexGuard<'static, ()>,
+}
+
+/// One acknowledged write as logged by the oracle writer.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Ack {
+    pub seq: u64,
+    pub block: u64,
+    pub t: f64,
+    pub uri: String,
+}
+
+impl Lab {
+    /// Start a whole lab in a fresh directory; torn down (purged) on drop.
+    pub async fn up(name: &str) -> anyhow::Result<Lab> {
+        let guard = LAB_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let bins = bin_dir();
+        for b in ["metro-node", "metro-witness", "metroctl"] {
+            if !bins.join(b).exists() {
+                bail!("{} missing: run `cargo build --workspace --bins` first", bins.join(b).display());
+            }
+        }
+        let dir = std::env::temp_dir().join(format!("metro-test-{name}-{}", std::process::id()));
+        let _ = metroctl::lab::down(&dir, true);
+        let mut opts = metroctl::lab::LabOptions::new(&dir);
+        opts.bin_dir = bins;
+        opts.health_deadline = Duration::from_secs(90);
+        let info = metroctl::lab::up(opts).await.context("lab up")?;
+        tracing::info!(dir = %dir.display(), mode = ?info.mode, "lab is up");
+        Ok(Lab { dir, info, _guard: guard })
+    }
+
+    /// Run metroctl against this lab; returns stdout, fails with stderr.
+    pub fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(bin_dir().join("metroctl"))
+            .arg("--lab")
+            .arg(&self.dir)
+            .args(args)
+            .output()
+            .context("running metroctl")?;
+        if !out.status.success() {
+            bail!("metroctl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn ctl_json(&self, args: &[&str]) -> anyhow::Result<Value> {
+        let mut a = vec!["-o", "json"];
+        a.extend_from_slice(args);
+        Ok(serde_json::from_str(&self.ctl(&a)?)?)
+    }
+
+    pub fn status(&self) -> anyhow::Result<Value> {
+        self.ctl_json(&["status"])
+    }
+
+    pub fn volume(&self, name: &str) -> anyhow::Result<Value> {
+        self.ctl_json(&["volume", "show", name])
+    }
+
+    /// Poll `f` every 200 ms until it holds or `timeout` passes.
+    pub async fn wait_for<F>(&self, what: &str, timeout: Duration, mut f: F) -> anyhow::Result<Duration>
+    where
+        F: FnMut(&Lab) -> anyhow::Result<bool>,
+    {
+        let start = Instant::now();
+        let mut last = String::new();
+        while start.elapsed() < timeout {
+            match f(self) {
+                Ok(true) => return Ok(start.elapsed()),
+                Ok(false) => {}
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        bail!("timed out after {timeout:?} waiting for {what} (last error: {last})")
+    }
+
+    pub fn kill_site(&self, site: &str) -> anyhow::Result<()> {
+        metroctl::lab::kill_site(&self.dir, site)?;
+        Ok(())
+    }
+
+    pub async fn start_site(&self, site: &str) -> anyhow::Result<()> {
+        metroctl::lab::start_site(&self.dir, site).await?;
+        Ok(())
+    }
+
+    pub fn kill_node(&self, id: &str) -> anyhow::Result<()> {
+        metroctl::lab::kill_node(&self.dir, id)?;
+        Ok(())
+    }
+
+    pub async fn start_node(&self, id: &str) -> anyhow::Result<()> {
+        metroctl::lab::start_node(&self.dir, id).await?;
+        Ok(())
+    }
+
+    pub fn partition(&self, a: &str, b: &str) -> anyhow::Result<()> {
+        metroctl::lab::partition(&self.dir, a, b)?;
+        Ok(())
+    }
+
+    pub fn heal(&self) -> anyhow::Result<()> {
+        metroctl::lab::heal(&self.dir)?;
+        Ok(())
+    }
+
+    /// Start an oracle writer. With `pin`, it never leaves that URI.
+    pub fn writer(&self, volume: &str, tag: &str, first_block: u64, seconds: f64, pin: Option<&str>) -> Writer {
+        let out = self.dir.join(format!("acks-{tag}.jsonl"));
+        let mut cmd = Command::new("/usr/bin/python3");
+        cmd.arg(workspace().join("tests/tools/oracle_writer.py"))
+            .args(["write", "--volume", volume, "--lab"])
+            .arg(&self.dir)
+            .arg("--metroctl")
+            .arg(bin_dir().join("metroctl"))
+            .arg("--out")
+            .arg(&out)
+            .args(["--seconds", &seconds.to_string(), "--first-block", &first_block.to_string()])
+            .args(["--blocks", "512", "--seq-base", &(first_block * 1_000_000).to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(p) = pin {
+            cmd.args(["--pin", p]);
+        }
+        let child = cmd.spawn().expect("python3-libnbd is installed (scripts/install-deps)");
+        Writer { child: Some(child), out }
+    }
+
+    /// Check with the oracle that every acknowledged write is readable from `uri`.
+    pub fn verify(&self, uri: &str, logs: &[&Path]) -> anyhow::Result<Value> {
+        let out = Command::new("/usr/bin/python3")
+            .arg(workspace().join("tests/tools/oracle_writer.py"))
+            .args(["verify", "--uri", uri])
+            .args(logs)
+            .output()?;
+        let report: Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("verify output: {}", String::from_utf8_lossy(&out.stderr)))?;
+        if !out.status.success() {
+            bail!("acknowledged writes missing on {uri}: {report} {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(report)
+    }
+
+    /// Compare every in-sync replica's data file byte for byte.
+    pub fn replicas_identical(&self, volume: &str) -> anyhow::Result<bool> {
+        let v = self.volume(volume)?;
+        let in_sync: Vec<String> =
+            v["in_sync"].as_array().into_iter().flatten().filter_map(|x| x.as_str().map(String::from)).collect();
+        let files: Vec<PathBuf> = in_sync
+            .iter()
+            .filter_map(|n| self.info.daemon(n).map(|d| d.data_dir.join("volumes").join(volume).join("data")))
+            .collect();
+        if files.len() < 2 {
+            bail!("only {} in-sync replica files for {volume}", files.len());
+        }
+        let first = std::fs::read(&files[0])?;
+        for f in &files[1..] {
+            if std::fs::read(f)? != first {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::env::var_os("METRO_KEEP_LAB").is_some() {
+            eprintln!("keeping lab in {}", self.dir.display());
+            return;
+        }
+        if let Err(e) = metroctl::lab::down(&self.dir, true) {
+            eprintln!("lab down {}: {e}", self.dir.display());
+        }
+    }
+}
+
+pub struct Writer {
+    child: Option<Child>,
+    pub out: PathBuf,
+}
+
+impl Writer {
+    /// Wait for the writer to finish and return its acknowledged writes.
+    pub fn finish(mut self) -> anyhow::Result<Vec<Ack>> {
+        let child = self.child.take().expect("running");
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("writer failed: {}", String::from_utf8_lossy(&out.stdout));
+        }
+        read_acks(&self.out)
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn read_acks(path: &Path) -> anyhow::Result<Vec<Ack>> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines().map(|l| Ok(serde_json::from_str(l)?)).collect()
+}
+
+/// Split-brain check: no URI acknowledged a write after another URI started
+/// acknowledging (a primary change), across all writers.
+pub fn assert_single_primary(acks: &[&[Ack]]) -> anyhow::Result<()> {
+    let mut all: Vec<&Ack> = acks.iter().flat_map(|a| a.iter()).collect();
+    all.sort_by(|a, b| a.t.total_cmp(&b.t));
+    let mut seen_after: Vec<String> = Vec::new();
+    for a in &all {
+        if seen_after.last() != Some(&a.uri) {
+            if seen_after.contains(&a.uri) {
+                bail!("split brain: {} acknowledged a write at {:.3} after another primary took over", a.uri, a.t);
+            }
+            seen_after.push(a.uri.clone());
+        }
+    }
+    Ok(())
+}
+
+/// Largest gap between consecutive acknowledged writes.
+pub fn max_gap(acks: &[Ack]) -> Duration {
+    acks.windows(2).map(|w| Duration::from_secs_f64((w[1].t - w[0].t).max(0.0))).max().unwrap_or_default()
+}
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber_init();
+}
+
+fn tracing_subscriber_init() -> Result<(), ()> {
+    metro_api::telemetry::init_tracing();
+    Ok(())
+}
+
+/// Strings of a JSON array.
+pub fn strings(v: &Value) -> Vec<String> {
+    v.as_array().into_iter().flatten().filter_map(|x| x.as_str().map(String::from)).collect()
+}
