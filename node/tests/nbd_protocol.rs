@@ -127,7 +127,11 @@ async fn option_haggling_refuses_tls_unknown_options_and_unknown_exports() {
     reg.add("vol", MemDevice::new(MIB));
     reg.refuse(
         "moved",
-        ExportError::NotPrimary { volume: "moved".into(), primary: "node-b".into(), nbd: "10.0.0.2:10809".into() },
+        ExportError::NotPrimary {
+            volume: "moved".into(),
+            primary: "node-b".into(),
+            nbd: "10.0.0.2:10809".into(),
+        },
     );
     let srv = TestServer::start(reg, NbdLimits::default()).await;
     let mut s = RawClient::greet(srv.addr).await;

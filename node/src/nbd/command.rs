@@ -23,12 +23,28 @@ pub struct Geometry {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
-    Read { offset: u64, len: u32 },
+    Read {
+        offset: u64,
+        len: u32,
+    },
     /// `len` bytes of payload follow the header.
-    Write { offset: u64, len: u32, fua: bool },
+    Write {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
     Flush,
-    Trim { offset: u64, len: u32, fua: bool },
-    WriteZeroes { offset: u64, len: u32, fua: bool, may_punch: bool },
+    Trim {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+        fua: bool,
+        may_punch: bool,
+    },
     /// A zero-length READ/WRITE/TRIM/WRITE_ZEROES: succeeds without touching the device.
     Noop,
     Disconnect,
@@ -67,9 +83,13 @@ fn allowed_flags(kind: u16) -> u16 {
 pub fn classify(h: &RequestHeader, g: &Geometry) -> Result<Command, Rejection> {
     let name = command_name(h.kind);
     match h.kind {
-        NBD_CMD_READ | NBD_CMD_WRITE | NBD_CMD_FLUSH | NBD_CMD_TRIM | NBD_CMD_WRITE_ZEROES | NBD_CMD_DISC => {}
+        NBD_CMD_READ | NBD_CMD_WRITE | NBD_CMD_FLUSH | NBD_CMD_TRIM | NBD_CMD_WRITE_ZEROES | NBD_CMD_DISC => {
+        }
         other => {
-            return Err(reject(NBD_EINVAL, format!("command type {other} ({name}) is not supported by this server")));
+            return Err(reject(
+                NBD_EINVAL,
+                format!("command type {other} ({name}) is not supported by this server"),
+            ));
         }
     }
     let unknown = h.flags & !allowed_flags(h.kind);
@@ -92,13 +112,17 @@ pub fn classify(h: &RequestHeader, g: &Geometry) -> Result<Command, Rejection> {
     if g.min_block > 1 && (offset % u64::from(g.min_block) != 0 || len % g.min_block != 0) {
         return Err(reject(
             NBD_EINVAL,
-            format!("{name} at offset {offset} length {len} is not aligned to the minimum block size {}", g.min_block),
+            format!(
+                "{name} at offset {offset} length {len} is not aligned to the minimum block size {}",
+                g.min_block
+            ),
         ));
     }
     let end = offset.checked_add(u64::from(len));
     if end.is_none_or(|end| end > g.size) {
         // The spec asks for ENOSPC on writes past the end, EINVAL otherwise.
-        let errno = if matches!(h.kind, NBD_CMD_WRITE | NBD_CMD_WRITE_ZEROES) { NBD_ENOSPC } else { NBD_EINVAL };
+        let errno =
+            if matches!(h.kind, NBD_CMD_WRITE | NBD_CMD_WRITE_ZEROES) { NBD_ENOSPC } else { NBD_EINVAL };
         return Err(reject(
             errno,
             format!("{name} at offset {offset} length {len} goes past the export size {}", g.size),
@@ -164,7 +188,10 @@ mod tests {
     fn unknown_commands_and_flags_get_einval() {
         assert_eq!(classify(&hdr(99, 0, 0, 1), &G).unwrap_err().errno, NBD_EINVAL);
         assert_eq!(classify(&hdr(NBD_CMD_BLOCK_STATUS, 0, 0, 1), &G).unwrap_err().errno, NBD_EINVAL);
-        assert_eq!(classify(&hdr(NBD_CMD_READ, NBD_CMD_FLAG_NO_HOLE, 0, 1), &G).unwrap_err().errno, NBD_EINVAL);
+        assert_eq!(
+            classify(&hdr(NBD_CMD_READ, NBD_CMD_FLAG_NO_HOLE, 0, 1), &G).unwrap_err().errno,
+            NBD_EINVAL
+        );
     }
 
     #[test]

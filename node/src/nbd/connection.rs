@@ -99,7 +99,12 @@ impl Conn {
         NbdStats::add(&self.stats.bytes_read, data.len() as u64);
         let head = if self.structured {
             if data.is_empty() {
-                let h = wire::ChunkHeader { flags: NBD_REPLY_FLAG_DONE, kind: NBD_REPLY_TYPE_NONE, cookie, length: 0 };
+                let h = wire::ChunkHeader {
+                    flags: NBD_REPLY_FLAG_DONE,
+                    kind: NBD_REPLY_TYPE_NONE,
+                    cookie,
+                    length: 0,
+                };
                 wire::encode_chunk_header(&h).to_vec()
             } else {
                 wire::encode_offset_data_prefix(cookie, offset, data.len() as u32).to_vec()
@@ -209,14 +214,20 @@ pub(crate) async fn transmit(
     let conn = Arc::new(Conn { device: neg.device, structured: neg.structured, stats, replies: tx, stop });
     let mut rd = BufReader::with_capacity(IO_BUFFER_BYTES, rd);
     let mut tasks = JoinSet::new();
-    let reason = read_requests(&mut rd, &conn, &neg.geometry, max_in_flight, &mut tasks, &mut stopped, &mut shutdown).await;
+    let reason =
+        read_requests(&mut rd, &conn, &neg.geometry, max_in_flight, &mut tasks, &mut stopped, &mut shutdown)
+            .await;
     match &reason {
         StopReason::Broken(why) => tracing::warn!(why, "nbd connection closed on a protocol error"),
         other => tracing::debug!(reason = ?other, "nbd connection stopping"),
     }
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async { while tasks.join_next().await.is_some() {} }).await;
+    let drained =
+        tokio::time::timeout(DRAIN_TIMEOUT, async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
-        tracing::warn!(left = tasks.len(), "nbd in-flight requests did not finish in {DRAIN_TIMEOUT:?}; dropping them");
+        tracing::warn!(
+            left = tasks.len(),
+            "nbd in-flight requests did not finish in {DRAIN_TIMEOUT:?}; dropping them"
+        );
         tasks.shutdown().await;
     }
     drop(conn); // last reply sender: the writer flushes and exits
@@ -268,14 +279,23 @@ async fn read_requests(
             Err(e) => return StopReason::Broken(format!("request header: {e}")),
         };
         NbdStats::add(&conn.stats.requests, 1);
-        tracing::trace!(cookie = h.cookie, cmd = command_name(h.kind), offset = h.offset, len = h.length, "nbd request");
+        tracing::trace!(
+            cookie = h.cookie,
+            cmd = command_name(h.kind),
+            offset = h.offset,
+            len = h.length,
+            "nbd request"
+        );
         let cmd = match classify(&h, geometry) {
             Ok(cmd) => cmd,
             Err(rej) => {
                 let skip_len = u64::from(payload_len(&h));
                 if skip_len > MAX_SKIPPED_WRITE_BYTES {
                     conn.reply_error(&h, rej.errno, &rej.message).await;
-                    return StopReason::Broken(format!("{} with a {skip_len}-byte payload", command_name(h.kind)));
+                    return StopReason::Broken(format!(
+                        "{} with a {skip_len}-byte payload",
+                        command_name(h.kind)
+                    ));
                 }
                 if skip_len > 0 {
                     match tokio::time::timeout(PAYLOAD_READ_TIMEOUT, skip(rd, skip_len)).await {

@@ -80,7 +80,12 @@ async fn send<S: AsyncWrite + Unpin>(s: &mut S, option: u32, reply: u32, data: &
     s.write_all(&wire::encode_option_reply(option, reply, data)).await
 }
 
-async fn send_error<S: AsyncWrite + Unpin>(s: &mut S, option: u32, reply: u32, msg: &str) -> std::io::Result<()> {
+async fn send_error<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    option: u32,
+    reply: u32,
+    msg: &str,
+) -> std::io::Result<()> {
     tracing::debug!(option = option_name(option), reply, msg, "nbd option refused");
     send(s, option, reply, wire::clamp_string(msg).as_bytes()).await?;
     s.flush().await
@@ -124,7 +129,8 @@ where
     for _ in 0..MAX_OPTIONS {
         let mut hdr = [0u8; wire::OPTION_HEADER_LEN];
         s.read_exact(&mut hdr).await?;
-        let h = wire::parse_option_header(&hdr).map_err(|e| HandshakeError::Protocol(format!("option header: {e}")))?;
+        let h = wire::parse_option_header(&hdr)
+            .map_err(|e| HandshakeError::Protocol(format!("option header: {e}")))?;
         if h.length > MAX_OPTION_DATA_BYTES {
             if h.length > MAX_SKIPPED_OPTION_BYTES || h.option == NBD_OPT_EXPORT_NAME {
                 return Err(HandshakeError::Protocol(format!(
@@ -148,10 +154,16 @@ where
                     .open(&name)
                     .map_err(|error| HandshakeError::ExportNameRefused { name: name.clone(), error })?;
                 let (geometry, _) = geometry_for(device.as_ref(), limits);
-                s.write_all(&wire::encode_export_name_reply(geometry.size, TRANSMISSION_FLAGS, no_zeroes)).await?;
+                s.write_all(&wire::encode_export_name_reply(geometry.size, TRANSMISSION_FLAGS, no_zeroes))
+                    .await?;
                 s.flush().await?;
                 // Old-style entry: no structured replies were negotiated unless asked.
-                return Ok(HandshakeOutcome::Transmission(Negotiated { export: name, device, structured, geometry }));
+                return Ok(HandshakeOutcome::Transmission(Negotiated {
+                    export: name,
+                    device,
+                    structured,
+                    geometry,
+                }));
             }
             NBD_OPT_ABORT => {
                 // The client may already have closed; a failed ACK is fine.
@@ -177,7 +189,8 @@ where
             }
             NBD_OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
-                    send_error(s, h.option, NBD_REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data").await?;
+                    send_error(s, h.option, NBD_REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+                        .await?;
                     continue;
                 }
                 structured = true;
@@ -229,7 +242,10 @@ where
                 }
             }
             other => {
-                let msg = format!("option {other} ({}) is not supported by the metro NBD server", option_name(other));
+                let msg = format!(
+                    "option {other} ({}) is not supported by the metro NBD server",
+                    option_name(other)
+                );
                 send_error(s, other, NBD_REP_ERR_UNSUP, &msg).await?;
             }
         }

@@ -129,20 +129,32 @@ impl NbdServer {
         }
         tracing::info!(open = conns.len(), "nbd server shutting down");
         drop(listener);
-        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async { while conns.join_next().await.is_some() {} }).await;
+        let drained =
+            tokio::time::timeout(SHUTDOWN_GRACE, async { while conns.join_next().await.is_some() {} }).await;
         if drained.is_err() {
-            tracing::warn!(left = conns.len(), "nbd connections did not close in {SHUTDOWN_GRACE:?}; aborting them");
+            tracing::warn!(
+                left = conns.len(),
+                "nbd connections did not close in {SHUTDOWN_GRACE:?}; aborting them"
+            );
             conns.shutdown().await;
         }
         Ok(())
     }
 
-    async fn serve_one(self: Arc<Self>, mut stream: TcpStream, peer: SocketAddr, mut shutdown: watch::Receiver<bool>) {
+    async fn serve_one(
+        self: Arc<Self>,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         NbdStats::add(&self.stats.connections_accepted, 1);
         if let Err(e) = tune_socket(&stream) {
             tracing::warn!(error = %e, "nbd socket options not applied");
         }
-        let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate(&mut stream, self.registry.as_ref(), &self.limits));
+        let handshake = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            negotiate(&mut stream, self.registry.as_ref(), &self.limits),
+        );
         let outcome = tokio::select! {
             r = handshake => r,
             _ = wait_true(&mut shutdown) => {
@@ -187,5 +199,7 @@ impl NbdServer {
 fn tune_socket(stream: &TcpStream) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let sock = socket2::SockRef::from(stream);
-    sock.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(KEEPALIVE_IDLE).with_interval(KEEPALIVE_IDLE))
+    sock.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new().with_time(KEEPALIVE_IDLE).with_interval(KEEPALIVE_IDLE),
+    )
 }

@@ -357,7 +357,13 @@ mod tests {
 
     #[test]
     fn request_header_has_the_spec_layout() {
-        let h = RequestHeader { flags: 1, kind: NBD_CMD_WRITE, cookie: 0x0102_0304_0506_0708, offset: 4096, length: 512 };
+        let h = RequestHeader {
+            flags: 1,
+            kind: NBD_CMD_WRITE,
+            cookie: 0x0102_0304_0506_0708,
+            offset: 4096,
+            length: 512,
+        };
         let b = encode_request(&h);
         assert_eq!(&b[0..4], &[0x25, 0x60, 0x95, 0x13]);
         assert_eq!(&b[4..8], &[0, 1, 0, 1]);

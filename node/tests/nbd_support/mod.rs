@@ -356,7 +356,15 @@ impl RawClient {
         RawClient { stream, structured, reads: HashMap::new() }
     }
 
-    pub async fn send(&mut self, kind: u16, flags: u16, cookie: u64, offset: u64, length: u32, payload: &[u8]) {
+    pub async fn send(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        cookie: u64,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) {
         if kind == NBD_CMD_READ {
             self.reads.insert(cookie, length);
         }
@@ -395,15 +403,24 @@ impl RawClient {
                 let mut full = magic.to_vec();
                 full.extend_from_slice(&rest);
                 let c = wire::parse_chunk_header(&full).unwrap();
-                assert_eq!(c.flags & NBD_REPLY_FLAG_DONE, NBD_REPLY_FLAG_DONE, "server sends one chunk per reply");
+                assert_eq!(
+                    c.flags & NBD_REPLY_FLAG_DONE,
+                    NBD_REPLY_FLAG_DONE,
+                    "server sends one chunk per reply"
+                );
                 let mut payload = vec![0u8; c.length as usize];
                 self.stream.read_exact(&mut payload).await.unwrap();
                 self.reads.remove(&c.cookie);
                 match c.kind {
-                    NBD_REPLY_TYPE_NONE => RawReply { cookie: c.cookie, error: 0, message: String::new(), data: vec![] },
-                    NBD_REPLY_TYPE_OFFSET_DATA => {
-                        RawReply { cookie: c.cookie, error: 0, message: String::new(), data: payload[8..].to_vec() }
+                    NBD_REPLY_TYPE_NONE => {
+                        RawReply { cookie: c.cookie, error: 0, message: String::new(), data: vec![] }
                     }
+                    NBD_REPLY_TYPE_OFFSET_DATA => RawReply {
+                        cookie: c.cookie,
+                        error: 0,
+                        message: String::new(),
+                        data: payload[8..].to_vec(),
+                    },
                     NBD_REPLY_TYPE_ERROR => {
                         let (error, message) = wire::parse_error_payload(&payload).unwrap();
                         RawReply { cookie: c.cookie, error, message, data: vec![] }
