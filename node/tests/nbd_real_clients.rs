@@ -326,3 +326,47 @@ async fn ext4_on_nbdfuse_and_a_loop_device_survives_remount() {
     assert!(srv.server.stats().bytes_written > 3 * MIB);
     srv.stop().await;
 }
+
+/// Throughput of the server with an in-memory device, measured by fio.
+/// Run: `cargo test -p metro-node --test nbd_real_clients -- --ignored --nocapture fio_throughput`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, not a check; prints numbers"]
+async fn fio_throughput_against_a_memory_device() {
+    let (srv, _dev) = serve_one("vol", 256 * MIB).await;
+    let uri = format!("--uri={}", srv.uri("vol"));
+    for (name, rw, bs, depth) in
+        [("randwrite-4k-qd16", "randwrite", "4k", "16"), ("read-1m-qd8", "read", "1m", "8")]
+    {
+        let bs = format!("--bs={bs}");
+        let depth = format!("--iodepth={depth}");
+        let rw = format!("--rw={rw}");
+        let out = run_ok(
+            "fio",
+            &[
+                "--name=bench",
+                "--ioengine=nbd",
+                &uri,
+                &rw,
+                &bs,
+                &depth,
+                "--size=256M",
+                "--time_based",
+                "--runtime=5",
+                "--output-format=json",
+            ],
+        )
+        .await;
+        // fio may print notes before the JSON document.
+        let json = &out.stdout[out.stdout.find('{').unwrap_or(0)..];
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        let job = &v["jobs"][0];
+        let side = if name.contains("write") { &job["write"] } else { &job["read"] };
+        println!(
+            "MEASURED {name}: {:.0} IOPS, {:.1} MiB/s, p99 completion {:.0} us",
+            side["iops"].as_f64().unwrap_or(0.0),
+            side["bw_bytes"].as_f64().unwrap_or(0.0) / (1024.0 * 1024.0),
+            side["clat_ns"]["percentile"]["99.000000"].as_f64().unwrap_or(0.0) / 1000.0
+        );
+    }
+    srv.stop().await;
+}
