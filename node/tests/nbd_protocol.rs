@@ -296,3 +296,16 @@ async fn random_bytes_in_transmission_never_break_the_server() {
     assert_eq!(srv.server.stats().connections_active, 1);
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gigabyte_write_is_answered_eoverflow_and_the_connection_closed() {
+    let (srv, _dev) = one_export(MIB, small_limits()).await;
+    let mut c = RawClient::connect(srv.addr, "vol", true).await;
+    c.send(NBD_CMD_WRITE, 0, 9, 0, 1 << 30, &[]).await;
+    let r = c.recv().await;
+    assert_eq!((r.cookie, r.error), (9, NBD_EOVERFLOW));
+    assert!(c.closed_by_server().await, "the payload is too big to skip, so the server closes");
+    let mut c2 = RawClient::connect(srv.addr, "vol", true).await;
+    assert_round_trip_works(&mut c2, 1).await;
+    srv.stop().await;
+}
