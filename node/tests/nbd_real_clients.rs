@@ -218,6 +218,8 @@ async fn fio_random_writes_verify_with_crc32c_at_iodepth_16() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            // Otherwise fio leaves local-*-verify.state in the crate directory.
+            "--verify_state_save=0",
             "--output-format=terse",
         ],
     )
