@@ -273,3 +273,39 @@ async fn aligned_devices_refuse_unaligned_io_and_require_block_size_negotiation(
     assert_round_trip_works(&mut c, 3).await;
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_bytes_in_transmission_never_break_the_server() {
+    let (srv, _dev) = one_export(MIB, small_limits()).await;
+    for seed in 1..=40u64 {
+        let mut c = RawClient::connect(srv.addr, "vol", seed % 2 == 0).await;
+        // Half the time start with a valid request magic so the parser goes deeper.
+        let mut junk = pattern(28 * 8 + (seed as usize % 50), seed);
+        if seed % 4 < 2 {
+            junk[0..4].copy_from_slice(&NBD_REQUEST_MAGIC.to_be_bytes());
+            junk[6..8].copy_from_slice(&((seed % 9) as u16).to_be_bytes());
+        }
+        c.stream.write_all(&junk).await.unwrap();
+        c.stream.shutdown().await.unwrap();
+        // Drain whatever the server answers until it closes; it must close.
+        let mut sink = Vec::new();
+        tokio::time::timeout(CLIENT_TIMEOUT, c.stream.read_to_end(&mut sink)).await.unwrap().ok();
+    }
+    let mut c = RawClient::connect(srv.addr, "vol", true).await;
+    assert_round_trip_works(&mut c, 1).await;
+    assert_eq!(srv.server.stats().connections_active, 1);
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gigabyte_write_is_answered_eoverflow_and_the_connection_closed() {
+    let (srv, _dev) = one_export(MIB, small_limits()).await;
+    let mut c = RawClient::connect(srv.addr, "vol", true).await;
+    c.send(NBD_CMD_WRITE, 0, 9, 0, 1 << 30, &[]).await;
+    let r = c.recv().await;
+    assert_eq!((r.cookie, r.error), (9, NBD_EOVERFLOW));
+    assert!(c.closed_by_server().await, "the payload is too big to skip, so the server closes");
+    let mut c2 = RawClient::connect(srv.addr, "vol", true).await;
+    assert_round_trip_works(&mut c2, 1).await;
+    srv.stop().await;
+}

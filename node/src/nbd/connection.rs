@@ -317,6 +317,7 @@ async fn read_requests(
         let bytes_permit = tokio::select! {
             biased;
             _ = wait_true(stopped) => return StopReason::Stopped,
+            _ = wait_true(shutdown) => return StopReason::ServerShutdown,
             p = budget.clone().acquire_many_owned(units) => p.expect("semaphore never closed"),
         };
         let payload = if let Command::Write { len, .. } = cmd {

@@ -12,6 +12,21 @@
 //! (request validation), `handshake`, `connection` (transmission),
 //! `server` (public entry point), `stats` (counters).
 //!
+//! Use from the daemon:
+//!
+//! ```no_run
+//! # async fn demo(registry: std::sync::Arc<dyn metro_node::block::ExportRegistry>) -> std::io::Result<()> {
+//! use metro_node::nbd::{NbdLimits, NbdServer};
+//! let listener = tokio::net::TcpListener::bind("0.0.0.0:10809").await?;
+//! let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+//! let server = std::sync::Arc::new(NbdServer::new(registry, NbdLimits::default()));
+//! let task = tokio::spawn(server.clone().serve(listener, stop_rx));
+//! // ... later: stop accepting, let in-flight requests finish, close.
+//! stop_tx.send(true).ok();
+//! task.await.expect("nbd task")?;
+//! # Ok(()) }
+//! ```
+//!
 //! Published NBD crates cannot serve real clients (see TESTBED.md), hence
 //! this implementation; it is tested against nbdinfo, nbdcopy, qemu-io,
 //! qemu-img, fio and nbdfuse in `node/tests/nbd_real_clients.rs`.
