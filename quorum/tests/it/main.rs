@@ -1,0 +1,273 @@
+//! Integration tests of the quorum engine: real members, real tonic, 127.0.0.1.
+//! One binary for the crate (`cargo test -p metro-quorum --test it`).
+
+mod support;
+
+use metro_quorum::{Command, CommandResult, LeasePolicy};
+use std::time::Duration;
+use support::*;
+
+fn create_volume(name: &str, replicas: &[&str], primary: &str) -> Command {
+    Command::CreateVolume {
+        name: name.into(),
+        size_bytes: 1 << 20,
+        iops_limit: 0,
+        bandwidth_limit: 0,
+        lease_policy: LeasePolicy::Suspend,
+        replicas: replicas.iter().map(|s| s.to_string()).collect(),
+        primary: primary.into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_initialize_join_and_replicate_state_to_voters_and_learners() {
+    tracing::info!("--- a1 initializes, b1 and w1 join, a2 joins as a learner");
+    let c = Cluster::start(&["a1", "b1", "w1", "a2"]).await;
+    c.wait_voters(&["a1", "b1", "w1"]).await;
+    let st = c.get("a1").q.status();
+    assert_eq!(st.learners, vec!["a2".to_string()]);
+    assert_eq!(st.leader.as_deref(), Some("a1"));
+
+    tracing::info!("--- a proposal through a follower (forwarded) is applied everywhere");
+    let r = c.get("w1").q.propose(create_volume("v1", &["a2", "b1"], "a2")).await.unwrap();
+    assert_eq!(r, CommandResult::Ok { epoch: 1 });
+    for m in &c.members {
+        wait_until(Duration::from_secs(5), &format!("{} sees v1", m.id), || {
+            let has = m.state().volumes.contains_key("v1");
+            async move { has }
+        })
+        .await;
+    }
+    let a2 = c.get("a2").state();
+    assert_eq!(a2.volumes["v1"].primary.as_deref(), Some("a2"));
+    assert_eq!(a2.nodes.len(), 4);
+    assert_eq!(a2.sites.len(), 3);
+
+    tracing::info!("--- a rejected command reports the state machine's reason");
+    let r = c.get("b1").q.propose(create_volume("v1", &["a2", "b1"], "a2")).await.unwrap();
+    assert!(matches!(r, CommandResult::Rejected { .. }), "{r:?}");
+
+    tracing::info!("--- initialize is idempotent");
+    let a1 = c.get("a1");
+    a1.q.initialize(lab_sites(), Some("dc-a".into()), a1.record()).await.unwrap();
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_is_elected_when_the_leader_dies_and_proposals_work_again() {
+    let mut c = Cluster::start(&["a1", "b1", "w1"]).await;
+    c.wait_voters(&["a1", "b1", "w1"]).await;
+    let old = c.leader().expect("a leader");
+    let term = c.get(&old).q.status().term;
+
+    tracing::info!("--- kill the leader {old}");
+    c.get_mut(&old).kill().await;
+    let survivors: Vec<String> = c.members.iter().map(|m| m.id.clone()).filter(|id| *id != old).collect();
+    let killed_at = std::time::Instant::now();
+    wait_until(Duration::from_secs(10), "a survivor leads", || {
+        let led = survivors.iter().any(|id| c.get(id).q.status().is_leader);
+        async move { led }
+    })
+    .await;
+    let new = c.leader().unwrap();
+    assert_ne!(new, old);
+    let st = c.get(&new).q.status();
+    assert!(st.term > term, "term {} after {}", st.term, term);
+    tracing::info!(elapsed_ms = killed_at.elapsed().as_millis() as u64, "new leader {new}");
+
+    tracing::info!("--- proposals through either survivor commit");
+    for id in &survivors {
+        let name = format!("after-{id}");
+        let r = c.get(id).q.propose(Command::SetPreferredSite { site: Some("dc-b".into()) }).await.unwrap();
+        assert!(r.is_ok(), "{name}: {r:?}");
+    }
+    for id in &survivors {
+        let m = c.get(id);
+        wait_until(Duration::from_secs(5), "preferred site replicated", || {
+            let p = m.state().preferred_site.clone();
+            async move { p.as_deref() == Some("dc-b") }
+        })
+        .await;
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_primary_fails_over_to_the_in_sync_replica_in_the_other_site_after_its_lease() {
+    let mut c = Cluster::start(&["a1", "b1", "w1"]).await;
+    c.wait_voters(&["a1", "b1", "w1"]).await;
+    let r = c.get("w1").q.propose(create_volume("v", &["a1", "b1"], "b1")).await.unwrap();
+    assert_eq!(r, CommandResult::Ok { epoch: 1 });
+
+    tracing::info!("--- b1 holds the lease for v at epoch 1");
+    let b1 = c.get("b1");
+    wait_until(Duration::from_secs(5), "b1 holds a lease", || {
+        let l = b1.q.lease_valid_until("v", 1);
+        async move { l.is_some() }
+    })
+    .await;
+    assert!(b1.q.lease_valid_until("v", 2).is_none(), "a lease is for one epoch only");
+    assert!(c.get("a1").q.lease_valid_until("v", 1).is_none(), "only the primary holds a lease");
+
+    tracing::info!("--- b1 dies; its last lease must end before anyone is promoted");
+    let last_lease = {
+        let rx = c.get("b1").q.lease_watch();
+        let l = rx.borrow().get("v").copied().unwrap();
+        l.valid_until
+    };
+    c.get_mut("b1").kill().await;
+    let killed_at = tokio::time::Instant::now();
+    let a1 = c.get("a1");
+    let mut rx = a1.q.state();
+    let promoted = tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.wait_for(|s| s.volumes["v"].primary.as_deref() == Some("a1")),
+    )
+    .await
+    .expect("failover within 10 s")
+    .unwrap()
+    .clone();
+    let promoted_at = tokio::time::Instant::now();
+    let v = &promoted.volumes["v"];
+    assert_eq!(v.epoch, 2, "promotion bumps the epoch");
+    assert_eq!(v.in_sync, vec!["a1".to_string()], "the dead node leaves in_sync");
+    assert!(promoted_at > last_lease, "promoted before the old lease ended");
+    tracing::info!(rto_ms = (promoted_at - killed_at).as_millis() as u64, "failover done");
+
+    tracing::info!("--- the new primary gets a lease at the new epoch");
+    wait_until(Duration::from_secs(5), "a1 holds a lease at epoch 2", || {
+        let l = a1.q.lease_valid_until("v", 2);
+        async move { l.is_some() }
+    })
+    .await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_member_recovers_its_log_and_state_from_its_data_dir() {
+    let mut c = Cluster::start(&["a1", "b1", "w1"]).await;
+    c.wait_voters(&["a1", "b1", "w1"]).await;
+    for i in 0..5 {
+        let r = c.get("a1").q.propose(create_volume(&format!("v{i}"), &["a1", "b1"], "a1")).await.unwrap();
+        assert!(r.is_ok());
+    }
+    let b1 = c.get("b1");
+    wait_until(Duration::from_secs(5), "b1 has 5 volumes", || {
+        let n = b1.state().volumes.len();
+        async move { n == 5 }
+    })
+    .await;
+    let before = b1.state();
+    let (dir, port) = (b1.dir.clone(), b1.addr.rsplit(':').next().unwrap().parse::<u16>().unwrap());
+
+    tracing::info!("--- b1 stops; restart it from its data dir, isolated (no server yet)");
+    c.get_mut("b1").kill().await;
+    let cfg_only = metro_quorum::Quorum::start(metro_quorum::EngineConfig {
+        node_id: "b1".into(),
+        site: "dc-b".into(),
+        role: metro_api::config::Role::Storage,
+        api_addr: format!("127.0.0.1:{port}"),
+        data_dir: dir.clone(),
+        timings: timings(),
+        tls: None,
+    })
+    .await
+    .unwrap();
+    let mut rx = cfg_only.state();
+    let recovered = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.volumes.len() == 5))
+        .await
+        .expect("state recovered from the local log")
+        .unwrap()
+        .clone();
+    assert_eq!(*recovered, *before);
+    cfg_only.shutdown().await;
+
+    tracing::info!("--- b1 restarts for real and catches up with new commands");
+    let m = start_member("b1", &dir, port, None).await;
+    m.heartbeat_as_primary();
+    *c.get_mut("b1") = m;
+    let r = c.get("a1").q.propose(create_volume("after", &["a1", "b1"], "a1")).await.unwrap();
+    assert!(r.is_ok(), "{r:?}");
+    let b1 = c.get("b1");
+    wait_until(Duration::from_secs(10), "restarted b1 sees the new volume", || {
+        let has = b1.state().volumes.contains_key("after");
+        async move { has }
+    })
+    .await;
+    c.shutdown().await;
+}
+
+/// A member of a future release: answers every call in protocol version 99.
+struct FutureVersionPeer;
+
+#[tonic::async_trait]
+impl metro_api::pb::internal::internal_server::Internal for FutureVersionPeer {
+    async fn raft_append(
+        &self,
+        r: tonic::Request<Payload>,
+    ) -> Result<tonic::Response<Payload>, tonic::Status> {
+        Self::answer(r)
+    }
+    async fn raft_vote(&self, r: tonic::Request<Payload>) -> Result<tonic::Response<Payload>, tonic::Status> {
+        Self::answer(r)
+    }
+    async fn raft_snapshot(
+        &self,
+        r: tonic::Request<Payload>,
+    ) -> Result<tonic::Response<Payload>, tonic::Status> {
+        Self::answer(r)
+    }
+    async fn propose(&self, r: tonic::Request<Payload>) -> Result<tonic::Response<Payload>, tonic::Status> {
+        Self::answer(r)
+    }
+    async fn heartbeat(&self, r: tonic::Request<Payload>) -> Result<tonic::Response<Payload>, tonic::Status> {
+        Self::answer(r)
+    }
+}
+
+type Payload = metro_api::pb::internal::RaftPayload;
+
+impl FutureVersionPeer {
+    fn answer(_: tonic::Request<Payload>) -> Result<tonic::Response<Payload>, tonic::Status> {
+        Ok(tonic::Response::new(Payload { proto_version: 99, from: "x9".into(), data: b"{}".to_vec() }))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_speaking_another_protocol_version_is_refused_with_both_versions_named() {
+    let c = Cluster::start(&["a1"]).await;
+
+    tracing::info!("--- an old/new caller is refused by our server with FAILED_PRECONDITION");
+    let mut client = metro_api::pb::internal::internal_client::InternalClient::connect(format!(
+        "http://{}",
+        c.get("a1").addr
+    ))
+    .await
+    .unwrap();
+    let status = client
+        .propose(Payload { proto_version: 99, from: "x9".into(), data: b"{}".to_vec() })
+        .await
+        .expect_err("must be refused");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    let msg = status.message();
+    assert!(msg.contains("v99") && msg.contains("v1") && msg.contains("x9"), "{msg}");
+
+    tracing::info!("--- our client reports a peer answering in another version, and does not retry");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(metro_api::pb::internal::internal_server::InternalServer::new(FutureVersionPeer))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut b1 = start_member("b1", dir.path(), 0, None).await;
+    let err = b1.q.join(b1.record(), vec![addr.clone()]).await.expect_err("join must fail");
+    assert!(!err.is_retryable(), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("v99") && msg.contains("v1") && msg.contains(&addr), "{msg}");
+    assert!(matches!(err, metro_quorum::QuorumError::VersionMismatch(_)), "{err:?}");
+    server.abort();
+    b1.kill().await;
+    c.shutdown().await;
+}
