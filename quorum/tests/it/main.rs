@@ -271,3 +271,35 @@ async fn a_peer_speaking_another_protocol_version_is_refused_with_both_versions_
     b1.kill().await;
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_talk_over_mutual_tls_and_a_viewer_certificate_is_refused() {
+    let ca = TestCa::new();
+    let cn = |id: &str| if id.starts_with('w') { "witness".to_string() } else { format!("node:{id}") };
+    let c = Cluster::start_with(&["a1", "b1", "w1"], |id| Some(ca.issue(&cn(id)))).await;
+    c.wait_voters(&["a1", "b1", "w1"]).await;
+    let r = c.get("w1").q.propose(create_volume("v", &["a1", "b1"], "a1")).await.unwrap();
+    assert!(r.is_ok(), "{r:?}");
+
+    tracing::info!("--- a viewer certificate may not call the internal service");
+    let viewer = ca.issue("viewer:grafana");
+    let ch = tonic::transport::Endpoint::from_shared(format!("https://{}", c.get("a1").addr))
+        .unwrap()
+        .tls_config(viewer.tonic_client())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = metro_api::pb::internal::internal_client::InternalClient::new(ch);
+    let status = client
+        .propose(Payload {
+            proto_version: metro_api::PROTOCOL_VERSION,
+            from: "grafana".into(),
+            data: serde_json::to_vec(&Command::SetPreferredSite { site: None }).unwrap(),
+        })
+        .await
+        .expect_err("viewer refused");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert_eq!(c.get("a1").state().preferred_site.as_deref(), Some("dc-a"), "nothing changed");
+    c.shutdown().await;
+}

@@ -164,11 +164,16 @@ pub struct Cluster {
 
 impl Cluster {
     pub async fn start(ids: &[&str]) -> Cluster {
+        Self::start_with(ids, |_| None).await
+    }
+
+    /// As `start`, with each member's TLS material from `tls(id)`.
+    pub async fn start_with(ids: &[&str], tls: impl Fn(&str) -> Option<metro_api::tls::TlsFiles>) -> Cluster {
         init_tracing();
         let root = tempfile::tempdir().unwrap();
         let mut members = Vec::new();
         for (i, id) in ids.iter().enumerate() {
-            let m = start_member(id, &root.path().join(id), 0, None).await;
+            let m = start_member(id, &root.path().join(id), 0, tls(id)).await;
             if i == 0 {
                 m.q.initialize(lab_sites(), Some("dc-a".into()), m.record()).await.expect("initialize");
             } else {
@@ -208,6 +213,39 @@ impl Cluster {
     pub async fn shutdown(mut self) {
         for m in &mut self.members {
             m.kill().await;
+        }
+    }
+}
+
+/// A throw-away cluster CA issuing metro certificates (server name `metro`).
+pub struct TestCa {
+    ca: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        metro_api::tls::install_crypto_provider();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, "metro test CA");
+        let ca = p.self_signed(&key).unwrap();
+        TestCa { ca, key }
+    }
+
+    /// Certificate + key for common name `cn` (e.g. `node:a1`, `witness`, `viewer:x`).
+    pub fn issue(&self, cn: &str) -> metro_api::tls::TlsFiles {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec![metro_api::tls::SERVER_NAME.to_string()]).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.extended_key_usages =
+            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = p.signed_by(&key, &self.ca, &self.key).unwrap();
+        metro_api::tls::TlsFiles {
+            ca_pem: self.ca.pem().into_bytes(),
+            cert_pem: cert.pem().into_bytes(),
+            key_pem: key.serialize_pem().into_bytes(),
         }
     }
 }
