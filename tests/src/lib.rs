@@ -1,1 +1,3 @@
 //! Test support: fixtures that start clusters and inject faults.
+
+pub mod sim;
