@@ -90,8 +90,13 @@ pub(crate) struct LeaderState {
     pub last_seen_ms: BTreeMap<String, u64>,
     pub leases: crate::decide::LeaseTable,
     pub sites: crate::decide::SiteTracker,
-    /// When this leader last asked a preferred-site voter to take over.
-    pub handover_at_ms: Option<u64>,
+}
+
+/// A leadership hand-over to the preferred site in progress (or the last one).
+#[derive(Debug, Clone)]
+pub(crate) struct Handover {
+    pub target: String,
+    pub started_ms: u64,
 }
 
 pub(crate) struct Shared {
@@ -105,6 +110,10 @@ pub(crate) struct Shared {
     pub t0: Instant,
     pub leader: Mutex<Option<LeaderState>>,
     pub leases: watch::Sender<Arc<BTreeMap<String, HeldLease>>>,
+    /// Last hand-over this member started as leader (kept across terms: cooldown).
+    pub handover: Mutex<Option<Handover>>,
+    /// Elections are held (disabled) on this member until this instant.
+    pub hold_elections_until: Mutex<Option<Instant>>,
     pub stop: watch::Sender<bool>,
     pub tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -232,6 +241,8 @@ impl Quorum {
             t0: Instant::now(),
             leader: Mutex::new(None),
             leases,
+            handover: Mutex::new(None),
+            hold_elections_until: Mutex::new(None),
             stop,
             tasks: Mutex::new(Vec::new()),
         });

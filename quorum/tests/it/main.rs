@@ -303,3 +303,61 @@ async fn members_talk_over_mutual_tls_and_a_viewer_certificate_is_refused() {
     assert_eq!(c.get("a1").state().preferred_site.as_deref(), Some("dc-a"), "nothing changed");
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_voter_is_replaced_by_a_live_learner_of_the_same_site() {
+    let mut c = Cluster::start(&["a1", "b1", "w1", "a2"]).await;
+    c.wait_voters(&["a1", "b1", "w1"]).await;
+    tracing::info!("--- a1 (voter, leader) dies; a2 must take its voter seat");
+    c.get_mut("a1").kill().await;
+    let b1 = c.get("b1");
+    wait_until(Duration::from_secs(15), "voters are a2, b1, w1", || {
+        let st = b1.q.status();
+        async move { st.voters == ["a2", "b1", "w1"] }
+    })
+    .await;
+    let st = b1.q.status();
+    assert!(st.learners.contains(&"a1".to_string()), "the dead voter is kept as a learner: {st:?}");
+    assert_eq!(b1.state().sites["dc-a"].mode, metro_quorum::SiteMode::Active, "dc-a still has a live node");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_volumes_fail_over_in_one_batch_entry() {
+    let mut c = Cluster::start(&["a1", "b1", "w1"]).await;
+    c.wait_voters(&["a1", "b1", "w1"]).await;
+    let create: Vec<Command> =
+        (0..1000).map(|i| create_volume(&format!("v{i:04}"), &["a1", "b1"], "b1")).collect();
+    let r = c.get("a1").q.propose(Command::Batch(create)).await.unwrap();
+    assert!(r.is_ok());
+    let before = c.get("a1").q.status().last_applied;
+    c.get_mut("b1").kill().await;
+    let a1 = c.get("a1");
+    let mut rx = a1.q.state();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.wait_for(|s| s.volumes.values().all(|v| v.primary.as_deref() == Some("a1") && v.epoch == 2)),
+    )
+    .await
+    .expect("all 1000 volumes fail over")
+    .unwrap();
+    let entries = a1.q.status().last_applied - before;
+    // One batch for the volumes; the rest is the site fencing and the voter change.
+    assert!(entries <= 6, "{entries} log entries for the failover");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_moves_to_a_voter_in_the_preferred_site() {
+    tracing::info!("--- b1 (dc-b) bootstraps the group; dc-a is preferred");
+    let c = Cluster::start(&["b1", "a1", "w1"]).await;
+    c.wait_voters(&["a1", "b1", "w1"]).await;
+    wait_until(Duration::from_secs(15), "a1 leads", || {
+        let l = c.leader();
+        async move { l.as_deref() == Some("a1") }
+    })
+    .await;
+    let r = c.get("w1").q.propose(Command::SetPreferredSite { site: Some("dc-a".into()) }).await.unwrap();
+    assert!(r.is_ok());
+    c.shutdown().await;
+}
