@@ -21,10 +21,11 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
-/// Run `count` seeds from `first`, spread over threads; returns the failures.
+/// Run `count` seeds from `first`, spread over threads; returns the failures
+/// and prints throughput and what the seeds exercised.
 fn sweep(first: u64, count: u64, opts: impl Fn(u64) -> SimOptions + Sync) -> Vec<SimReport> {
     let started = Instant::now();
-    let failures = std::thread::scope(|s| {
+    let reports = std::thread::scope(|s| {
         let handles: Vec<_> = (0..SWEEP_THREADS)
             .map(|t| {
                 let opts = &opts;
@@ -32,7 +33,6 @@ fn sweep(first: u64, count: u64, opts: impl Fn(u64) -> SimOptions + Sync) -> Vec
                     (first..first + count)
                         .filter(|seed| seed % SWEEP_THREADS == t)
                         .map(|seed| run(&opts(seed)))
-                        .filter(|r| !r.is_clean())
                         .collect::<Vec<_>>()
                 })
             })
@@ -40,12 +40,19 @@ fn sweep(first: u64, count: u64, opts: impl Fn(u64) -> SimOptions + Sync) -> Vec
         handles.into_iter().flat_map(|h| h.join().expect("sweep thread")).collect::<Vec<_>>()
     });
     let secs = started.elapsed().as_secs_f64();
+    let sum = |f: fn(&SimReport) -> u64| reports.iter().map(f).sum::<u64>();
     println!(
-        "simulated {count} seeds from {first} in {secs:.1} s ({:.1} seeds/s, {SWEEP_THREADS} threads), {} failed",
+        "simulated {count} seeds from {first} in {secs:.1} s ({:.1} seeds/s, {SWEEP_THREADS} threads): \
+         {} elections, {} promotions, {} site mode changes, {} lease grants, {} acknowledged writes; {} failed",
         count as f64 / secs,
-        failures.len()
+        sum(|r| r.stats.elections),
+        sum(|r| r.stats.promotions),
+        sum(|r| r.stats.fences),
+        sum(|r| r.stats.grants),
+        sum(|r| r.stats.acked_writes),
+        reports.iter().filter(|r| !r.is_clean()).count()
     );
-    failures
+    reports.into_iter().filter(|r| !r.is_clean()).collect()
 }
 
 fn assert_clean(failures: &[SimReport]) {
