@@ -19,7 +19,7 @@ use crate::decide::{self, LeaseTable, LeaseTiming, SiteTracker};
 use crate::quorum::{Handover, LeaderState, Shared};
 use crate::state::{ClusterState, Command, NodeId};
 use crate::types::RaftId;
-use openraft::ServerState;
+use openraft::{BasicNode, ChangeMembers, ServerState};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -140,9 +140,25 @@ async fn reconcile_membership(s: &Shared, state: &ClusterState, alive: &BTreeSet
     let m = s.raft.metrics().borrow().clone();
     let mem = m.membership_config.membership().clone();
     for rec in state.nodes.values() {
-        if mem.get_node(&rec.raft_id).is_none() {
-            s.ensure_learner(rec).await;
-            return;
+        match mem.get_node(&rec.raft_id) {
+            None => {
+                s.ensure_learner(rec).await;
+                return;
+            }
+            Some(n) if n.addr != rec.api => {
+                // The node re-registered from a new address (same name, so the
+                // same raft id): point replication at it.
+                let nodes = BTreeMap::from([(rec.raft_id, BasicNode { addr: rec.api.clone() })]);
+                tracing::info!(node = %rec.id, from = %n.addr, to = %rec.api, "updating a member's address");
+                let change = s.raft.change_membership(ChangeMembers::SetNodes(nodes), true);
+                match tokio::time::timeout(MEMBERSHIP_TIMEOUT, change).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "address update failed"),
+                    Err(_) => tracing::warn!("address update timed out"),
+                }
+                return;
+            }
+            Some(_) => {}
         }
     }
     let joint = mem.get_joint_config();

@@ -361,3 +361,28 @@ async fn leadership_moves_to_a_voter_in_the_preferred_site() {
     assert!(r.is_ok());
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_restarted_on_a_new_address_is_reached_there_after_it_rejoins() {
+    let mut c = Cluster::start(&["a1", "b1", "w1"]).await;
+    c.wait_voters(&["a1", "b1", "w1"]).await;
+    let dir = c.get("b1").dir.clone();
+    c.get_mut("b1").kill().await;
+
+    tracing::info!("--- b1 comes back on another port and re-registers");
+    let m = start_member("b1", &dir, 0, None).await;
+    m.q.join(m.record(), vec![c.get("a1").addr.clone()]).await.unwrap();
+    m.heartbeat_as_primary();
+    let new_addr = m.addr.clone();
+    *c.get_mut("b1") = m;
+    let r = c.get("a1").q.propose(create_volume("moved", &["a1", "b1"], "a1")).await.unwrap();
+    assert!(r.is_ok());
+    let b1 = c.get("b1");
+    wait_until(Duration::from_secs(10), "b1 at its new address sees new commands", || {
+        let has = b1.state().volumes.contains_key("moved");
+        async move { has }
+    })
+    .await;
+    assert_eq!(b1.state().nodes["b1"].api, new_addr);
+    c.shutdown().await;
+}
