@@ -43,6 +43,8 @@ pub const PROPOSE_DEADLINE: Duration = Duration::from_secs(10);
 pub const INIT_DEADLINE: Duration = Duration::from_secs(15);
 /// Deadline for `join`: reach a leader, be registered, and catch up.
 pub const JOIN_DEADLINE: Duration = Duration::from_secs(60);
+/// Deadline for building a snapshot in `compact_log` (a JSON dump of the state).
+pub const COMPACT_DEADLINE: Duration = Duration::from_secs(10);
 /// Bound on leader-hint hops per attempt (a stale hint cannot loop forever).
 const MAX_HOPS: usize = 4;
 /// Backoff between attempts while no leader is known.
@@ -472,6 +474,27 @@ impl Quorum {
     /// Watch the leases this node holds (updated on every heartbeat reply).
     pub fn lease_watch(&self) -> watch::Receiver<Arc<BTreeMap<String, HeldLease>>> {
         self.inner.leases.subscribe()
+    }
+
+    /// Build a snapshot now and drop the log up to it (members that lag
+    /// behind then catch up through a snapshot transfer).
+    pub async fn compact_log(&self) -> Result<(), QuorumError> {
+        let s = &self.inner;
+        let applied = s.raft.metrics().borrow().last_applied.map(|l| l.index).unwrap_or(0);
+        s.raft.trigger().snapshot().await.map_err(|e| QuorumError::Stopped(e.to_string()))?;
+        let mut rx = s.raft.metrics();
+        let built = rx.wait_for(|m| m.snapshot.is_some_and(|l| l.index >= applied));
+        match tokio::time::timeout(COMPACT_DEADLINE, built).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return Err(QuorumError::Stopped("raft metrics closed".into())),
+            Err(_) => {
+                return Err(QuorumError::Timeout {
+                    what: "building a snapshot".into(),
+                    ms: COMPACT_DEADLINE.as_millis() as u64,
+                })
+            }
+        }
+        s.raft.trigger().purge_log(applied).await.map_err(|e| QuorumError::Stopped(e.to_string()))
     }
 
     /// Stop the raft core and every background task of this member.

@@ -386,3 +386,26 @@ async fn a_member_restarted_on_a_new_address_is_reached_there_after_it_rejoins()
     assert_eq!(b1.state().nodes["b1"].api, new_addr);
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_joining_after_log_compaction_catches_up_from_a_snapshot() {
+    let mut c = Cluster::start(&["a1", "b1", "w1"]).await;
+    c.wait_voters(&["a1", "b1", "w1"]).await;
+    for i in 0..20 {
+        let r = c.get("a1").q.propose(create_volume(&format!("v{i}"), &["a1", "b1"], "a1")).await.unwrap();
+        assert!(r.is_ok());
+    }
+    tracing::info!("--- the leader compacts its log; a2 joins and must get a snapshot");
+    c.get("a1").q.compact_log().await.unwrap();
+    let m = start_member("a2", &c._root.path().join("a2"), 0, None).await;
+    m.q.join(m.record(), vec![c.get("b1").addr.clone()]).await.unwrap();
+    m.heartbeat_as_primary();
+    let a2_state = m.state();
+    assert_eq!(a2_state.volumes.len(), 20);
+    assert!(m.dir.join("raft/snapshot").exists(), "a2 installed a snapshot rather than replaying the log");
+    assert_eq!(*a2_state, *c.get("a1").state());
+    c.members.push(m);
+    let r = c.get("a2").q.propose(create_volume("after", &["a2", "b1"], "a2")).await.unwrap();
+    assert!(r.is_ok());
+    c.shutdown().await;
+}
