@@ -409,3 +409,51 @@ async fn a_member_joining_after_log_compaction_catches_up_from_a_snapshot() {
     assert!(r.is_ok());
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_site_is_fenced_and_returns_to_active_only_after_it_stayed_reachable() {
+    let mut c = Cluster::start(&["a1", "b1", "w1"]).await;
+    c.wait_voters(&["a1", "b1", "w1"]).await;
+    let (dir, port) = {
+        let b1 = c.get("b1");
+        (b1.dir.clone(), b1.addr.rsplit(':').next().unwrap().parse::<u16>().unwrap())
+    };
+    tracing::info!("--- dc-b is lost: fenced, and the voters shrink to a1 + w1");
+    c.get_mut("b1").kill().await;
+    let a1 = c.get("a1");
+    let mut rx = a1.q.state();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.wait_for(|s| s.sites["dc-b"].mode == metro_quorum::SiteMode::Fenced),
+    )
+    .await
+    .expect("dc-b fenced")
+    .unwrap();
+    wait_until(Duration::from_secs(10), "voters shrink to a1, w1", || {
+        let v = a1.q.status().voters;
+        async move { v == ["a1", "w1"] }
+    })
+    .await;
+
+    tracing::info!(
+        "--- dc-b returns; it stays fenced for site_stable_ms, then is active with its voter back"
+    );
+    let m = start_member("b1", &dir, port, None).await;
+    m.heartbeat_as_primary();
+    let back_at = tokio::time::Instant::now();
+    *c.get_mut("b1") = m;
+    let a1 = c.get("a1");
+    tokio::time::sleep(Duration::from_millis(timings().site_stable_ms / 2)).await;
+    assert_eq!(a1.state().sites["dc-b"].mode, metro_quorum::SiteMode::Fenced, "hysteresis");
+    let mut rx = a1.q.state();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.wait_for(|s| s.sites["dc-b"].mode == metro_quorum::SiteMode::Active),
+    )
+    .await
+    .expect("dc-b active again")
+    .unwrap();
+    assert!(back_at.elapsed() >= Duration::from_millis(timings().site_stable_ms));
+    c.wait_voters(&["a1", "b1", "w1"]).await;
+    c.shutdown().await;
+}
