@@ -162,3 +162,26 @@ fn the_simulator_catches_promotion_without_waiting_out_the_lease() {
     );
     println!("caught, e.g.:\n{}", caught[0].describe());
 }
+
+/// Upper bound for a failover of the real engine with default timings when
+/// the leader's site is lost: openraft's leader lease and election (2 x 2 s),
+/// the new leader's lease wait (2 s + 0.5 s), a control round and a
+/// heartbeat (0.25 s each), plus slack. DESIGN.md's 5 s target holds only
+/// when the leader survives; the report names the gap.
+const ENGINE_RTO_BOUND_MS: u64 = 8_000;
+
+#[test]
+fn the_real_quorum_engine_fails_over_a_lost_site_under_turmoil() {
+    for (seed, site) in [(1, "dc-a"), (2, "dc-a"), (3, "dc-b"), (4, "dc-b")] {
+        let started = Instant::now();
+        let r = metro_tests::sim::engine::run_engine_site_loss(seed, site);
+        println!("real engine, seed {seed}, lose {site}: {r:?}, wall {:?}", started.elapsed());
+        assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
+        let rto = r.rto_ms.expect("every volume served again after the site was lost");
+        assert!(rto <= ENGINE_RTO_BOUND_MS, "seed {seed}: failover took {rto} ms");
+        let lost_prefix = if site == "dc-a" { 'a' } else { 'b' };
+        for (v, p) in &r.primaries {
+            assert!(p.as_deref().is_some_and(|p| !p.starts_with(lost_prefix)), "{v} still on {p:?}");
+        }
+    }
+}

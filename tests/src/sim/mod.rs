@@ -29,6 +29,7 @@
 
 pub mod clock;
 pub mod disk;
+pub mod engine;
 pub mod faults;
 pub mod harness;
 pub mod msg;

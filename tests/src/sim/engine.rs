@@ -1,0 +1,411 @@
+//! The REAL quorum engine (`metro_quorum::Quorum`: openraft over tonic, its
+//! control loop, heartbeats and leases) on turmoil hosts: tonic channels go
+//! through [`TurmoilConnector`] (the engine's injectable `Connector`), the
+//! `Internal` service is served from a turmoil TCP listener, and the raft
+//! files live in a per-host directory that survives crashes.
+//!
+//! An [`EngineOracle`] samples every host each 10 ms of simulated time and the
+//! harness checks it after every step: at most one leader per term, epochs
+//! never decrease on any member, a new primary always comes from the previous
+//! `in_sync`, and at most one node may serve a volume at any instant (a node
+//! may serve when its state names it primary and it holds a lease for the
+//! current epoch, which is what the data path asks `lease_valid_until`).
+//!
+//! Not bit-reproducible: openraft draws election timeouts from the thread
+//! RNG, outside turmoil's seed. The fault schedule and the network are seeded.
+
+use hyper_util::rt::TokioIo;
+use metro_api::config::{QuorumConfig, Role, SiteKind};
+use metro_quorum::state::{raft_id_of, ClusterState, Command, LeasePolicy, NodeRecord};
+use metro_quorum::{Connector, EngineConfig, Quorum};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+pub const ENGINE_PORT: u16 = 7443;
+/// How often each host reports to the oracle (simulated time).
+const SAMPLE_MS: u64 = 10;
+/// Bounds on connection set-up inside the simulation.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Reaches a peer through turmoil's simulated TCP.
+pub struct TurmoilConnector;
+
+impl Connector for TurmoilConnector {
+    fn channel(&self, addr: &str) -> Result<Channel, String> {
+        let ep = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| format!("bad peer address `{addr}`: {e}"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(2))
+            .keep_alive_while_idle(true);
+        Ok(ep.connect_with_connector_lazy(tower::service_fn(|uri: Uri| async move {
+            let host = uri.host().unwrap_or_default().to_string();
+            let port = uri.port_u16().unwrap_or(ENGINE_PORT);
+            let s = turmoil::net::TcpStream::connect((host.as_str(), port)).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(s))
+        })))
+    }
+}
+
+/// A server-side turmoil connection tonic can serve.
+struct Conn(turmoil::net::TcpStream);
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = ();
+    fn connect_info(&self) {}
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+pub fn site_of(id: &str) -> (&'static str, Role) {
+    match &id[..1] {
+        "a" => ("dc-a", Role::Storage),
+        "b" => ("dc-b", Role::Storage),
+        _ => ("witness", Role::Witness),
+    }
+}
+
+fn record(id: &str) -> NodeRecord {
+    let (site, role) = site_of(id);
+    NodeRecord {
+        id: id.into(),
+        raft_id: raft_id_of(id),
+        site: site.into(),
+        role,
+        api: format!("{id}:{ENGINE_PORT}"),
+        nbd: None,
+        replication: None,
+        capacity_bytes: 1 << 40,
+    }
+}
+
+/// Engine timings for the simulation: the defaults (DESIGN.md 7).
+pub fn timings() -> QuorumConfig {
+    QuorumConfig { preferred_site: Some("dc-a".into()), ..QuorumConfig::default() }
+}
+
+/// What each host last reported, and what went wrong.
+#[derive(Default)]
+pub struct EngineOracle {
+    /// term → the member that led it.
+    leaders: BTreeMap<u64, String>,
+    /// member → its last applied state (this incarnation).
+    states: BTreeMap<String, Arc<ClusterState>>,
+    /// volume → member → simulated ms until which it may serve.
+    serving_until: BTreeMap<String, BTreeMap<String, u64>>,
+    /// The voter set the latest leader reported.
+    pub voters: Vec<String>,
+    pub statuses: BTreeMap<String, metro_quorum::QuorumStatus>,
+    pub violations: Vec<String>,
+    pub now_ms: u64,
+}
+
+impl EngineOracle {
+    fn violate(&mut self, v: String) {
+        if self.violations.len() < 20 {
+            self.violations.push(format!("t={}ms {v}", self.now_ms));
+        }
+    }
+
+    /// The state a member last reported.
+    pub fn state_of(&self, id: &str) -> Option<Arc<ClusterState>> {
+        self.states.get(id).cloned()
+    }
+
+    /// Members that may serve `vol` right now.
+    pub fn serving(&self, vol: &str) -> Vec<String> {
+        let now = self.now_ms;
+        self.serving_until
+            .get(vol)
+            .map_or(Vec::new(), |m| m.iter().filter(|(_, u)| **u > now).map(|(n, _)| n.clone()).collect())
+    }
+
+    pub fn crashed(&mut self, id: &str) {
+        self.states.remove(id);
+        for m in self.serving_until.values_mut() {
+            m.remove(id);
+        }
+    }
+
+    /// After every step.
+    pub fn check_instant(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+        let vols: Vec<String> = self.serving_until.keys().cloned().collect();
+        for v in vols {
+            let s = self.serving(&v);
+            if s.len() > 1 {
+                self.violate(format!("{v}: {} members may serve at once: {s:?}", s.len()));
+            }
+        }
+    }
+
+    fn report(
+        &mut self,
+        id: &str,
+        status: &metro_quorum::QuorumStatus,
+        state: Arc<ClusterState>,
+        serving: BTreeMap<String, u64>,
+    ) {
+        let (term, leader) = (status.term, status.is_leader);
+        self.statuses.insert(id.into(), status.clone());
+        if leader {
+            self.voters = status.voters.clone();
+            match self.leaders.get(&term) {
+                Some(other) if other != id => {
+                    let other = other.clone();
+                    self.violate(format!("two leaders in term {term}: {other} and {id}"));
+                }
+                _ => {
+                    self.leaders.insert(term, id.into());
+                }
+            }
+        }
+        if let Some(old) = self.states.get(id).cloned() {
+            for (name, new) in &state.volumes {
+                let Some(prev) = old.volumes.get(name) else { continue };
+                if new.epoch < prev.epoch {
+                    self.violate(format!("{id}: epoch of {name} went {} -> {}", prev.epoch, new.epoch));
+                }
+                if new.epoch > prev.epoch && new.primary != prev.primary {
+                    if let Some(p) = &new.primary {
+                        // Only checkable for a single step; larger jumps are covered by apply().
+                        if new.epoch == prev.epoch + 1 && !prev.is_in_sync(p) {
+                            self.violate(format!(
+                                "{id}: {name} promoted {p} outside in_sync {:?}",
+                                prev.in_sync
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        self.states.insert(id.into(), state);
+        for m in self.serving_until.values_mut() {
+            m.remove(id);
+        }
+        for (v, until) in serving {
+            self.serving_until.entry(v).or_default().insert(id.into(), until);
+        }
+    }
+}
+
+fn sim_now_ms() -> u64 {
+    turmoil::sim_elapsed().unwrap_or_default().as_millis() as u64
+}
+
+/// The software of one host: start the member, serve, join, heartbeat, report.
+pub async fn engine_host(id: String, dir: PathBuf, oracle: Arc<Mutex<EngineOracle>>) -> turmoil::Result {
+    let (site, role) = site_of(&id);
+    let cfg = EngineConfig {
+        node_id: id.clone(),
+        site: site.into(),
+        role,
+        api_addr: format!("{id}:{ENGINE_PORT}"),
+        data_dir: dir,
+        timings: timings(),
+        tls: None,
+    };
+    let q = Quorum::start_with_connector(cfg, Arc::new(TurmoilConnector)).await?;
+    let listener = turmoil::net::TcpListener::bind(("0.0.0.0", ENGINE_PORT)).await?;
+    let incoming = futures::stream::unfold(listener, |l| async move {
+        let next = l.accept().await.map(|(s, _)| Conn(s));
+        Some((next, l))
+    });
+    let router = tonic::transport::Server::builder().add_service(q.internal_service());
+    tokio::spawn(async move {
+        let _ = router.serve_with_incoming(incoming).await;
+    });
+    if id == "a1" {
+        let sites = vec![
+            ("dc-a".to_string(), SiteKind::Data),
+            ("dc-b".to_string(), SiteKind::Data),
+            ("witness".to_string(), SiteKind::Witness),
+        ];
+        q.initialize(sites, Some("dc-a".into()), record(&id)).await?;
+    } else {
+        let peers: Vec<String> = ["a1", "a2", "b1", "b2", "w1"]
+            .iter()
+            .filter(|p| **p != id)
+            .map(|p| format!("{p}:{ENGINE_PORT}"))
+            .collect();
+        while let Err(e) = q.join(record(&id), peers.clone()).await {
+            tracing::debug!(%id, error = %e, "join failed; retrying");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let rx = q.state();
+    let me = id.clone();
+    q.spawn_heartbeat(move || {
+        let s = rx.borrow().clone();
+        s.volumes
+            .values()
+            .filter(|v| v.primary.as_deref() == Some(me.as_str()))
+            .map(|v| (v.name.clone(), v.epoch))
+            .collect()
+    });
+    loop {
+        let state = q.state().borrow().clone();
+        if id == "a1" && state.nodes.len() == 5 {
+            for (name, replicas, primary) in super::harness::VOLUMES {
+                if !state.volumes.contains_key(name) {
+                    let _ = q
+                        .propose(Command::CreateVolume {
+                            name: name.into(),
+                            size_bytes: 1 << 30,
+                            iops_limit: 0,
+                            bandwidth_limit: 0,
+                            lease_policy: LeasePolicy::Suspend,
+                            replicas: replicas.iter().map(|r| r.to_string()).collect(),
+                            primary: primary.into(),
+                        })
+                        .await;
+                }
+            }
+        }
+        let status = q.status();
+        let now = sim_now_ms();
+        let mut serving = BTreeMap::new();
+        for v in state.volumes.values().filter(|v| v.primary.as_deref() == Some(id.as_str())) {
+            if let Some(until) = q.lease_valid_until(&v.name, v.epoch) {
+                let left = until.saturating_duration_since(tokio::time::Instant::now());
+                serving.insert(v.name.clone(), now + left.as_millis() as u64);
+            }
+        }
+        oracle.lock().unwrap_or_else(|p| p.into_inner()).report(&id, &status, state, serving);
+        tokio::time::sleep(Duration::from_millis(SAMPLE_MS)).await;
+    }
+}
+
+/// Outcome of [`run_engine_dc_loss`].
+#[derive(Debug)]
+pub struct EngineReport {
+    pub violations: Vec<String>,
+    /// Simulated ms from the loss of dc-a until every volume was served again.
+    pub rto_ms: Option<u64>,
+    /// Final primaries as seen by a survivor.
+    pub primaries: BTreeMap<String, Option<String>>,
+    pub ready_at_ms: Option<u64>,
+}
+
+/// Boot five real members, create the volumes, wait until every volume is
+/// served and the voters are site-balanced, crash every host of `site`, and
+/// run until every volume is served again by a survivor.
+pub fn run_engine_site_loss(seed: u64, site: &str) -> EngineReport {
+    let lost: Vec<&'static str> = super::faults::hosts_of(site).to_vec();
+    let survivor = if site == "dc-a" { "b1" } else { "a1" };
+    const READY_DEADLINE_MS: u64 = 60_000;
+    const FAILOVER_DEADLINE_MS: u64 = 20_000;
+    let root = tempfile::Builder::new().prefix("metro-engine-sim").tempdir_in(shm_or_tmp()).expect("tempdir");
+    let oracle = Arc::new(Mutex::new(EngineOracle::default()));
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(seed)
+        .tick_duration(Duration::from_millis(1))
+        .simulation_duration(Duration::from_millis(READY_DEADLINE_MS + FAILOVER_DEADLINE_MS + 10_000))
+        .min_message_latency(Duration::from_millis(1))
+        .max_message_latency(Duration::from_millis(3))
+        .build();
+    for id in ["a1", "a2", "b1", "b2", "w1"] {
+        let dir = root.path().join(id);
+        let o = oracle.clone();
+        sim.host(id, move || engine_host(id.to_string(), dir.clone(), o.clone()));
+    }
+    let vols: Vec<&str> = super::harness::VOLUMES.iter().map(|(v, _, _)| *v).collect();
+    let all_served = |o: &EngineOracle| vols.iter().all(|v| o.serving(v).len() == 1);
+    // Site-balanced voters: one per data site plus the witness.
+    let balanced = |o: &EngineOracle| {
+        o.voters.len() == 3 && ["a", "b", "w"].iter().all(|p| o.voters.iter().any(|v| v.starts_with(p)))
+    };
+    let mut ready_at = None;
+    let mut lost_at = None;
+    let mut rto = None;
+    loop {
+        if let Err(e) = sim.step() {
+            oracle.lock().unwrap().violations.push(format!("host error: {e}"));
+            break;
+        }
+        let now = sim.elapsed().as_millis() as u64;
+        let mut o = oracle.lock().unwrap();
+        o.check_instant(now);
+        if !o.violations.is_empty() {
+            break;
+        }
+        match (ready_at, lost_at) {
+            (None, _) if all_served(&o) && balanced(&o) => {
+                ready_at = Some(now);
+                drop(o);
+                let mut o = oracle.lock().unwrap();
+                for h in &lost {
+                    sim.crash(*h);
+                    o.crashed(h);
+                }
+                lost_at = Some(now);
+            }
+            (None, _) if now > READY_DEADLINE_MS => {
+                let msg = format!(
+                    "the cluster never became ready: statuses {:?}, served {:?}",
+                    o.statuses,
+                    vols.iter().map(|v| o.serving(v)).collect::<Vec<_>>()
+                );
+                o.violations.push(msg);
+                break;
+            }
+            (Some(_), Some(l))
+                if all_served(&o)
+                    && vols.iter().all(|v| o.serving(v).iter().all(|n| !lost.contains(&n.as_str()))) =>
+            {
+                rto = Some(now - l);
+                break;
+            }
+            (Some(_), Some(l)) if now > l + FAILOVER_DEADLINE_MS => {
+                o.violations.push(format!("no failover within {FAILOVER_DEADLINE_MS} ms"));
+                break;
+            }
+            _ => {}
+        }
+    }
+    let o = oracle.lock().unwrap();
+    let primaries = o
+        .state_of(survivor)
+        .map(|s| s.volumes.values().map(|v| (v.name.clone(), v.primary.clone())).collect())
+        .unwrap_or_default();
+    EngineReport { violations: o.violations.clone(), rto_ms: rto, primaries, ready_at_ms: ready_at }
+}
+
+fn shm_or_tmp() -> PathBuf {
+    let shm = PathBuf::from("/dev/shm");
+    if shm.is_dir() {
+        shm
+    } else {
+        std::env::temp_dir()
+    }
+}
