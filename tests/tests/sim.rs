@@ -185,3 +185,27 @@ fn the_real_quorum_engine_fails_over_a_lost_site_under_turmoil() {
         }
     }
 }
+
+/// Seeds of random faults against the real engine in CI (each ~1 s).
+const ENGINE_SEEDS: u64 = 10;
+
+#[test]
+fn the_real_quorum_engine_keeps_its_invariants_under_random_faults() {
+    let count = env_u64("METRO_ENGINE_SEEDS").unwrap_or(ENGINE_SEEDS);
+    let started = Instant::now();
+    let mut failed = Vec::new();
+    let mut promotions = 0;
+    for seed in 0..count {
+        let r = metro_tests::sim::engine::run_engine_random(seed, 20_000, 15_000);
+        promotions += r.promotions;
+        if !r.violations.is_empty() || !r.unserved.is_empty() {
+            println!("real engine seed {seed}: {r:?}");
+            failed.push(seed);
+        }
+    }
+    println!(
+        "real engine: {count} seeds in {:?}, {promotions} promotions, failed {failed:?}",
+        started.elapsed()
+    );
+    assert!(failed.is_empty(), "real engine seeds failed: {failed:?}");
+}

@@ -126,6 +126,8 @@ pub struct EngineOracle {
     /// The voter set the latest leader reported.
     pub voters: Vec<String>,
     pub statuses: BTreeMap<String, metro_quorum::QuorumStatus>,
+    /// Distinct (volume, epoch) at which some member saw a new primary.
+    pub promotions: std::collections::BTreeSet<(String, u64)>,
     pub violations: Vec<String>,
     pub now_ms: u64,
 }
@@ -152,6 +154,7 @@ impl EngineOracle {
 
     pub fn crashed(&mut self, id: &str) {
         self.states.remove(id);
+        self.statuses.remove(id);
         for m in self.serving_until.values_mut() {
             m.remove(id);
         }
@@ -197,6 +200,7 @@ impl EngineOracle {
                     self.violate(format!("{id}: epoch of {name} went {} -> {}", prev.epoch, new.epoch));
                 }
                 if new.epoch > prev.epoch && new.primary != prev.primary {
+                    self.promotions.insert((name.clone(), new.epoch));
                     if let Some(p) = &new.primary {
                         // Only checkable for a single step; larger jumps are covered by apply().
                         if new.epoch == prev.epoch + 1 && !prev.is_in_sync(p) {
@@ -235,6 +239,8 @@ pub async fn engine_host(id: String, dir: PathBuf, oracle: Arc<Mutex<EngineOracl
         timings: timings(),
         tls: None,
     };
+    // A restarted host rejoins; only the very first start of a1 bootstraps.
+    let first_start = !cfg.data_dir.join("raft").exists();
     let q = Quorum::start_with_connector(cfg, Arc::new(TurmoilConnector)).await?;
     let listener = turmoil::net::TcpListener::bind(("0.0.0.0", ENGINE_PORT)).await?;
     let incoming = futures::stream::unfold(listener, |l| async move {
@@ -245,7 +251,7 @@ pub async fn engine_host(id: String, dir: PathBuf, oracle: Arc<Mutex<EngineOracl
     tokio::spawn(async move {
         let _ = router.serve_with_incoming(incoming).await;
     });
-    if id == "a1" {
+    if id == "a1" && first_start {
         let sites = vec![
             ("dc-a".to_string(), SiteKind::Data),
             ("dc-b".to_string(), SiteKind::Data),
@@ -275,7 +281,7 @@ pub async fn engine_host(id: String, dir: PathBuf, oracle: Arc<Mutex<EngineOracl
     });
     loop {
         let state = q.state().borrow().clone();
-        if id == "a1" && state.nodes.len() == 5 {
+        if id == "a1" && state.nodes.len() == 5 && state.volumes.len() < super::harness::VOLUMES.len() {
             for (name, replicas, primary) in super::harness::VOLUMES {
                 if !state.volumes.contains_key(name) {
                     let _ = q
@@ -407,5 +413,88 @@ fn shm_or_tmp() -> PathBuf {
         shm
     } else {
         std::env::temp_dir()
+    }
+}
+
+/// Outcome of [`run_engine_random`].
+#[derive(Debug)]
+pub struct EngineRandomReport {
+    pub seed: u64,
+    pub faults: Vec<(u64, super::faults::Fault)>,
+    pub violations: Vec<String>,
+    /// Volumes not served by exactly one member at the end of the liveness phase.
+    pub unserved: Vec<String>,
+    pub promotions: usize,
+}
+
+/// Random faults (the model simulator's schedule: full, one-way and
+/// witness-sees-one-side partitions, crashes, restarts, slow links) against
+/// five real members; invariants after every step, then a heal and a check
+/// that every volume is served again.
+pub fn run_engine_random(seed: u64, safety_ms: u64, liveness_ms: u64) -> EngineRandomReport {
+    use super::faults::{schedule, Scenario};
+    let root = tempfile::Builder::new().prefix("metro-engine-sim").tempdir_in(shm_or_tmp()).expect("tempdir");
+    let oracle = Arc::new(Mutex::new(EngineOracle::default()));
+    // Faults start after the boot, which takes well under 4 s simulated.
+    let faults = schedule(Scenario::Random, seed, safety_ms);
+    let end_ms = safety_ms + liveness_ms;
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(seed)
+        .tick_duration(Duration::from_millis(1))
+        .simulation_duration(Duration::from_millis(end_ms + 10_000))
+        .min_message_latency(Duration::from_millis(1))
+        .max_message_latency(Duration::from_millis(3))
+        .build();
+    for id in ["a1", "a2", "b1", "b2", "w1"] {
+        let dir = root.path().join(id);
+        let o = oracle.clone();
+        sim.host(id, move || engine_host(id.to_string(), dir.clone(), o.clone()));
+    }
+    super::harness::base_latency(&sim);
+    let mut pending = faults.iter().cloned().peekable();
+    let mut crashed = std::collections::BTreeSet::new();
+    loop {
+        let now = sim.elapsed().as_millis() as u64;
+        while let Some((_, f)) = pending.next_if(|(at, _)| *at <= now) {
+            let leader = {
+                let o = oracle.lock().unwrap();
+                o.statuses
+                    .values()
+                    .filter(|s| s.is_leader)
+                    .max_by_key(|s| s.term)
+                    .and_then(|s| s.leader.clone())
+            };
+            let o = oracle.clone();
+            super::harness::apply_fault(
+                &mut sim,
+                leader,
+                &mut |h| o.lock().unwrap().crashed(h),
+                &mut crashed,
+                &f,
+            );
+        }
+        if let Err(e) = sim.step() {
+            oracle.lock().unwrap().violations.push(format!("host error: {e}"));
+            break;
+        }
+        let now = sim.elapsed().as_millis() as u64;
+        let mut o = oracle.lock().unwrap();
+        o.check_instant(now);
+        if !o.violations.is_empty() || now >= end_ms {
+            break;
+        }
+    }
+    let o = oracle.lock().unwrap();
+    let unserved = super::harness::VOLUMES
+        .iter()
+        .filter(|(v, _, _)| o.serving(v).len() != 1)
+        .map(|(v, _, _)| v.to_string())
+        .collect();
+    EngineRandomReport {
+        seed,
+        faults,
+        violations: o.violations.clone(),
+        unserved,
+        promotions: o.promotions.len(),
     }
 }

@@ -152,7 +152,7 @@ fn bootstrap() -> Vec<LogEntry> {
 }
 
 /// Base latencies: a few ms inside and between data sites, tens of ms to the witness.
-fn base_latency(sim: &turmoil::Sim<'_>) {
+pub(crate) fn base_latency(sim: &turmoil::Sim<'_>) {
     for (i, a) in all_hosts().into_iter().enumerate() {
         for b in all_hosts().into_iter().skip(i + 1) {
             let witness = a == "w1" || b == "w1";
@@ -274,7 +274,8 @@ pub fn run(opts: &SimOptions) -> SimReport {
         let now = sim.elapsed().as_millis() as u64;
         while let Some((_, f)) = pending.next_if(|(at, _)| *at <= now) {
             oracle.borrow_mut().note(format!("FAULT {f:?}"));
-            apply_fault(&mut sim, &oracle, &mut crashed, &f);
+            let leader = oracle.borrow().current_leaders().into_iter().next();
+            apply_fault(&mut sim, leader, &mut |h| oracle.borrow_mut().crashed(h), &mut crashed, &f);
         }
         if now == end_ms.saturating_sub(LIVENESS_WINDOW_MS) {
             let o = oracle.borrow();
@@ -325,9 +326,12 @@ pub fn run(opts: &SimOptions) -> SimReport {
     }
 }
 
-fn apply_fault(
+/// Apply one fault to the turmoil world. `leader` is the current leader (for
+/// the leader-relative faults); `on_crash` tells the oracle a host lost its memory.
+pub(crate) fn apply_fault(
     sim: &mut turmoil::Sim<'_>,
-    oracle: &Rc<RefCell<Oracle>>,
+    leader: Option<String>,
+    on_crash: &mut dyn FnMut(&str),
     crashed: &mut BTreeSet<&'static str>,
     f: &Fault,
 ) {
@@ -357,7 +361,6 @@ fn apply_fault(
             cut(sim, "witness", unseen, false);
         }
         Fault::IsolateLeaderSite | Fault::IsolateFollowerSite => {
-            let leader = oracle.borrow().current_leaders().into_iter().next();
             let leader_site = match leader.as_deref().map(|l| &l[..1]) {
                 Some("b") => "dc-b",
                 _ => "dc-a",
@@ -374,7 +377,7 @@ fn apply_fault(
         Fault::Crash(h) => {
             if crashed.insert(h) {
                 sim.crash(*h);
-                oracle.borrow_mut().crashed(h);
+                on_crash(h);
             }
         }
         Fault::Restart(h) => {
