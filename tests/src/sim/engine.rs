@@ -312,7 +312,7 @@ pub async fn engine_host(id: String, dir: PathBuf, oracle: Arc<Mutex<EngineOracl
     }
 }
 
-/// Outcome of [`run_engine_dc_loss`].
+/// Outcome of [`run_engine_site_loss`].
 #[derive(Debug)]
 pub struct EngineReport {
     pub violations: Vec<String>,
