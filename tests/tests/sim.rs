@@ -202,6 +202,21 @@ fn the_real_quorum_engine_fails_over_a_lost_site_under_turmoil() {
     }
 }
 
+#[test]
+fn the_real_quorum_engine_serves_through_a_witness_loss_and_stops_without_quorum() {
+    for seed in [1, 2] {
+        let r = metro_tests::sim::engine::run_engine_witness_then_dc_a(seed);
+        println!("real engine, seed {seed}, witness then dc-a: {r:?}");
+        assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
+        assert!(r.served_without_witness, "seed {seed}: losing only the witness interrupted I/O");
+        assert!(
+            r.served_without_quorum.is_empty(),
+            "seed {seed}: served without quorum: {:?}",
+            r.served_without_quorum
+        );
+    }
+}
+
 /// Seeds of random faults against the real engine in CI (each ~1 s).
 const ENGINE_SEEDS: u64 = 10;
 

@@ -4,8 +4,8 @@
 //! `Internal` service is served from a turmoil TCP listener, and the raft
 //! files live in a per-host directory that survives crashes.
 //!
-//! An [`EngineOracle`] samples every host each 10 ms of simulated time and the
-//! harness checks it after every step: at most one leader per term, epochs
+//! An [`EngineOracle`] samples every host each 10 ms of simulated time and
+//! the harness checks it after every step: at most one leader per term, epochs
 //! never decrease on any member, a new primary always comes from the previous
 //! `in_sync`, and at most one node may serve a volume at any instant (a node
 //! may serve when its state names it primary and it holds a lease for the
@@ -14,9 +14,10 @@
 //! Not bit-reproducible: openraft draws election timeouts from the thread
 //! RNG, outside turmoil's seed. The fault schedule and the network are seeded.
 
+use super::engine_oracle::EngineOracle;
 use hyper_util::rt::TokioIo;
 use metro_api::config::{QuorumConfig, Role, SiteKind};
-use metro_quorum::state::{raft_id_of, ClusterState, Command, LeasePolicy, NodeRecord};
+use metro_quorum::state::{raft_id_of, Command, LeasePolicy, NodeRecord};
 use metro_quorum::{Connector, EngineConfig, Quorum};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -112,115 +113,6 @@ fn record(id: &str) -> NodeRecord {
 /// Engine timings for the simulation: the defaults (DESIGN.md 7).
 pub fn timings() -> QuorumConfig {
     QuorumConfig { preferred_site: Some("dc-a".into()), ..QuorumConfig::default() }
-}
-
-/// What each host last reported, and what went wrong.
-#[derive(Default)]
-pub struct EngineOracle {
-    /// term → the member that led it.
-    leaders: BTreeMap<u64, String>,
-    /// member → its last applied state (this incarnation).
-    states: BTreeMap<String, Arc<ClusterState>>,
-    /// volume → member → simulated ms until which it may serve.
-    serving_until: BTreeMap<String, BTreeMap<String, u64>>,
-    /// The voter set the latest leader reported.
-    pub voters: Vec<String>,
-    pub statuses: BTreeMap<String, metro_quorum::QuorumStatus>,
-    /// Distinct (volume, epoch) at which some member saw a new primary.
-    pub promotions: std::collections::BTreeSet<(String, u64)>,
-    pub violations: Vec<String>,
-    pub now_ms: u64,
-}
-
-impl EngineOracle {
-    fn violate(&mut self, v: String) {
-        if self.violations.len() < 20 {
-            self.violations.push(format!("t={}ms {v}", self.now_ms));
-        }
-    }
-
-    /// The state a member last reported.
-    pub fn state_of(&self, id: &str) -> Option<Arc<ClusterState>> {
-        self.states.get(id).cloned()
-    }
-
-    /// Members that may serve `vol` right now.
-    pub fn serving(&self, vol: &str) -> Vec<String> {
-        let now = self.now_ms;
-        self.serving_until
-            .get(vol)
-            .map_or(Vec::new(), |m| m.iter().filter(|(_, u)| **u > now).map(|(n, _)| n.clone()).collect())
-    }
-
-    pub fn crashed(&mut self, id: &str) {
-        self.states.remove(id);
-        self.statuses.remove(id);
-        for m in self.serving_until.values_mut() {
-            m.remove(id);
-        }
-    }
-
-    /// After every step.
-    pub fn check_instant(&mut self, now_ms: u64) {
-        self.now_ms = now_ms;
-        let vols: Vec<String> = self.serving_until.keys().cloned().collect();
-        for v in vols {
-            let s = self.serving(&v);
-            if s.len() > 1 {
-                self.violate(format!("{v}: {} members may serve at once: {s:?}", s.len()));
-            }
-        }
-    }
-
-    fn report(
-        &mut self,
-        id: &str,
-        status: &metro_quorum::QuorumStatus,
-        state: Arc<ClusterState>,
-        serving: BTreeMap<String, u64>,
-    ) {
-        let (term, leader) = (status.term, status.is_leader);
-        self.statuses.insert(id.into(), status.clone());
-        if leader {
-            self.voters = status.voters.clone();
-            match self.leaders.get(&term) {
-                Some(other) if other != id => {
-                    let other = other.clone();
-                    self.violate(format!("two leaders in term {term}: {other} and {id}"));
-                }
-                _ => {
-                    self.leaders.insert(term, id.into());
-                }
-            }
-        }
-        if let Some(old) = self.states.get(id).cloned() {
-            for (name, new) in &state.volumes {
-                let Some(prev) = old.volumes.get(name) else { continue };
-                if new.epoch < prev.epoch {
-                    self.violate(format!("{id}: epoch of {name} went {} -> {}", prev.epoch, new.epoch));
-                }
-                if new.epoch > prev.epoch && new.primary != prev.primary {
-                    self.promotions.insert((name.clone(), new.epoch));
-                    if let Some(p) = &new.primary {
-                        // Only checkable for a single step; larger jumps are covered by apply().
-                        if new.epoch == prev.epoch + 1 && !prev.is_in_sync(p) {
-                            self.violate(format!(
-                                "{id}: {name} promoted {p} outside in_sync {:?}",
-                                prev.in_sync
-                            ));
-                        }
-                    }
-                }
-            }
-        }
-        self.states.insert(id.into(), state);
-        for m in self.serving_until.values_mut() {
-            m.remove(id);
-        }
-        for (v, until) in serving {
-            self.serving_until.entry(v).or_default().insert(id.into(), until);
-        }
-    }
 }
 
 fn sim_now_ms() -> u64 {
@@ -331,20 +223,7 @@ pub fn run_engine_site_loss(seed: u64, site: &str) -> EngineReport {
     let survivor = if site == "dc-a" { "b1" } else { "a1" };
     const READY_DEADLINE_MS: u64 = 60_000;
     const FAILOVER_DEADLINE_MS: u64 = 20_000;
-    let root = tempfile::Builder::new().prefix("metro-engine-sim").tempdir_in(shm_or_tmp()).expect("tempdir");
-    let oracle = Arc::new(Mutex::new(EngineOracle::default()));
-    let mut sim = turmoil::Builder::new()
-        .rng_seed(seed)
-        .tick_duration(Duration::from_millis(1))
-        .simulation_duration(Duration::from_millis(READY_DEADLINE_MS + FAILOVER_DEADLINE_MS + 10_000))
-        .min_message_latency(Duration::from_millis(1))
-        .max_message_latency(Duration::from_millis(3))
-        .build();
-    for id in ["a1", "a2", "b1", "b2", "w1"] {
-        let dir = root.path().join(id);
-        let o = oracle.clone();
-        sim.host(id, move || engine_host(id.to_string(), dir.clone(), o.clone()));
-    }
+    let (_root, oracle, mut sim) = boot(seed, READY_DEADLINE_MS + FAILOVER_DEADLINE_MS + 10_000);
     let vols: Vec<&str> = super::harness::VOLUMES.iter().map(|(v, _, _)| *v).collect();
     let all_served = |o: &EngineOracle| vols.iter().all(|v| o.serving(v).len() == 1);
     // Site-balanced voters: one per data site plus the witness.
@@ -433,23 +312,10 @@ pub struct EngineRandomReport {
 /// that every volume is served again.
 pub fn run_engine_random(seed: u64, safety_ms: u64, liveness_ms: u64) -> EngineRandomReport {
     use super::faults::{schedule, Scenario};
-    let root = tempfile::Builder::new().prefix("metro-engine-sim").tempdir_in(shm_or_tmp()).expect("tempdir");
-    let oracle = Arc::new(Mutex::new(EngineOracle::default()));
     // Faults start after the boot, which takes well under 4 s simulated.
     let faults = schedule(Scenario::Random, seed, safety_ms);
     let end_ms = safety_ms + liveness_ms;
-    let mut sim = turmoil::Builder::new()
-        .rng_seed(seed)
-        .tick_duration(Duration::from_millis(1))
-        .simulation_duration(Duration::from_millis(end_ms + 10_000))
-        .min_message_latency(Duration::from_millis(1))
-        .max_message_latency(Duration::from_millis(3))
-        .build();
-    for id in ["a1", "a2", "b1", "b2", "w1"] {
-        let dir = root.path().join(id);
-        let o = oracle.clone();
-        sim.host(id, move || engine_host(id.to_string(), dir.clone(), o.clone()));
-    }
+    let (_root, oracle, mut sim) = boot(seed, end_ms + 10_000);
     super::harness::base_latency(&sim);
     let mut pending = faults.iter().cloned().peekable();
     let mut crashed = std::collections::BTreeSet::new();
@@ -497,4 +363,103 @@ pub fn run_engine_random(seed: u64, safety_ms: u64, liveness_ms: u64) -> EngineR
         unserved,
         promotions: o.promotions.len(),
     }
+}
+
+/// Five real members on a fresh turmoil world (boot only; the caller steps).
+fn boot(seed: u64, total_ms: u64) -> (tempfile::TempDir, Arc<Mutex<EngineOracle>>, turmoil::Sim<'static>) {
+    let root = tempfile::Builder::new().prefix("metro-engine-sim").tempdir_in(shm_or_tmp()).expect("tempdir");
+    let oracle = Arc::new(Mutex::new(EngineOracle::default()));
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(seed)
+        .tick_duration(Duration::from_millis(1))
+        .simulation_duration(Duration::from_millis(total_ms))
+        .min_message_latency(Duration::from_millis(1))
+        .max_message_latency(Duration::from_millis(3))
+        .build();
+    for id in ["a1", "a2", "b1", "b2", "w1"] {
+        let dir = root.path().join(id);
+        let o = oracle.clone();
+        sim.host(id, move || engine_host(id.to_string(), dir.clone(), o.clone()));
+    }
+    (root, oracle, sim)
+}
+
+/// Outcome of [`run_engine_witness_then_dc_a`].
+#[derive(Debug, Default)]
+pub struct NoQuorumReport {
+    pub violations: Vec<String>,
+    /// Every volume was served throughout the witness-only outage.
+    pub served_without_witness: bool,
+    /// `(ms after dc-a was lost, volume, member)` of any serving seen once
+    /// every lease must have ended.
+    pub served_without_quorum: Vec<(u64, String, String)>,
+}
+
+/// DESIGN.md 5, "witness lost, then dc-a lost": the witness dies (nothing
+/// changes), 5 s later dc-a dies; dc-b alone has no quorum, so once the last
+/// lease has run out nobody may serve.
+pub fn run_engine_witness_then_dc_a(seed: u64) -> NoQuorumReport {
+    const READY_DEADLINE_MS: u64 = 60_000;
+    const WITNESS_ONLY_MS: u64 = 5_000;
+    const OBSERVE_MS: u64 = 10_000;
+    let t = timings();
+    // Past this, every lease granted before the loss has ended on every clock.
+    let leases_over_ms = t.lease_ms + t.drift_margin_ms + t.heartbeat_ms;
+    let (_root, oracle, mut sim) = boot(seed, READY_DEADLINE_MS + WITNESS_ONLY_MS + OBSERVE_MS + 5_000);
+    let vols: Vec<&str> = super::harness::VOLUMES.iter().map(|(v, _, _)| *v).collect();
+    let mut report = NoQuorumReport { served_without_witness: true, ..Default::default() };
+    let (mut witness_lost, mut dc_a_lost) = (None::<u64>, None::<u64>);
+    loop {
+        if let Err(e) = sim.step() {
+            report.violations.push(format!("host error: {e}"));
+            break;
+        }
+        let now = sim.elapsed().as_millis() as u64;
+        let mut o = oracle.lock().unwrap();
+        o.check_instant(now);
+        if !o.violations.is_empty() {
+            break;
+        }
+        let all_served = vols.iter().all(|v| o.serving(v).len() == 1);
+        match (witness_lost, dc_a_lost) {
+            (None, _) => {
+                let balanced = o.voters.len() == 3 && o.voters.iter().any(|v| v == "w1");
+                if all_served && balanced {
+                    sim.crash("w1");
+                    o.crashed("w1");
+                    witness_lost = Some(now);
+                } else if now > READY_DEADLINE_MS {
+                    report.violations.push("the cluster never became ready".into());
+                    break;
+                }
+            }
+            (Some(w), None) => {
+                // Let leases settle a heartbeat after the loss, then require service throughout.
+                if now > w + t.heartbeat_ms * 2 && !all_served {
+                    report.served_without_witness = false;
+                }
+                if now >= w + WITNESS_ONLY_MS {
+                    for h in ["a1", "a2"] {
+                        sim.crash(h);
+                        o.crashed(h);
+                    }
+                    dc_a_lost = Some(now);
+                }
+            }
+            (Some(_), Some(a)) => {
+                if now > a + leases_over_ms {
+                    for v in &vols {
+                        for n in o.serving(v) {
+                            report.served_without_quorum.push((now - a, v.to_string(), n));
+                        }
+                    }
+                }
+                if now >= a + OBSERVE_MS {
+                    break;
+                }
+            }
+        }
+    }
+    report.violations.extend(oracle.lock().unwrap().violations.clone());
+    report
 }

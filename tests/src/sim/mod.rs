@@ -30,6 +30,7 @@
 pub mod clock;
 pub mod disk;
 pub mod engine;
+pub mod engine_oracle;
 pub mod faults;
 pub mod harness;
 pub mod msg;
