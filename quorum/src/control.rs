@@ -189,7 +189,12 @@ async fn reconcile_membership(s: &Shared, state: &ClusterState, alive: &BTreeSet
         return;
     }
     let steps = decide::membership_steps(&current, &desired, alive);
-    let Some(next) = steps.into_iter().next() else { return };
+    // Skip even-sized intermediate sets when a later step is odd: a 2-voter
+    // group loses its majority with either voter (e.g. {a1} → {a1,b1,w1} in one
+    // joint change, never stopping at {a1,b1}). Joint consensus keeps any
+    // multi-node change safe.
+    let pick = steps.iter().position(|v| v.len() % 2 == 1).unwrap_or(0);
+    let Some(next) = steps.into_iter().nth(pick) else { return };
     if !next.contains(&s.cfg.node_id) {
         return;
     }

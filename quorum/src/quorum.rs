@@ -74,6 +74,9 @@ pub struct QuorumStatus {
     pub learners: Vec<String>,
     pub last_applied: u64,
     pub is_leader: bool,
+    /// A joint membership change is in progress (`voters` is then the union
+    /// of the old and new voter sets).
+    pub membership_changing: bool,
 }
 
 /// A lease this node holds as primary of a volume.
@@ -455,6 +458,7 @@ impl Quorum {
             learners: learners.into_iter().collect(),
             last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
             is_leader: m.state == ServerState::Leader && m.current_leader == Some(s.raft_id),
+            membership_changing: mem.get_joint_config().len() > 1,
         }
     }
 

@@ -204,7 +204,7 @@ impl Cluster {
         let m = &self.members[0];
         wait_until(Duration::from_secs(15), &format!("voters are {want:?}"), || {
             let st = m.q.status();
-            let ok = st.voters == want;
+            let ok = st.voters == want && !st.membership_changing;
             async move { ok }
         })
         .await;
