@@ -308,7 +308,13 @@ pub fn run(opts: &SimOptions) -> SimReport {
         if o.current_leaders().len() != 1 {
             liveness.push(format!("no single leader after the heal: {:?}", o.current_leaders()));
         }
-        for (v, _, _) in VOLUMES {
+        let state = o.committed_state();
+        for (v, replicas, _) in VOLUMES {
+            let in_sync = state.volumes.get(v).map(|x| x.in_sync.len()).unwrap_or(0);
+            if in_sync != replicas.len() {
+                liveness
+                    .push(format!("{v} has {in_sync} of {} replicas in sync after the heal", replicas.len()));
+            }
             let before = acked_at_window.get(v).copied().unwrap_or(0);
             if o.acked_count(v) <= before {
                 liveness.push(format!(

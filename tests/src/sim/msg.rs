@@ -66,6 +66,25 @@ pub enum Msg {
         wid: u64,
         from: NodeId,
     },
+    /// A primary copies every write it holds to a returning replica.
+    Resync {
+        vol: String,
+        epoch: u64,
+        wids: Vec<u64>,
+        from: NodeId,
+    },
+    ResyncAck {
+        vol: String,
+        from: NodeId,
+        ok: bool,
+    },
+    /// A primary asks the leader to put a caught-up replica back in `in_sync`.
+    RejoinReq {
+        vol: String,
+        epoch: u64,
+        node: NodeId,
+        from: NodeId,
+    },
     WriteAck {
         vol: String,
         wid: u64,

@@ -11,7 +11,13 @@
 //!  primary: lease (counted from its request) ─► write ─► every in_sync replica
 //!           acks ─► acknowledge; a silent replica ─► RemoveReq, wait for commit
 //!  replica: accept a write only at an epoch >= the highest it has seen
+//!  rejoin:  copy every write to a returning replica (and mirror new writes to
+//!           it, waiting for its acks) ─► RejoinReq ─► committed with `rejoin`;
+//!           a replica that stops answering meanwhile is fenced by an epoch bump
 //! ```
+//!
+//! The rejoin copies the primary's whole write set (a model of the dirty-region
+//! resync); what matters here is the ordering that keeps RPO 0.
 //!
 //! Sans-IO: the host (see `harness`) feeds messages and ticks with the local
 //! (drifting) clock and sends the outbox.
@@ -92,7 +98,8 @@ struct LeaderDuty {
     leases: LeaseTable,
     sites: SiteTracker,
     lease_reqs: Vec<PendingLease>,
-    remove_reqs: BTreeSet<(String, NodeId, NodeId)>,
+    remove_reqs: BTreeSet<(String, u64, NodeId, NodeId)>,
+    rejoin_reqs: BTreeSet<(String, u64, NodeId, NodeId)>,
     /// Commands proposed and not yet committed (deduplication).
     proposed: BTreeMap<String, u64>,
 }
@@ -105,8 +112,24 @@ struct PendingWrite {
     last_remove_ms: u64,
 }
 
+/// A returning replica being brought back into `in_sync` by this primary.
+struct Join {
+    node: NodeId,
+    /// The epoch the rejoin is asked at (its CAS).
+    epoch: u64,
+    started_ms: u64,
+    last_send_ms: u64,
+    /// The replica acknowledged the full copy; the rejoin request is out.
+    copied: bool,
+}
+
+/// Between two rejoin attempts of one volume.
+const JOIN_RETRY_MS: u64 = 2_000;
+
 #[derive(Default)]
 struct PrimarySide {
+    join: Option<Join>,
+    next_join_ms: u64,
     /// Local ms until which the lease is valid.
     until_ms: u64,
     serving: bool,
@@ -168,9 +191,33 @@ impl Node {
                     d.lease_reqs.push(PendingLease { vol, epoch, from, req, after_round: l.round });
                 }
             }
-            Msg::RemoveReq { vol, node, from, .. } => {
+            Msg::RemoveReq { vol, epoch, node, from } => {
                 if let Some(d) = self.duty.as_mut().filter(|_| self.raft.is_leader()) {
-                    d.remove_reqs.insert((vol, node, from));
+                    d.remove_reqs.insert((vol, epoch, node, from));
+                }
+            }
+            Msg::RejoinReq { vol, epoch, node, from } => {
+                if let Some(d) = self.duty.as_mut().filter(|_| self.raft.is_leader()) {
+                    d.rejoin_reqs.insert((vol, epoch, node, from));
+                }
+            }
+            Msg::Resync { vol, epoch, wids, from } => {
+                let view = self.state.volumes.get(&vol).map_or(0, |v| v.epoch);
+                let mut d = self.disk.borrow_mut();
+                let known = d.data_epoch.get(&vol).copied().unwrap_or(0).max(view);
+                let ok = epoch >= known;
+                if ok {
+                    d.data.entry(vol.clone()).or_default().extend(wids);
+                    d.data_epoch.insert(vol.clone(), epoch);
+                }
+                out.push((from, Msg::ResyncAck { vol, from: self.cfg.me.clone(), ok }));
+            }
+            Msg::ResyncAck { vol, from, ok } => {
+                if let Some(p) = self.primary.get_mut(&vol) {
+                    if let Some(j) = p.join.as_mut().filter(|j| ok && j.node == from && !j.copied) {
+                        j.copied = true;
+                        j.last_send_ms = 0;
+                    }
                 }
             }
             Msg::LeaseGrant { vol, req, lease_ms, .. } => {
@@ -246,6 +293,7 @@ impl Node {
                 sites: SiteTracker::new(timing.site_stable_ms),
                 lease_reqs: Vec::new(),
                 remove_reqs: BTreeSet::new(),
+                rejoin_reqs: BTreeSet::new(),
                 proposed: BTreeMap::new(),
             });
         }
@@ -266,8 +314,20 @@ impl Node {
             now_ms
         };
         cmds.extend(plan_failover(&self.state, &alive, &duty.leases, failover_now).commands);
-        for (vol, node, from) in std::mem::take(&mut duty.remove_reqs) {
+        for (vol, epoch, node, from) in std::mem::take(&mut duty.remove_reqs) {
             let Some(v) = self.state.volumes.get(&vol) else { continue };
+            if v.primary.as_ref() == Some(&from) && !v.is_in_sync(&node) && v.epoch == epoch {
+                // A joining replica went silent: bump the epoch so its pending
+                // rejoin (CAS on `epoch`) can never commit, and the primary may drop it.
+                cmds.push(Command::ChangeVolume {
+                    name: vol,
+                    expected_epoch: v.epoch,
+                    primary: v.primary.clone(),
+                    in_sync: v.in_sync.clone(),
+                    rejoin: None,
+                });
+                continue;
+            }
             if v.primary.as_ref() == Some(&from) && v.is_in_sync(&node) && node != from {
                 cmds.push(Command::ChangeVolume {
                     name: vol,
@@ -275,6 +335,31 @@ impl Node {
                     primary: v.primary.clone(),
                     in_sync: v.in_sync.iter().filter(|n| **n != node).cloned().collect(),
                     rejoin: None,
+                });
+            }
+        }
+        for (vol, epoch, node, from) in std::mem::take(&mut duty.rejoin_reqs) {
+            let Some(v) = self.state.volumes.get(&vol) else { continue };
+            let site_active = self
+                .state
+                .site_of(&node)
+                .and_then(|s| self.state.sites.get(s))
+                .is_some_and(|s| s.mode == metro_quorum::state::SiteMode::Active);
+            if v.primary.as_ref() == Some(&from)
+                && v.epoch == epoch
+                && v.replicas.contains(&node)
+                && !v.is_in_sync(&node)
+                && alive.contains(&node)
+                && site_active
+            {
+                let mut in_sync = v.in_sync.clone();
+                in_sync.push(node.clone());
+                cmds.push(Command::ChangeVolume {
+                    name: vol,
+                    expected_epoch: epoch,
+                    primary: Some(from),
+                    in_sync,
+                    rejoin: Some(node),
                 });
             }
         }
@@ -356,6 +441,79 @@ impl Node {
             }
             p.serving = serving;
 
+            // Rejoin: at most one returning replica at a time per volume.
+            if let Some(j) = p.join.as_mut() {
+                if j.copied && v.epoch > j.epoch {
+                    // Decided: either it joined (now in in_sync) or it was fenced.
+                    if v.is_in_sync(&j.node) {
+                        oracle.note(format!("{} rejoined {vol} at epoch {}", j.node, v.epoch));
+                    }
+                    p.join = None;
+                    p.next_join_ms = now_ms + JOIN_RETRY_MS;
+                } else if !j.copied
+                    && (v.epoch != j.epoch || now_ms >= j.started_ms + timing.replica_ack_timeout_ms)
+                {
+                    // No rejoin request was sent: abandoning is safe.
+                    p.join = None;
+                    p.next_join_ms = now_ms + JOIN_RETRY_MS;
+                } else if now_ms >= j.last_send_ms + timing.write_retry_ms * 5 {
+                    j.last_send_ms = now_ms;
+                    if j.copied {
+                        for voter in &self.cfg.voters {
+                            let m = Msg::RejoinReq {
+                                vol: vol.clone(),
+                                epoch: j.epoch,
+                                node: j.node.clone(),
+                                from: me.clone(),
+                            };
+                            out.push((voter.clone(), m));
+                        }
+                    } else {
+                        let wids = self
+                            .disk
+                            .borrow()
+                            .data
+                            .get(&vol)
+                            .map(|d| d.iter().copied().collect())
+                            .unwrap_or_default();
+                        out.push((
+                            j.node.clone(),
+                            Msg::Resync { vol: vol.clone(), epoch: j.epoch, wids, from: me.clone() },
+                        ));
+                    }
+                }
+            } else if serving && p.pending.is_none() && now_ms >= p.next_join_ms {
+                let returning = v.replicas.iter().find(|r| {
+                    !v.is_in_sync(r)
+                        && self
+                            .state
+                            .site_of(r)
+                            .and_then(|s| self.state.sites.get(s))
+                            .is_some_and(|s| s.mode == metro_quorum::state::SiteMode::Active)
+                });
+                if let Some(r) = returning {
+                    let wids = self
+                        .disk
+                        .borrow()
+                        .data
+                        .get(&vol)
+                        .map(|d| d.iter().copied().collect())
+                        .unwrap_or_default();
+                    out.push((
+                        r.clone(),
+                        Msg::Resync { vol: vol.clone(), epoch: v.epoch, wids, from: me.clone() },
+                    ));
+                    p.join = Some(Join {
+                        node: r.clone(),
+                        epoch: v.epoch,
+                        started_ms: now_ms,
+                        last_send_ms: now_ms,
+                        copied: false,
+                    });
+                }
+            }
+            let joining = p.join.as_ref().map(|j| j.node.clone());
+
             // The write path: one write in flight per volume.
             let Some(w) = p.pending.as_mut() else {
                 if serving && now_ms >= p.next_write_ms {
@@ -366,7 +524,9 @@ impl Node {
                         let e = d.data_epoch.entry(vol.clone()).or_default();
                         *e = (*e).max(v.epoch);
                     }
-                    let waiting: BTreeSet<NodeId> = v.in_sync.iter().filter(|n| **n != me).cloned().collect();
+                    // A joining replica gets every write too, and is waited for.
+                    let waiting: BTreeSet<NodeId> =
+                        v.in_sync.iter().filter(|n| **n != me).cloned().chain(joining.clone()).collect();
                     for r in &waiting {
                         out.push((
                             r.clone(),
@@ -383,7 +543,7 @@ impl Node {
                 }
                 continue;
             };
-            w.waiting.retain(|n| v.is_in_sync(n));
+            w.waiting.retain(|n| v.is_in_sync(n) || joining.as_ref() == Some(n));
             if w.waiting.is_empty() {
                 if serving {
                     oracle.write_acked(&me, &vol, w.wid);

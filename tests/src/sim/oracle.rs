@@ -40,6 +40,7 @@ pub struct Stats {
     pub acked_writes: u64,
     pub promotions: u64,
     pub fences: u64,
+    pub rejoins: u64,
 }
 
 pub struct Oracle {
@@ -171,7 +172,21 @@ impl Oracle {
         let before = self.state.clone();
         let result = self.state.apply(cmd);
         match cmd {
-            Command::ChangeVolume { name, primary, .. } if result.is_ok() => {
+            Command::ChangeVolume { name, primary, rejoin, .. } if result.is_ok() => {
+                if let Some(r) = rejoin {
+                    self.stats.rejoins += 1;
+                    self.note(format!(
+                        "{name}: {r} rejoins in_sync at epoch {}",
+                        self.state.volumes[name].epoch
+                    ));
+                    let held = self.disks[r].borrow().data.get(name).cloned().unwrap_or_default();
+                    let missing = self.acked.get(name).map_or(0, |a| a.difference(&held).count());
+                    if missing > 0 {
+                        self.violate(format!(
+                            "{r} rejoined {name} missing {missing} acknowledged writes (RPO 0)"
+                        ));
+                    }
+                }
                 let (old, new) = (&before.volumes[name], self.state.volumes[name].clone());
                 if new.epoch <= old.epoch {
                     self.violate(format!("epoch of {name} went {} -> {}", old.epoch, new.epoch));
