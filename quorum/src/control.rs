@@ -16,10 +16,10 @@
 //! - At most one membership change is in flight; the leader never removes itself.
 
 use crate::decide::{self, LeaseTable, LeaseTiming, SiteTracker};
-use crate::quorum::{LeaderState, Shared};
+use crate::quorum::{Handover, LeaderState, Shared};
 use crate::state::{ClusterState, Command, NodeId};
 use crate::types::RaftId;
-use openraft::ServerState;
+use openraft::{BasicNode, ChangeMembers, ServerState};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,7 +56,6 @@ pub(crate) async fn role_watcher(s: Arc<Shared>) {
                         last_seen_ms: BTreeMap::new(),
                         leases: LeaseTable::new(now, timing),
                         sites: SiteTracker::new(t.site_stable_ms),
-                        handover_at_ms: None,
                     });
                 }
                 (Some(_), false) => *g = None,
@@ -141,12 +140,38 @@ async fn reconcile_membership(s: &Shared, state: &ClusterState, alive: &BTreeSet
     let m = s.raft.metrics().borrow().clone();
     let mem = m.membership_config.membership().clone();
     for rec in state.nodes.values() {
-        if mem.get_node(&rec.raft_id).is_none() {
-            s.ensure_learner(rec).await;
-            return;
+        match mem.get_node(&rec.raft_id) {
+            None => {
+                s.ensure_learner(rec).await;
+                return;
+            }
+            Some(n) if n.addr != rec.api => {
+                // The node re-registered from a new address (same name, so the
+                // same raft id): point replication at it.
+                let nodes = BTreeMap::from([(rec.raft_id, BasicNode { addr: rec.api.clone() })]);
+                tracing::info!(node = %rec.id, from = %n.addr, to = %rec.api, "updating a member's address");
+                let change = s.raft.change_membership(ChangeMembers::SetNodes(nodes), true);
+                match tokio::time::timeout(MEMBERSHIP_TIMEOUT, change).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "address update failed"),
+                    Err(_) => tracing::warn!("address update timed out"),
+                }
+                return;
+            }
+            Some(_) => {}
         }
     }
-    if mem.get_joint_config().len() != 1 {
+    let joint = mem.get_joint_config();
+    if joint.len() != 1 {
+        // A change left half-done (e.g. the previous leader died mid-way):
+        // finish it towards its target config before anything else.
+        let target = joint.last().cloned().unwrap_or_default();
+        tracing::info!(?target, "finishing an interrupted membership change");
+        match tokio::time::timeout(MEMBERSHIP_TIMEOUT, s.raft.change_membership(target, true)).await {
+            Ok(Ok(_)) => tracing::info!("membership change finished"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not finish the membership change"),
+            Err(_) => tracing::warn!("finishing the membership change timed out"),
+        }
         return;
     }
     let mut current = BTreeSet::new();
@@ -164,7 +189,12 @@ async fn reconcile_membership(s: &Shared, state: &ClusterState, alive: &BTreeSet
         return;
     }
     let steps = decide::membership_steps(&current, &desired, alive);
-    let Some(next) = steps.into_iter().next() else { return };
+    // Skip even-sized intermediate sets when a later step is odd: a 2-voter
+    // group loses its majority with either voter (e.g. {a1} → {a1,b1,w1} in one
+    // joint change, never stopping at {a1,b1}). Joint consensus keeps any
+    // multi-node change safe.
+    let pick = steps.iter().position(|v| v.len() % 2 == 1).unwrap_or(0);
+    let Some(next) = steps.into_iter().nth(pick) else { return };
     if !next.contains(&s.cfg.node_id) {
         return;
     }
@@ -193,10 +223,32 @@ async fn reconcile_membership(s: &Shared, state: &ClusterState, alive: &BTreeSet
     }
 }
 
+/// How long a hand-over pauses the leader's heartbeats (and holds the other
+/// members' elections): long enough for the followers' openraft leader lease
+/// (`election_timeout_max`) to lapse and the target to win one election.
+pub(crate) fn handover_pause_ms(s: &Shared) -> u64 {
+    s.cfg.timings.election_timeout_max_ms * 2 + s.cfg.timings.heartbeat_ms * 4
+}
+
+/// During a hand-over: how long `requester` (not the target) should hold its elections.
+pub(crate) fn hold_elections_for(s: &Shared, requester: &str) -> u64 {
+    let g = s.handover.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(h) = g.as_ref() else { return 0 };
+    let end = h.started_ms + handover_pause_ms(s);
+    let now = s.now_ms();
+    if h.target == requester || now >= end {
+        return 0;
+    }
+    end - now
+}
+
 /// Leader side of the preferred-site rule: tell `requester` to take over when
-/// the leader is outside the preferred site and `requester` is a caught-up
-/// voter inside it. The leader pauses its heartbeats so the requester's
-/// election is not refused by followers still honouring the leader's lease.
+/// the leader is outside the preferred site, the group is healthy, and
+/// `requester` is a caught-up voter inside it. The leader pauses its
+/// heartbeats and the other members hold their elections, so the target's
+/// campaign (started once the followers' openraft lease lapsed) wins.
+/// At most one hand-over per `10 × election_timeout_max` (no storms when the
+/// target cannot win).
 pub(crate) fn should_hand_over(s: &Shared, requester: &str, state: &ClusterState) -> bool {
     let Some(pref) = state.preferred_site.as_deref() else { return false };
     if s.cfg.site == pref || requester == s.cfg.node_id {
@@ -210,29 +262,37 @@ pub(crate) fn should_hand_over(s: &Shared, requester: &str, state: &ClusterState
     if !m.membership_config.membership().voter_ids().any(|v| v == rec.raft_id) {
         return false;
     }
+    if m.membership_config.membership().get_joint_config().len() != 1 {
+        return false;
+    }
     let last = m.last_log_index.unwrap_or(0);
-    let caught_up = m
-        .replication
-        .as_ref()
-        .and_then(|r| r.get(&rec.raft_id).cloned().flatten())
-        .is_some_and(|l| l.index + 1 >= last);
-    if !caught_up {
+    let matched =
+        |id: RaftId| m.replication.as_ref().and_then(|r| r.get(&id).cloned().flatten()).map(|l| l.index);
+    let caught_up = matched(rec.raft_id).is_some_and(|i| i + 1 >= last);
+    // Only a healthy group hands over: every voter caught up, so the pause in
+    // heartbeats cannot cost the group its majority.
+    let healthy = m
+        .membership_config
+        .membership()
+        .voter_ids()
+        .filter(|v| *v != s.raft_id)
+        .all(|v| matched(v).is_some_and(|i| i + MAX_VOTER_LAG >= last));
+    if !caught_up || !healthy {
         return false;
     }
     let now = s.now_ms();
-    let cooldown = s.cfg.timings.election_timeout_max_ms * 4;
+    let cooldown = s.cfg.timings.election_timeout_max_ms * 10;
     {
-        let mut g = s.leader_state();
-        let Some(ls) = g.as_mut() else { return false };
-        if ls.handover_at_ms.is_some_and(|t| now.saturating_sub(t) < cooldown) {
+        let mut g = s.handover.lock().unwrap_or_else(|p| p.into_inner());
+        if g.as_ref().is_some_and(|h| now.saturating_sub(h.started_ms) < cooldown) {
             return false;
         }
-        ls.handover_at_ms = Some(now);
+        *g = Some(Handover { target: requester.to_string(), started_ms: now });
     }
     tracing::info!(to = %requester, site = %pref, "handing leadership to the preferred site");
     s.raft.runtime_config().heartbeat(false);
     let raft = s.raft.clone();
-    let pause = Duration::from_millis(s.cfg.timings.election_timeout_max_ms * 2);
+    let pause = Duration::from_millis(handover_pause_ms(s));
     tokio::spawn(async move {
         tokio::time::sleep(pause).await;
         raft.runtime_config().heartbeat(true);

@@ -84,12 +84,14 @@ pub(crate) async fn handle_heartbeat(s: &Shared, req: HeartbeatRequest) -> Heart
         }
     }
     let take_over = crate::control::should_hand_over(s, &req.node_id, &state);
+    let hold_elections_ms = crate::control::hold_elections_for(s, &req.node_id);
     HeartbeatReply::Granted {
         leader: s.cfg.node_id.clone(),
         term,
         granted,
         lease_ms: s.cfg.timings.lease_ms,
         take_over,
+        hold_elections_ms,
     }
 }
 
@@ -114,7 +116,7 @@ pub(crate) async fn heartbeat_loop(s: Arc<Shared>, primaries: PrimariesFn) {
         } else {
             continue;
         };
-        if let HeartbeatReply::Granted { granted, lease_ms, take_over, .. } = reply {
+        if let HeartbeatReply::Granted { granted, lease_ms, take_over, hold_elections_ms, .. } = reply {
             let valid_until = sent + Duration::from_millis(lease_ms);
             let now = Instant::now();
             s.leases.send_modify(|m| {
@@ -124,12 +126,51 @@ pub(crate) async fn heartbeat_loop(s: Arc<Shared>, primaries: PrimariesFn) {
                     m.insert(vol, HeldLease { epoch, valid_until });
                 }
             });
+            if hold_elections_ms > 0 {
+                hold_elections(&s, Duration::from_millis(hold_elections_ms));
+            }
             if take_over && !s.is_leader() {
-                tracing::info!(node = %s.cfg.node_id, "the leader hands leadership to the preferred site; campaigning");
-                if let Err(e) = s.raft.trigger().elect().await {
-                    tracing::warn!(error = %e, "could not start an election");
-                }
+                campaign_after_lease(&s);
             }
         }
     }
+}
+
+/// Disable this member's elections until `now + hold` (a hand-over is running).
+fn hold_elections(s: &Arc<Shared>, hold: Duration) {
+    let until = Instant::now() + hold;
+    {
+        let mut g = s.hold_elections_until.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_some_and(|u| u >= until) {
+            return;
+        }
+        *g = Some(until);
+    }
+    s.raft.runtime_config().elect(false);
+    let s = s.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep_until(until).await;
+        let mut g = s.hold_elections_until.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_some_and(|u| u <= Instant::now()) {
+            *g = None;
+            s.raft.runtime_config().elect(true);
+        }
+    });
+}
+
+/// The leader asked us to take over: campaign once the followers' openraft
+/// leader lease (`election_timeout_max`) has lapsed after its last heartbeat.
+fn campaign_after_lease(s: &Arc<Shared>) {
+    tracing::info!(node = %s.cfg.node_id, "the leader hands leadership to the preferred site; campaigning");
+    let s = s.clone();
+    let t = &s.cfg.timings;
+    let wait = Duration::from_millis(t.election_timeout_max_ms + t.heartbeat_ms * 2);
+    tokio::spawn(async move {
+        tokio::time::sleep(wait).await;
+        if !s.is_leader() {
+            if let Err(e) = s.raft.trigger().elect().await {
+                tracing::warn!(error = %e, "could not start an election");
+            }
+        }
+    });
 }

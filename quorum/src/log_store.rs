@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! log.seg : magic "METRLOG\0" | version u32 LE | record*
-//! record  : len u32 LE | crc32c(payload) u32 LE | payload (serde_json Record)
+//! record  : len u32 LE | crc32c(len) u32 LE | crc32c(payload) u32 LE | payload (serde_json Record)
 //! vote    : durable envelope (see durable.rs), serde_json Vote
 //! ```
 //!
@@ -13,10 +13,13 @@
 //!
 //! Invariants:
 //! - `append` returns (and reports the flush to openraft) only after fsync.
-//! - On open, a torn tail (an incomplete last record, or a last record whose
-//!   checksum fails) is what a crash mid-append leaves: it is truncated and
-//!   logged. A bad checksum with more data after it is corruption: opening
-//!   fails with an error naming the file and the byte offset.
+//! - On open, a torn tail (an incomplete last record, a last record whose
+//!   payload checksum fails, or a zero-filled tail) is what a crash mid-append
+//!   leaves: it is truncated and logged. Anything else is corruption and
+//!   opening fails with an error naming the file and the byte offset: a bad
+//!   payload checksum with more data after it, or a length whose own checksum
+//!   fails (so a flipped length bit can never pass for a torn tail and
+//!   silently drop the records after it).
 //! - The in-memory index equals the replay of the file at all times.
 
 use crate::durable::{self, DurableError};
@@ -38,7 +41,7 @@ pub const LOG_VERSION: u32 = 1;
 const VOTE_MAGIC: &[u8; 8] = b"METRVOTE";
 const VOTE_VERSION: u32 = 1;
 const HEADER_LEN: u64 = 12;
-const RECORD_HEADER_LEN: u64 = 8;
+const RECORD_HEADER_LEN: u64 = 12;
 /// Largest record accepted: an entry carries one command (a batch of at most
 /// a few thousand volume changes), far below this.
 pub const MAX_RECORD_BYTES: u64 = 64 * 1024 * 1024;
@@ -89,7 +92,9 @@ pub struct LogStore {
 fn frame(rec: &Record) -> Vec<u8> {
     let payload = serde_json::to_vec(rec).expect("log records always serialize");
     let mut out = Vec::with_capacity(payload.len() + RECORD_HEADER_LEN as usize);
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    let len = (payload.len() as u32).to_le_bytes();
+    out.extend_from_slice(&len);
+    out.extend_from_slice(&crc32c::crc32c(&len).to_le_bytes());
     out.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
     out.extend_from_slice(&payload);
     out
@@ -128,16 +133,22 @@ fn parse(path: &Path, buf: &[u8]) -> Result<(Vec<Record>, u64), LogFileError> {
             return Ok((records, off));
         }
         let o = off as usize;
-        let rlen = u64::from(u32::from_le_bytes(buf[o..o + 4].try_into().expect("4 bytes")));
-        let crc = u32::from_le_bytes(buf[o + 4..o + 8].try_into().expect("4 bytes"));
-        let end = off + RECORD_HEADER_LEN + rlen;
-        if end > len {
-            if rlen > MAX_RECORD_BYTES {
-                return Err(corrupt(
-                    off,
-                    format!("record length {rlen} exceeds the limit {MAX_RECORD_BYTES}"),
-                ));
+        let len_bytes: [u8; 4] = buf[o..o + 4].try_into().expect("4 bytes");
+        let len_crc = u32::from_le_bytes(buf[o + 4..o + 8].try_into().expect("4 bytes"));
+        let crc = u32::from_le_bytes(buf[o + 8..o + 12].try_into().expect("4 bytes"));
+        if crc32c::crc32c(&len_bytes) != len_crc {
+            // A file extended by a crash may end in zeros; anything else is damage.
+            if buf[o..].iter().all(|b| *b == 0) {
+                return Ok((records, off));
             }
+            return Err(corrupt(off, "record length checksum mismatch".into()));
+        }
+        let rlen = u64::from(u32::from_le_bytes(len_bytes));
+        let end = off + RECORD_HEADER_LEN + rlen;
+        if rlen > MAX_RECORD_BYTES {
+            return Err(corrupt(off, format!("record length {rlen} exceeds the limit {MAX_RECORD_BYTES}")));
+        }
+        if end > len {
             return Ok((records, off));
         }
         let payload = &buf[(off + RECORD_HEADER_LEN) as usize..end as usize];
@@ -441,7 +452,7 @@ mod tests {
         write_three(dir.path()).await;
         let path = dir.path().join("log.seg");
         let mut image = std::fs::read(&path).unwrap();
-        // Flip one payload byte of the first record (offset 12 + 8 header bytes).
+        // Flip one payload byte of the first record (offset 12 + 12 header bytes).
         image[(HEADER_LEN + RECORD_HEADER_LEN + 3) as usize] ^= 0x40;
         std::fs::write(&path, &image).unwrap();
         let err = LogStore::open(dir.path()).err().expect("corruption must be refused");
@@ -468,6 +479,31 @@ mod tests {
         assert_eq!(st.last_purged_log_id.map(|l| l.index), Some(2));
         assert_eq!(st.last_log_id.map(|l| l.index), Some(4));
         assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(3, 7)));
+    }
+
+    #[tokio::test]
+    async fn a_flipped_length_bit_in_the_middle_is_corruption_not_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        write_three(dir.path()).await;
+        let path = dir.path().join("log.seg");
+        let mut image = std::fs::read(&path).unwrap();
+        image[HEADER_LEN as usize + 2] ^= 0x01; // the first record's length, +64 KiB
+        std::fs::write(&path, &image).unwrap();
+        let err = LogStore::open(dir.path()).err().expect("must be refused");
+        assert!(matches!(err, LogFileError::Corrupt { offset: 12, .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_zero_filled_tail_after_a_crash_is_truncated() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, end) = write_three(dir.path()).await;
+        let path = dir.path().join("log.seg");
+        let mut image = std::fs::read(&path).unwrap();
+        image.extend(std::iter::repeat_n(0u8, 4096));
+        std::fs::write(&path, &image).unwrap();
+        let mut log = LogStore::open(dir.path()).unwrap();
+        assert_eq!(indexes(&mut log).await, vec![1, 2, 3]);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), end);
     }
 
     #[test]

@@ -141,7 +141,7 @@ pub fn version_mismatch_message(who: &str, theirs: u32) -> String {
 }
 
 /// Channel cache + the one place that makes an internal RPC.
-pub struct Peers {
+pub(crate) struct Peers {
     connector: Arc<dyn Connector>,
     channels: Mutex<HashMap<String, Channel>>,
     me: String,
@@ -243,11 +243,11 @@ fn classify(addr: &str, s: tonic::Status, ms: u64) -> RpcError {
 
 /// openraft's network factory over [`Peers`].
 #[derive(Clone)]
-pub struct NetworkFactory {
+pub(crate) struct NetworkFactory {
     pub peers: Arc<Peers>,
 }
 
-pub struct PeerNetwork {
+pub(crate) struct PeerNetwork {
     peers: Arc<Peers>,
     target: RaftId,
     addr: String,

@@ -43,6 +43,8 @@ pub const PROPOSE_DEADLINE: Duration = Duration::from_secs(10);
 pub const INIT_DEADLINE: Duration = Duration::from_secs(15);
 /// Deadline for `join`: reach a leader, be registered, and catch up.
 pub const JOIN_DEADLINE: Duration = Duration::from_secs(60);
+/// Deadline for building a snapshot in `compact_log` (a JSON dump of the state).
+pub const COMPACT_DEADLINE: Duration = Duration::from_secs(10);
 /// Bound on leader-hint hops per attempt (a stale hint cannot loop forever).
 const MAX_HOPS: usize = 4;
 /// Backoff between attempts while no leader is known.
@@ -72,6 +74,9 @@ pub struct QuorumStatus {
     pub learners: Vec<String>,
     pub last_applied: u64,
     pub is_leader: bool,
+    /// A joint membership change is in progress (`voters` is then the union
+    /// of the old and new voter sets).
+    pub membership_changing: bool,
 }
 
 /// A lease this node holds as primary of a volume.
@@ -90,8 +95,13 @@ pub(crate) struct LeaderState {
     pub last_seen_ms: BTreeMap<String, u64>,
     pub leases: crate::decide::LeaseTable,
     pub sites: crate::decide::SiteTracker,
-    /// When this leader last asked a preferred-site voter to take over.
-    pub handover_at_ms: Option<u64>,
+}
+
+/// A leadership hand-over to the preferred site in progress (or the last one).
+#[derive(Debug, Clone)]
+pub(crate) struct Handover {
+    pub target: String,
+    pub started_ms: u64,
 }
 
 pub(crate) struct Shared {
@@ -105,6 +115,10 @@ pub(crate) struct Shared {
     pub t0: Instant,
     pub leader: Mutex<Option<LeaderState>>,
     pub leases: watch::Sender<Arc<BTreeMap<String, HeldLease>>>,
+    /// Last hand-over this member started as leader (kept across terms: cooldown).
+    pub handover: Mutex<Option<Handover>>,
+    /// Elections are held (disabled) on this member until this instant.
+    pub hold_elections_until: Mutex<Option<Instant>>,
     pub stop: watch::Sender<bool>,
     pub tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -232,6 +246,8 @@ impl Quorum {
             t0: Instant::now(),
             leader: Mutex::new(None),
             leases,
+            handover: Mutex::new(None),
+            hold_elections_until: Mutex::new(None),
             stop,
             tasks: Mutex::new(Vec::new()),
         });
@@ -442,6 +458,7 @@ impl Quorum {
             learners: learners.into_iter().collect(),
             last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
             is_leader: m.state == ServerState::Leader && m.current_leader == Some(s.raft_id),
+            membership_changing: mem.get_joint_config().len() > 1,
         }
     }
 
@@ -461,6 +478,27 @@ impl Quorum {
     /// Watch the leases this node holds (updated on every heartbeat reply).
     pub fn lease_watch(&self) -> watch::Receiver<Arc<BTreeMap<String, HeldLease>>> {
         self.inner.leases.subscribe()
+    }
+
+    /// Build a snapshot now and drop the log up to it (members that lag
+    /// behind then catch up through a snapshot transfer).
+    pub async fn compact_log(&self) -> Result<(), QuorumError> {
+        let s = &self.inner;
+        let applied = s.raft.metrics().borrow().last_applied.map(|l| l.index).unwrap_or(0);
+        s.raft.trigger().snapshot().await.map_err(|e| QuorumError::Stopped(e.to_string()))?;
+        let mut rx = s.raft.metrics();
+        let built = rx.wait_for(|m| m.snapshot.is_some_and(|l| l.index >= applied));
+        match tokio::time::timeout(COMPACT_DEADLINE, built).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return Err(QuorumError::Stopped("raft metrics closed".into())),
+            Err(_) => {
+                return Err(QuorumError::Timeout {
+                    what: "building a snapshot".into(),
+                    ms: COMPACT_DEADLINE.as_millis() as u64,
+                })
+            }
+        }
+        s.raft.trigger().purge_log(applied).await.map_err(|e| QuorumError::Stopped(e.to_string()))
     }
 
     /// Stop the raft core and every background task of this member.

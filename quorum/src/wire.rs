@@ -37,6 +37,10 @@ pub enum HeartbeatReply {
         /// The leader asks this voter (in the preferred site) to take over leadership.
         #[serde(default)]
         take_over: bool,
+        /// During a hand-over, the other members hold their elections this
+        /// long so the preferred voter's campaign is not raced.
+        #[serde(default)]
+        hold_elections_ms: u64,
     },
     NotLeader {
         leader: Option<String>,

@@ -1,4 +1,6 @@
-//! Test support for the cross-crate suites: fixtures that start clusters and
-//! inject faults, kept out of the tests themselves.
+//! Test support for the cross-crate suites, kept out of the tests themselves:
+//! - [`lab`]: real processes in the lab topology, fault injection, the write oracle;
+//! - [`sim`]: the deterministic simulation of the quorum engine (turmoil).
 
 pub mod lab;
+pub mod sim;

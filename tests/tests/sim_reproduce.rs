@@ -1,0 +1,74 @@
+//! Replays simulator seeds from the command line (no libtest harness, so it
+//! accepts its own flags):
+//!
+//! ```text
+//! cargo test -p metro-tests --test sim_reproduce -- --reproduce <seed> [--bug] [--scenario NAME]
+//! cargo test -p metro-tests --test sim_reproduce -- --seeds <count> [--first <seed>]
+//! ```
+//!
+//! Without flags it replays seed 0. Exits non-zero when a run breaks an invariant.
+
+use metro_tests::sim::{run, Bugs, Scenario, SimOptions};
+use std::process::ExitCode;
+use std::time::Instant;
+
+fn scenario(name: &str) -> Option<Scenario> {
+    Some(match name {
+        "random" => Scenario::Random,
+        "lose-dc-a" => Scenario::LoseSite("dc-a"),
+        "lose-dc-b" => Scenario::LoseSite("dc-b"),
+        "witness-then-dc-a" => Scenario::WitnessThenDcA,
+        "isolate-leader-site" => Scenario::IsolateLeaderSite,
+        "isolate-follower-site" => Scenario::IsolateFollowerSite,
+        _ => return None,
+    })
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    let number = |flag: &str| {
+        value(flag).map(|v| v.parse::<u64>().unwrap_or_else(|_| panic!("{flag} needs a number")))
+    };
+    let bugs = Bugs { promote_without_lease_wait: args.iter().any(|a| a == "--bug") };
+    let scen = match value("--scenario") {
+        Some(n) => match scenario(&n) {
+            Some(s) => s,
+            None => {
+                eprintln!("unknown scenario `{n}`; use random, lose-dc-a, lose-dc-b, witness-then-dc-a, isolate-leader-site, isolate-follower-site");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => Scenario::Random,
+    };
+    let opts = |seed| SimOptions { scenario: scen, bugs, ..SimOptions::random(seed) };
+    if let Some(seed) =
+        number("--reproduce").or(std::env::var("METRO_SIM_SEED").ok().and_then(|s| s.parse().ok()))
+    {
+        let r = run(&opts(seed));
+        println!("{}", r.describe());
+        println!("wall {:?}", r.wall);
+        return if r.is_clean() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+    }
+    let first = number("--first").unwrap_or(0);
+    let count = number("--seeds").unwrap_or(1);
+    let started = Instant::now();
+    let mut failed = Vec::new();
+    for seed in first..first + count {
+        let r = run(&opts(seed));
+        if !r.is_clean() {
+            println!("{}", r.describe());
+            failed.push(seed);
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{count} seeds in {secs:.1} s ({:.1} seeds/s, one thread); failed: {failed:?}",
+        count as f64 / secs
+    );
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
