@@ -363,7 +363,7 @@ impl pb::control_server::Control for ControlService {
             )
             .into());
         }
-        if r.size_bytes == 0 || r.size_bytes % 4096 != 0 || r.size_bytes > MAX_VOLUME_BYTES {
+        if r.size_bytes == 0 || !r.size_bytes.is_multiple_of(4096) || r.size_bytes > MAX_VOLUME_BYTES {
             return Err(ApiError::new(
                 Code::InvalidArgument,
                 format!("size {} is invalid", r.size_bytes),

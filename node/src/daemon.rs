@@ -231,7 +231,7 @@ async fn join_loop(cfg: Arc<DaemonConfig>, quorum: Quorum, registry: Arc<dyn Reg
         let mut attempt = 0u32;
         while let Err(e) = reg.register(&rec).await {
             attempt += 1;
-            if attempt == 1 || attempt % 30 == 0 {
+            if attempt == 1 || attempt.is_multiple_of(30) {
                 tracing::warn!(error = %e, "cannot register in etcd yet; retrying");
             }
             tokio::time::sleep(JOIN_RETRY).await;
@@ -280,7 +280,7 @@ async fn join_loop(cfg: Arc<DaemonConfig>, quorum: Quorum, registry: Arc<dyn Reg
                 return;
             }
             Err(e) => {
-                if attempt == 1 || attempt % 10 == 0 {
+                if attempt == 1 || attempt.is_multiple_of(10) {
                     tracing::warn!(error = %e, attempt, "not in the cluster yet; retrying");
                 }
                 tokio::time::sleep(JOIN_RETRY).await;

@@ -9,10 +9,9 @@ use anyhow::{bail, Context};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-static LAB_LOCK: Mutex<()> = Mutex::new(());
+static LAB_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Workspace root (for binaries and tools).
 pub fn workspace() -> PathBuf {
@@ -24,14 +23,15 @@ pub fn bin_dir() -> PathBuf {
     if let Ok(d) = std::env::var("METRO_BIN_DIR") {
         return PathBuf::from(d);
     }
-    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace().join("target"));
+    let target =
+        std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace().join("target"));
     target.join("debug")
 }
 
 pub struct Lab {
     pub dir: PathBuf,
     pub info: metroctl::lab::LabInfo,
-    _guard: MutexGuard<'static, ()>,
+    _guard: tokio::sync::MutexGuard<'static, ()>,
 }
 
 /// One acknowledged write as logged by the oracle writer.
@@ -46,7 +46,7 @@ pub struct Ack {
 impl Lab {
     /// Start a whole lab in a fresh directory; torn down (purged) on drop.
     pub async fn up(name: &str) -> anyhow::Result<Lab> {
-        let guard = LAB_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = LAB_LOCK.lock().await;
         let bins = bin_dir();
         for b in ["metro-node", "metro-witness", "metroctl"] {
             if !bins.join(b).exists() {
@@ -140,7 +140,14 @@ impl Lab {
     }
 
     /// Start an oracle writer. With `pin`, it never leaves that URI.
-    pub fn writer(&self, volume: &str, tag: &str, first_block: u64, seconds: f64, pin: Option<&str>) -> Writer {
+    pub fn writer(
+        &self,
+        volume: &str,
+        tag: &str,
+        first_block: u64,
+        seconds: f64,
+        pin: Option<&str>,
+    ) -> Writer {
         let out = self.dir.join(format!("acks-{tag}.jsonl"));
         let mut cmd = Command::new("/usr/bin/python3");
         cmd.arg(workspace().join("tests/tools/oracle_writer.py"))
@@ -179,8 +186,12 @@ impl Lab {
     /// Compare every in-sync replica's data file byte for byte.
     pub fn replicas_identical(&self, volume: &str) -> anyhow::Result<bool> {
         let v = self.volume(volume)?;
-        let in_sync: Vec<String> =
-            v["in_sync"].as_array().into_iter().flatten().filter_map(|x| x.as_str().map(String::from)).collect();
+        let in_sync: Vec<String> = v["in_sync"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_str().map(String::from))
+            .collect();
         let files: Vec<PathBuf> = in_sync
             .iter()
             .filter_map(|n| self.info.daemon(n).map(|d| d.data_dir.join("volumes").join(volume).join("data")))
@@ -250,7 +261,11 @@ pub fn assert_single_primary(acks: &[&[Ack]]) -> anyhow::Result<()> {
     for a in &all {
         if seen_after.last() != Some(&a.uri) {
             if seen_after.contains(&a.uri) {
-                bail!("split brain: {} acknowledged a write at {:.3} after another primary took over", a.uri, a.t);
+                bail!(
+                    "split brain: {} acknowledged a write at {:.3} after another primary took over",
+                    a.uri,
+                    a.t
+                );
             }
             seen_after.push(a.uri.clone());
         }

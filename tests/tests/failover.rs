@@ -45,7 +45,10 @@ async fn acked_writes_survive_the_loss_of_the_primary_site() -> anyhow::Result<(
     let follow_acks = follower.finish()?;
     let pinned_acks = pinned.finish()?;
     let (new_primary, new_uri) = primary_of(&lab, "v")?;
-    assert!(follow_acks.iter().any(|a| a.uri == new_uri), "the follower wrote on the new primary {new_primary}");
+    assert!(
+        follow_acks.iter().any(|a| a.uri == new_uri),
+        "the follower wrote on the new primary {new_primary}"
+    );
 
     tracing::info!("--- RPO 0 and one primary at a time");
     lab.verify(&new_uri, &[&lab.dir.join("acks-follow.jsonl"), &lab.dir.join("acks-pinned.jsonl")])?;
@@ -120,7 +123,8 @@ async fn a_cut_between_the_data_sites_keeps_the_preferred_site_and_fences_the_ot
 
     tracing::info!("--- cut dc-a from dc-b; the witness sees both");
     lab.partition("dc-a", "dc-b")?;
-    lab.wait_for("the primary in dc-a", FAILOVER_DEADLINE, |l| Ok(primary_of(l, "v")?.0.starts_with('a'))).await?;
+    lab.wait_for("the primary in dc-a", FAILOVER_DEADLINE, |l| Ok(primary_of(l, "v")?.0.starts_with('a')))
+        .await?;
     let follow_acks = follower.finish()?;
     let pinned_acks = pinned.finish()?;
     let (_, new_uri) = primary_of(&lab, "v")?;

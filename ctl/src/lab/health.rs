@@ -145,38 +145,6 @@ pub async fn wait_healthy(info: &LabInfo, deadline: Duration) -> Result<(), LabE
     wait_healthy_subset(info, None, deadline).await
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_split_into_authority_and_path() {
-        assert_eq!(
-            split_url("http://10.77.1.11:9100/metrics"),
-            Some(("10.77.1.11:9100".into(), "/metrics".into()))
-        );
-        assert_eq!(split_url("http://10.77.1.10:2379"), Some(("10.77.1.10:2379".into(), "/".into())));
-        assert_eq!(split_url("https://x"), None);
-    }
-
-    #[tokio::test]
-    async fn a_probe_of_a_closed_port_fails_fast_and_a_listener_answering_http_passes() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.unwrap();
-            let mut b = [0u8; 512];
-            let _ = s.read(&mut b).await;
-            s.write_all(b"HTTP/1.0 404 Not Found\r\n\r\nnope").await.unwrap();
-        });
-        assert_eq!(http_get(&format!("http://{addr}/metrics")).await, Ok((404, "nope".into())));
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let t = Instant::now();
-        assert!(!metrics_up(&format!("http://{closed}/metrics")).await);
-        assert!(t.elapsed() <= PROBE_TIMEOUT + Duration::from_millis(500));
-    }
-}
-
 /// Is `info` running the real metro daemons (not stand-ins)?
 pub fn runs_metro_daemons(info: &LabInfo) -> bool {
     info.nodes.iter().all(|d| d.proc.command.iter().any(|a| a.ends_with("metro-node")))
@@ -226,4 +194,36 @@ pub async fn wait_cluster(info: &LabInfo, deadline: Duration) -> Result<(), LabE
         pending: format!("cluster: {last}"),
         logs: info.dir.join("logs"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_split_into_authority_and_path() {
+        assert_eq!(
+            split_url("http://10.77.1.11:9100/metrics"),
+            Some(("10.77.1.11:9100".into(), "/metrics".into()))
+        );
+        assert_eq!(split_url("http://10.77.1.10:2379"), Some(("10.77.1.10:2379".into(), "/".into())));
+        assert_eq!(split_url("https://x"), None);
+    }
+
+    #[tokio::test]
+    async fn a_probe_of_a_closed_port_fails_fast_and_a_listener_answering_http_passes() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut b = [0u8; 512];
+            let _ = s.read(&mut b).await;
+            s.write_all(b"HTTP/1.0 404 Not Found\r\n\r\nnope").await.unwrap();
+        });
+        assert_eq!(http_get(&format!("http://{addr}/metrics")).await, Ok((404, "nope".into())));
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let t = Instant::now();
+        assert!(!metrics_up(&format!("http://{closed}/metrics")).await);
+        assert!(t.elapsed() <= PROBE_TIMEOUT + Duration::from_millis(500));
+    }
 }
