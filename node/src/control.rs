@@ -147,8 +147,16 @@ impl ControlService {
         }
     }
 
-    /// Volume status with resync figures from the primary when it is elsewhere.
-    async fn volume_status_full(&self, name: &str, forwarded: bool) -> Result<pb::VolumeStatus, Status> {
+    /// Volume status as the leader knows it (a restarted node's local state
+    /// may be stale), with resync figures from the primary. `hop` says how
+    /// far the request has been forwarded: none, `leader`, or `final`.
+    async fn volume_status_full(&self, name: &str, hop: Option<&str>) -> Result<pb::VolumeStatus, Status> {
+        let st = self.quorum.status();
+        if hop.is_none() && !st.is_leader {
+            if let Some(r) = self.forward_volume(st.leader.as_deref(), name, "leader").await {
+                return Ok(r);
+            }
+        }
         let state = self.state();
         let v = state.volumes.get(name).ok_or_else(|| {
             Status::from(ApiError::new(
@@ -157,19 +165,20 @@ impl ControlService {
                 "list volumes with `metroctl volume list`",
             ))
         })?;
-        let primary = v.primary.clone().unwrap_or_default();
-        if !forwarded && !primary.is_empty() && primary != self.cfg.node_id {
-            if let Some(api) = state.nodes.get(&primary).map(|n| n.api.clone()) {
-                if let Ok(mut c) = self.client_for(&api).await {
-                    let mut req = Request::new(pb::VolumeRef { name: name.to_string() });
-                    req.metadata_mut().insert(FORWARDED, "1".parse().expect("static"));
-                    if let Ok(r) = c.get_volume(req).await {
-                        return Ok(r.into_inner());
-                    }
-                }
+        if hop != Some("final") && v.primary.as_deref().is_some_and(|p| p != self.cfg.node_id) {
+            if let Some(r) = self.forward_volume(v.primary.as_deref(), name, "final").await {
+                return Ok(r);
             }
         }
         Ok(self.volume_status(&state, v))
+    }
+
+    async fn forward_volume(&self, to: Option<&str>, name: &str, hop: &str) -> Option<pb::VolumeStatus> {
+        let api = self.state().nodes.get(to?)?.api.clone();
+        let mut c = self.client_for(&api).await.ok()?;
+        let mut req = Request::new(pb::VolumeRef { name: name.to_string() });
+        req.metadata_mut().insert(FORWARDED, hop.parse().ok()?);
+        c.get_volume(req).await.ok().map(|r| r.into_inner())
     }
 
     async fn wait_for<F: Fn(&ClusterState) -> bool>(&self, what: &str, f: F) -> Result<(), ApiError> {
@@ -338,6 +347,19 @@ impl pb::control_server::Control for ControlService {
         req: Request<pb::ListVolumesRequest>,
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
         authorize(&req, Access::Read)?;
+        let st = self.quorum.status();
+        if req.metadata().get(FORWARDED).is_none() && !st.is_leader {
+            let api = st.leader.as_ref().and_then(|l| self.state().nodes.get(l).map(|n| n.api.clone()));
+            if let Some(api) = api {
+                if let Ok(mut c) = self.client_for(&api).await {
+                    let mut r = Request::new(pb::ListVolumesRequest {});
+                    r.metadata_mut().insert(FORWARDED, "final".parse().expect("static"));
+                    if let Ok(resp) = c.list_volumes(r).await {
+                        return Ok(resp);
+                    }
+                }
+            }
+        }
         let state = self.state();
         let volumes = state.volumes.values().map(|v| self.volume_status(&state, v)).collect();
         Ok(Response::new(pb::ListVolumesResponse { volumes }))
@@ -345,8 +367,8 @@ impl pb::control_server::Control for ControlService {
 
     async fn get_volume(&self, req: Request<pb::VolumeRef>) -> Result<Response<pb::VolumeStatus>, Status> {
         authorize(&req, Access::Read)?;
-        let forwarded = req.metadata().get(FORWARDED).is_some();
-        Ok(Response::new(self.volume_status_full(&req.get_ref().name, forwarded).await?))
+        let hop = req.metadata().get(FORWARDED).and_then(|v| v.to_str().ok()).map(str::to_string);
+        Ok(Response::new(self.volume_status_full(&req.get_ref().name, hop.as_deref()).await?))
     }
 
     async fn create_volume(
@@ -395,7 +417,7 @@ impl pb::control_server::Control for ControlService {
         self.registry.put_spec(&spec, true).await.map_err(registry_err)?;
         let name = r.name.clone();
         self.wait_for(&format!("create `{name}`"), |s| s.volumes.contains_key(&name)).await?;
-        Ok(Response::new(self.volume_status_full(&name, true).await?))
+        Ok(Response::new(self.volume_status_full(&name, None).await?))
     }
 
     async fn delete_volume(&self, req: Request<pb::VolumeRef>) -> Result<Response<pb::Empty>, Status> {
@@ -431,7 +453,7 @@ impl pb::control_server::Control for ControlService {
         if v.primary.as_deref() != Some(r.node.as_str()) {
             self.move_primary(&v, &r.node).await?;
         }
-        Ok(Response::new(self.volume_status_full(&r.name, true).await?))
+        Ok(Response::new(self.volume_status_full(&r.name, None).await?))
     }
 
     async fn detach_volume(&self, req: Request<pb::VolumeRef>) -> Result<Response<pb::VolumeStatus>, Status> {
@@ -449,7 +471,7 @@ impl pb::control_server::Control for ControlService {
             };
             committed(self.quorum.propose(cmd).await)?;
         }
-        Ok(Response::new(self.volume_status_full(&name, true).await?))
+        Ok(Response::new(self.volume_status_full(&name, None).await?))
     }
 
     async fn site_activate(&self, req: Request<pb::SiteRequest>) -> Result<Response<pb::SiteStatus>, Status> {

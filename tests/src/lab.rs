@@ -58,6 +58,10 @@ impl Lab {
         let mut opts = metroctl::lab::LabOptions::new(&dir);
         opts.bin_dir = bins;
         opts.health_deadline = Duration::from_secs(90);
+        // METRO_LAB_MODE=loopback runs the suite without network namespaces.
+        if std::env::var("METRO_LAB_MODE").as_deref() == Ok("loopback") {
+            opts.mode = metroctl::lab::NetMode::Loopback;
+        }
         let info = metroctl::lab::up(opts).await.context("lab up")?;
         tracing::info!(dir = %dir.display(), mode = ?info.mode, "lab is up");
         Ok(Lab { dir, info, _guard: guard })

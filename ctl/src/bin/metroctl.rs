@@ -12,6 +12,11 @@ use std::process::ExitCode;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Behave like a Unix filter when stdout closes early (`metroctl status | head`).
+    // SAFETY: setting a signal disposition to its default before any thread relies on it.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     metro_api::telemetry::init_tracing();
     let cli = Cli::parse();
     match run(cli).await {

@@ -55,11 +55,16 @@ pub struct OutOp {
 
 type Responder = oneshot::Sender<Result<Ack, LinkError>>;
 
+/// Called with the divergent ranges a peer reports when a link comes up.
+pub type HotHandler = Arc<dyn Fn(&str, Vec<(String, u64, u64)>) + Send + Sync>;
+
 /// Everything needed to dial a peer.
 #[derive(Clone)]
 pub struct Dialer {
     pub my_node: String,
     pub tls: Arc<rustls::ClientConfig>,
+    /// Receives the peer's hot ranges before the link carries any op.
+    pub on_hot: Option<HotHandler>,
 }
 
 pub struct Link {
@@ -160,11 +165,16 @@ async fn connect(addr: &str, peer: &str, dialer: &Dialer) -> Result<TlsStream, L
         let connector = tokio_rustls::TlsConnector::from(dialer.tls.clone());
         let name = rustls::pki_types::ServerName::try_from(metro_api::tls::SERVER_NAME).expect("static name");
         let mut tls = connector.connect(name, tcp).await.map_err(|e| down(format!("TLS: {e}")))?;
-        let hello = Frame::Hello { version: VERSION, from: dialer.my_node.clone(), hot_extents: Vec::new() };
+        let hello = Frame::Hello { version: VERSION, from: dialer.my_node.clone() };
         tls.write_all(&hello.encode()).await.map_err(|e| down(e.to_string()))?;
         tls.flush().await.map_err(|e| down(e.to_string()))?;
         match read_frame(&mut tls).await {
-            Ok(Frame::HelloAck { .. }) => Ok(tls),
+            Ok(Frame::HelloAck { hot, .. }) => {
+                if let (Some(h), false) = (&dialer.on_hot, hot.is_empty()) {
+                    h(peer, hot);
+                }
+                Ok(tls)
+            }
             Ok(Frame::Error { message }) => Err(LinkError::Refused { peer: peer.to_string(), message }),
             Ok(other) => Err(down(format!("unexpected frame {other:?}"))),
             Err(e) => Err(LinkError::Refused { peer: peer.to_string(), message: e.to_string() }),

@@ -22,6 +22,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 pub trait ReplicaSink: Send + Sync + 'static {
     fn replica(&self, volume: &str, size: u64) -> Option<Arc<ReplicaVolume>>;
     fn node_id(&self) -> &str;
+    /// Ranges this node's activity logs mark as possibly divergent, for the
+    /// volumes it shares with `primary`: `(volume, offset, len)`.
+    fn hot_ranges(&self, primary: &str) -> Vec<(String, u64, u64)>;
 }
 
 pub async fn serve(
@@ -58,7 +61,11 @@ async fn handle(
         let mut stream = acceptor.accept(tcp).await?;
         match read_frame(&mut stream).await {
             Ok(Frame::Hello { from, .. }) => {
-                let ack = Frame::HelloAck { version: VERSION, node: sink.node_id().to_string() };
+                let hot = sink.hot_ranges(&from);
+                if !hot.is_empty() {
+                    tracing::info!(%from, ranges = hot.len(), "reporting possibly divergent extents for resync");
+                }
+                let ack = Frame::HelloAck { version: VERSION, node: sink.node_id().to_string(), hot };
                 stream.write_all(&ack.encode()).await?;
                 stream.flush().await?;
                 Ok::<_, anyhow::Error>((stream, from))

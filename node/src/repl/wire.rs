@@ -17,6 +17,8 @@ pub const VERSION: u16 = metro_api::PROTOCOL_VERSION as u16;
 pub const HEADER_LEN: usize = 12;
 /// Largest payload accepted: the largest NBD request plus headroom for fields.
 pub const MAX_PAYLOAD: u32 = 33 * 1024 * 1024;
+/// Bound on hot ranges reported in one HelloAck (1 M ranges ≈ 30 MB).
+pub const MAX_HOT_RANGES: usize = 1_000_000;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WireError {
@@ -80,11 +82,14 @@ pub enum Frame {
     Hello {
         version: u16,
         from: String,
-        hot_extents: Vec<(String, u64)>,
     },
+    /// The replica's answer; `hot` lists `(volume, offset, len)` ranges its
+    /// activity log marks as possibly divergent (it was a primary that lost
+    /// its role with writes in flight): the primary must resync them.
     HelloAck {
         version: u16,
         node: String,
+        hot: Vec<(String, u64, u64)>,
     },
     Error {
         message: String,
@@ -154,19 +159,20 @@ impl Frame {
     pub fn encode(&self) -> BytesMut {
         let mut p = BytesMut::with_capacity(64);
         let (kind, mut flags) = match self {
-            Frame::Hello { version, from, hot_extents } => {
+            Frame::Hello { version, from } => {
                 p.put_u16(*version);
                 put_str(&mut p, from);
-                p.put_u32(hot_extents.len() as u32);
-                for (v, off) in hot_extents {
-                    put_str(&mut p, v);
-                    p.put_u64(*off);
-                }
                 (K_HELLO, 0)
             }
-            Frame::HelloAck { version, node } => {
+            Frame::HelloAck { version, node, hot } => {
                 p.put_u16(*version);
                 put_str(&mut p, node);
+                p.put_u32(hot.len() as u32);
+                for (v, off, len) in hot {
+                    put_str(&mut p, v);
+                    p.put_u64(*off);
+                    p.put_u64(*len);
+                }
                 (K_HELLO_ACK, 0)
             }
             Frame::Error { message } => {
@@ -253,24 +259,24 @@ impl Frame {
             K_HELLO => {
                 need(&b, 2)?;
                 let version = b.get_u16();
-                let from = get_str(&mut b)?;
-                need(&b, 4)?;
-                let n = b.get_u32() as usize;
-                if n > 1_000_000 {
-                    return Err(WireError::TooLarge(n as u32));
-                }
-                let mut hot = Vec::with_capacity(n.min(1024));
-                for _ in 0..n {
-                    let v = get_str(&mut b)?;
-                    need(&b, 8)?;
-                    hot.push((v, b.get_u64()));
-                }
-                Frame::Hello { version, from, hot_extents: hot }
+                Frame::Hello { version, from: get_str(&mut b)? }
             }
             K_HELLO_ACK => {
                 need(&b, 2)?;
                 let version = b.get_u16();
-                Frame::HelloAck { version, node: get_str(&mut b)? }
+                let node = get_str(&mut b)?;
+                need(&b, 4)?;
+                let n = b.get_u32() as usize;
+                if n > MAX_HOT_RANGES {
+                    return Err(WireError::TooLarge(n as u32));
+                }
+                let mut hot = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let v = get_str(&mut b)?;
+                    need(&b, 16)?;
+                    hot.push((v, b.get_u64(), b.get_u64()));
+                }
+                Frame::HelloAck { version, node, hot }
             }
             K_ERROR => Frame::Error { message: get_str(&mut b)? },
             K_WRITE | K_ZERO | K_FLUSH => {
@@ -348,12 +354,12 @@ mod tests {
 
     #[test]
     fn every_frame_kind_round_trips() {
-        roundtrip(Frame::Hello {
+        roundtrip(Frame::Hello { version: VERSION, from: "a1".into() });
+        roundtrip(Frame::HelloAck {
             version: VERSION,
-            from: "a1".into(),
-            hot_extents: vec![("v".into(), 4096)],
+            node: "b1".into(),
+            hot: vec![("v".into(), 4096, 1 << 22)],
         });
-        roundtrip(Frame::HelloAck { version: VERSION, node: "b1".into() });
         roundtrip(Frame::Error { message: "nope".into() });
         roundtrip(Frame::Op {
             seq: 9,

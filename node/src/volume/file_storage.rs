@@ -131,6 +131,18 @@ impl VolumeStorage for FileStorage {
         }
     }
 
+    fn clear_hot(&self, name: &str) -> std::io::Result<()> {
+        let v = self.vol(name)?;
+        let mut al = v.al.lock().expect("poisoned");
+        if al.hot_extents().is_empty() {
+            return Ok(());
+        }
+        let seq = al.current_seq();
+        al.mark_flushed(seq);
+        al.cool_down().map_err(io)?;
+        al.clear_recovered().map_err(io)
+    }
+
     fn flush_begin(&self, name: &str) -> u64 {
         self.vol(name).map(|v| v.al.lock().expect("poisoned").current_seq()).unwrap_or(0)
     }

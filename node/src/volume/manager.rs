@@ -77,15 +77,39 @@ impl VolumeManager {
         dialer: Dialer,
         ack_timeout: Duration,
     ) -> Arc<Self> {
-        Arc::new_cyclic(|weak| VolumeManager {
-            me,
-            cluster,
-            storage,
-            dialer,
-            ack_timeout,
-            inner: Mutex::default(),
-            weak: weak.clone(),
+        Arc::new_cyclic(|weak: &Weak<VolumeManager>| {
+            let w = weak.clone();
+            let mut dialer = dialer;
+            dialer.on_hot = Some(Arc::new(move |peer: &str, ranges: Vec<(String, u64, u64)>| {
+                if let Some(m) = w.upgrade() {
+                    m.peer_reported_hot(peer, ranges);
+                }
+            }));
+            VolumeManager {
+                me,
+                cluster,
+                storage,
+                dialer,
+                ack_timeout,
+                inner: Mutex::default(),
+                weak: weak.clone(),
+            }
         })
+    }
+
+    /// A returning replica reported ranges it may hold unacknowledged writes
+    /// in (it was a primary): resync them from here, like dirty regions.
+    fn peer_reported_hot(&self, peer: &str, ranges: Vec<(String, u64, u64)>) {
+        let state = self.state_now();
+        for (vol, off, len) in ranges {
+            let Some(v) = state.volumes.get(&vol) else { continue };
+            if v.primary.as_deref() != Some(self.me.as_str()) || v.in_sync.iter().any(|n| n == peer) {
+                continue;
+            }
+            if let Err(e) = self.storage.mark_dirty(&vol, peer, off, len) {
+                tracing::error!(volume = %vol, %peer, error = %e, "cannot record a reported divergent range");
+            }
+        }
     }
 
     pub fn node_id(&self) -> &str {
@@ -171,6 +195,11 @@ impl VolumeManager {
                 r.observe(&primary, v.epoch);
             }
             let am_primary = v.primary.as_deref() == Some(self.me.as_str());
+            if !am_primary && v.primary.is_some() && v.in_sync.contains(&self.me) {
+                if let Err(e) = self.storage.clear_hot(&v.name) {
+                    tracing::warn!(volume = %v.name, error = %e, "cannot clear the activity log");
+                }
+            }
             let existing = self.inner.lock().expect("poisoned").primaries.get(&v.name).cloned();
             let in_sync_peers: Vec<String> = v.in_sync.iter().filter(|n| **n != self.me).cloned().collect();
             let stale_peers: Vec<String> =
@@ -400,6 +429,26 @@ impl ReplicaSink for VolumeManager {
 
     fn node_id(&self) -> &str {
         &self.me
+    }
+
+    fn hot_ranges(&self, primary: &str) -> Vec<(String, u64, u64)> {
+        let state = self.state_now();
+        let mut out = Vec::new();
+        for v in state.volumes.values() {
+            // Our state may be older than the caller's (we may still think we
+            // are primary): report for every volume we share; the primary
+            // filters with its newer state.
+            if primary == self.me
+                || !v.replicas.iter().any(|r| r == primary)
+                || !v.replicas.contains(&self.me)
+            {
+                continue;
+            }
+            for (off, len) in self.storage.hot_extents(&v.name) {
+                out.push((v.name.clone(), off, len));
+            }
+        }
+        out
     }
 }
 

@@ -25,6 +25,11 @@ pub trait VolumeStorage: Send + Sync + 'static {
     fn flush_done(&self, _name: &str, _seq: u64) {}
     /// Hot extents left by a crash or still active: `(offset, len)`.
     fn hot_extents(&self, name: &str) -> Vec<(u64, u64)>;
+    /// Forget hot extents once this replica is back in sync under another
+    /// primary (they were resynced from it).
+    fn clear_hot(&self, _name: &str) -> std::io::Result<()> {
+        Ok(())
+    }
     fn mark_dirty(&self, name: &str, peer: &str, offset: u64, len: u64) -> std::io::Result<()>;
     /// Mark the whole volume dirty for `peer` (full resync; counted).
     fn mark_all_dirty(&self, name: &str, peer: &str) -> std::io::Result<()>;
