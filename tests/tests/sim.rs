@@ -91,6 +91,16 @@ fn reproduce() {
 }
 
 #[test]
+fn a_seed_replays_identically() {
+    for seed in [3, 11] {
+        let (a, b) = (run(&SimOptions::random(seed)), run(&SimOptions::random(seed)));
+        assert_eq!(format!("{:?}", a.stats), format!("{:?}", b.stats), "seed {seed}");
+        assert_eq!(a.trace, b.trace, "seed {seed}");
+        assert_eq!((a.steps, a.violations), (b.steps, b.violations), "seed {seed}");
+    }
+}
+
+#[test]
 fn loss_of_dc_a_fails_over_to_dc_b_and_its_replicas_rejoin_after_it_returns() {
     for seed in 0..8 {
         let mut o = SimOptions::random(seed);

@@ -201,7 +201,10 @@ async fn host_loop(
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         let mut out = Vec::new();
+        // `biased`: tokio seeds select!'s branch choice only under
+        // `cfg(tokio_unstable)`; a fixed order keeps a seed reproducible.
         tokio::select! {
+            biased;
             r = sock.recv_from(&mut buf) => {
                 if let Some(msg) = r.ok().and_then(|(n, _)| Msg::decode(&buf[..n])) {
                     node.on_message(&mut oracle.borrow_mut(), msg, now(), &mut out);
