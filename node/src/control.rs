@@ -89,7 +89,8 @@ impl ControlService {
             .tls_config(self.tls.tonic_client())
             .map_err(|e| Status::internal(e.to_string()))?
             .connect_timeout(Duration::from_secs(1))
-            .timeout(FORWARD_TIMEOUT);
+            .timeout(FORWARD_TIMEOUT)
+            .local_address(Some(self.cfg.listen.api.ip()));
         let ch = ep.connect().await.map_err(|e| Status::unavailable(format!("cannot reach {api}: {e}")))?;
         Ok(ControlClient::new(ch))
     }

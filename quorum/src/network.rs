@@ -67,11 +67,19 @@ pub trait Connector: Send + Sync + 'static {
 /// The default connector: TCP via tonic's `Endpoint`, with TLS when configured.
 pub struct TcpConnector {
     tls: Option<ClientTlsConfig>,
+    local: Option<std::net::IpAddr>,
 }
 
 impl TcpConnector {
     pub fn new(tls: Option<ClientTlsConfig>) -> Self {
-        Self { tls }
+        Self { tls, local: None }
+    }
+
+    /// Originate connections from this address (the member's own): keeps
+    /// per-address firewall rules (lab partitions) meaningful on shared hosts.
+    pub fn with_local_address(mut self, ip: Option<std::net::IpAddr>) -> Self {
+        self.local = ip;
+        self
     }
 }
 
@@ -84,7 +92,8 @@ impl Connector for TcpConnector {
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            .local_address(self.local);
         if let Some(tls) = &self.tls {
             ep = ep.tls_config(tls.clone()).map_err(|e| format!("TLS config for `{addr}`: {e}"))?;
         }

@@ -202,7 +202,8 @@ impl Quorum {
     /// Open the member's storage under `data_dir/raft/` and start its raft core.
     pub async fn start(cfg: EngineConfig) -> Result<Quorum, QuorumError> {
         let tls = cfg.tls.as_ref().map(|t| t.tonic_client());
-        Self::start_with_connector(cfg, Arc::new(TcpConnector::new(tls))).await
+        let local = cfg.api_addr.rsplit_once(':').and_then(|(h, _)| h.parse().ok());
+        Self::start_with_connector(cfg, Arc::new(TcpConnector::new(tls).with_local_address(local))).await
     }
 
     /// As [`Quorum::start`], with a custom way to reach peers (simulation).

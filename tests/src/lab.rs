@@ -58,9 +58,15 @@ impl Lab {
         let mut opts = metroctl::lab::LabOptions::new(&dir);
         opts.bin_dir = bins;
         opts.health_deadline = Duration::from_secs(90);
-        // METRO_LAB_MODE=loopback runs the suite without network namespaces.
-        if std::env::var("METRO_LAB_MODE").as_deref() == Ok("loopback") {
+        // METRO_LAB_MODE=loopback runs the suite without network namespaces;
+        // METRO_LAB_OCTET=N (implies loopback) uses 127.N.x.y so several
+        // suites can run side by side on one machine.
+        let octet = std::env::var("METRO_LAB_OCTET").ok().and_then(|v| v.parse::<u8>().ok());
+        if std::env::var("METRO_LAB_MODE").as_deref() == Ok("loopback") || octet.is_some() {
             opts.mode = metroctl::lab::NetMode::Loopback;
+        }
+        if let Some(o) = octet {
+            opts.loopback_octet = o;
         }
         let info = metroctl::lab::up(opts).await.context("lab up")?;
         tracing::info!(dir = %dir.display(), mode = ?info.mode, "lab is up");

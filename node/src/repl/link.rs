@@ -65,6 +65,9 @@ pub struct Dialer {
     pub tls: Arc<rustls::ClientConfig>,
     /// Receives the peer's hot ranges before the link carries any op.
     pub on_hot: Option<HotHandler>,
+    /// Source address for links (this node's own), so per-address firewall
+    /// rules apply on hosts where several nodes share one network stack.
+    pub local_ip: Option<std::net::IpAddr>,
 }
 
 pub struct Link {
@@ -160,7 +163,13 @@ async fn connect(addr: &str, peer: &str, dialer: &Dialer) -> Result<TlsStream, L
             .map_err(|e| down(e.to_string()))?
             .next()
             .ok_or_else(|| down("no address".into()))?;
-        let tcp = tokio::net::TcpStream::connect(sa).await.map_err(|e| down(e.to_string()))?;
+        let sock =
+            if sa.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
+                .map_err(|e| down(e.to_string()))?;
+        if let Some(ip) = dialer.local_ip {
+            sock.bind(std::net::SocketAddr::new(ip, 0)).map_err(|e| down(format!("bind {ip}: {e}")))?;
+        }
+        let tcp = sock.connect(sa).await.map_err(|e| down(e.to_string()))?;
         tune(&tcp).map_err(|e| down(e.to_string()))?;
         let connector = tokio_rustls::TlsConnector::from(dialer.tls.clone());
         let name = rustls::pki_types::ServerName::try_from(metro_api::tls::SERVER_NAME).expect("static name");
