@@ -214,16 +214,19 @@ impl VolumeManager {
                 (true, _) => {
                     let Some(r) = replica else { continue };
                     let ctl: Arc<dyn VolumeControl> = Arc::new(CtlRef(self.weak.clone()));
-                    let pv = Arc::new(PrimaryVolume::new(
-                        v.name.clone(),
-                        v.size_bytes,
-                        r.device.clone(),
-                        self.me.clone(),
-                        ReplState { epoch: v.epoch, in_sync_peers, stale_peers, catching_up: Vec::new() },
-                        ctl,
-                        self.ack_timeout,
-                        v.lease_policy,
-                    ));
+                    let pv = Arc::new(
+                        PrimaryVolume::new(
+                            v.name.clone(),
+                            v.size_bytes,
+                            r.device.clone(),
+                            self.me.clone(),
+                            ReplState { epoch: v.epoch, in_sync_peers, stale_peers, catching_up: Vec::new() },
+                            ctl,
+                            self.ack_timeout,
+                            v.lease_policy,
+                        )
+                        .with_limits(v.iops_limit, v.bandwidth_limit),
+                    );
                     tracing::info!(volume = %v.name, epoch = v.epoch, "serving as primary");
                     self.inner.lock().expect("poisoned").primaries.insert(v.name.clone(), pv);
                 }

@@ -55,6 +55,8 @@ pub struct PrimaryVolume {
     ack_timeout: Duration,
     policy: LeasePolicy,
     deposed: AtomicBool,
+    /// Per-volume IOPS and bandwidth limits from the volume spec (0 = none).
+    limiter: crate::store::rate_limiter::RateLimiter,
 }
 
 enum Outcome {
@@ -85,7 +87,14 @@ impl PrimaryVolume {
             ack_timeout,
             policy,
             deposed: AtomicBool::new(false),
+            limiter: crate::store::rate_limiter::RateLimiter::unlimited(),
         }
+    }
+
+    /// Apply the volume spec's limits (0 = unlimited).
+    pub fn with_limits(mut self, iops: u64, bytes_per_sec: u64) -> Self {
+        self.limiter = crate::store::rate_limiter::RateLimiter::new(iops, bytes_per_sec);
+        self
     }
 
     pub async fn repl_state(&self) -> ReplState {
@@ -149,6 +158,7 @@ impl PrimaryVolume {
     /// The mirrored mutation path shared by write, zero and flush.
     async fn mutate(&self, op: OpKind, fua: bool, region: Option<(u64, u64)>) -> BlockResult<()> {
         self.gate().await?;
+        self.limiter.acquire(region.map(|r| r.1).unwrap_or(0)).await;
         let is_flush = matches!(op, OpKind::Flush);
         let (epoch, waits, local, flush_seq) = {
             let s = self.state.lock().await;
@@ -395,6 +405,7 @@ impl BlockDevice for PrimaryVolume {
     async fn read(&self, offset: u64, len: u32) -> BlockResult<Bytes> {
         self.check_range(offset, u64::from(len))?;
         self.gate().await?;
+        self.limiter.acquire(u64::from(len)).await;
         self.local.read(offset, len).await
     }
 

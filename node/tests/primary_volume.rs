@@ -1,0 +1,131 @@
+//! The primary's write path against a scripted control plane: what it
+//! commits, marks and acknowledges when a replica is unreachable, how it
+//! fences itself, and how volume limits pace it.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use metro_node::block::{BlockDevice, BlockError};
+use metro_node::repl::link::Link;
+use metro_node::store::MemVolume;
+use metro_node::volume::control::VolumeControl;
+use metro_node::volume::primary::{PrimaryVolume, ReplState};
+use metro_quorum::LeasePolicy;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Default)]
+struct Script {
+    lease: Mutex<bool>,
+    primary: Mutex<bool>,
+    commits: Mutex<Vec<(u64, Vec<String>)>>,
+    dirty: Mutex<Vec<(String, u64, u64)>>,
+    refuse_commit: Mutex<bool>,
+}
+
+#[async_trait]
+impl VolumeControl for Script {
+    fn lease_valid(&self, _: &str) -> bool {
+        *self.lease.lock().unwrap()
+    }
+    fn still_primary(&self, _: &str) -> bool {
+        *self.primary.lock().unwrap()
+    }
+    fn link(&self, _: &str) -> Option<Arc<Link>> {
+        None // every peer is unreachable
+    }
+    fn touch_extent(&self, _: &str, _: u64, _: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn flush_begin(&self, _: &str) -> u64 {
+        0
+    }
+    fn flush_done(&self, _: &str, _: u64) {}
+    fn mark_dirty(&self, _: &str, peer: &str, off: u64, len: u64) -> std::io::Result<()> {
+        self.dirty.lock().unwrap().push((peer.into(), off, len));
+        Ok(())
+    }
+    fn mark_all_outstanding(&self, _: &str, _: &str) -> std::io::Result<()> {
+        Ok(())
+    }
+    async fn shrink_in_sync(&self, _: &str, expected: u64, in_sync: Vec<String>) -> Result<u64, String> {
+        if *self.refuse_commit.lock().unwrap() {
+            return Err("no quorum".into());
+        }
+        self.commits.lock().unwrap().push((expected, in_sync));
+        Ok(expected + 1)
+    }
+    async fn rejoin(&self, _: &str, e: u64, _: Vec<String>, _: &str) -> Result<u64, String> {
+        Ok(e + 1)
+    }
+}
+
+fn primary(script: Arc<Script>, policy: LeasePolicy) -> PrimaryVolume {
+    *script.lease.lock().unwrap() = true;
+    *script.primary.lock().unwrap() = true;
+    PrimaryVolume::new(
+        "v".into(),
+        1 << 20,
+        Arc::new(MemVolume::new(1 << 20)),
+        "a1".into(),
+        ReplState { epoch: 1, in_sync_peers: vec!["b1".into()], stale_peers: vec![], catching_up: vec![] },
+        script,
+        Duration::from_millis(200),
+        policy,
+    )
+}
+
+#[tokio::test]
+async fn an_unreachable_replica_is_removed_by_a_committed_change_before_the_write_is_acknowledged() {
+    let s = Arc::new(Script::default());
+    let p = primary(s.clone(), LeasePolicy::Suspend);
+    p.write(8192, Bytes::from(vec![7u8; 4096]), false).await.expect("acknowledged after the commit");
+    assert_eq!(s.commits.lock().unwrap().clone(), vec![(1, vec!["a1".to_string()])]);
+    assert!(
+        s.dirty.lock().unwrap().contains(&("b1".into(), 8192, 4096)),
+        "the missed region is dirty for b1"
+    );
+    let st = p.repl_state().await;
+    assert_eq!((st.epoch, st.in_sync_peers.len(), st.stale_peers.clone()), (2, 0, vec!["b1".to_string()]));
+    // Later writes go straight to the dirty bitmap, no more commits.
+    p.write(0, Bytes::from(vec![1u8; 4096]), true).await.unwrap();
+    assert_eq!(s.commits.lock().unwrap().len(), 1);
+    assert!(s.dirty.lock().unwrap().contains(&("b1".into(), 0, 4096)));
+    assert_eq!(&p.read(0, 4096).await.unwrap()[..], &[1u8; 4096][..]);
+}
+
+#[tokio::test]
+async fn without_a_commit_the_write_is_never_acknowledged_and_error_policy_fails_it() {
+    let s = Arc::new(Script::default());
+    *s.refuse_commit.lock().unwrap() = true;
+    let p = Arc::new(primary(s.clone(), LeasePolicy::Error));
+    let p2 = p.clone();
+    let w = tokio::spawn(async move { p2.write(0, Bytes::from(vec![9u8; 4096]), false).await });
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!w.is_finished(), "held while the removal cannot commit");
+    *s.lease.lock().unwrap() = false; // the lease runs out
+    let r = tokio::time::timeout(Duration::from_secs(5), w).await.expect("resolves").unwrap();
+    assert!(matches!(r, Err(BlockError::Io(_))), "policy error fails the held write: {r:?}");
+    assert!(s.commits.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_deposed_primary_answers_eshutdown() {
+    let s = Arc::new(Script::default());
+    let p = primary(s, LeasePolicy::Suspend);
+    p.depose("test");
+    let e = p.read(0, 4096).await.unwrap_err();
+    assert_eq!(e.nbd_errno(), 108, "ESHUTDOWN");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_volume_iops_limit_paces_requests() {
+    let s = Arc::new(Script::default());
+    let p = primary(s, LeasePolicy::Suspend).with_limits(50, 0);
+    let start = tokio::time::Instant::now();
+    for i in 0..60u64 {
+        p.read(i * 4096, 4096).await.unwrap();
+    }
+    let took = start.elapsed();
+    // 50 IOPS with a 100 ms burst: 60 reads need at least ~1.1 s of virtual time.
+    assert!(took >= Duration::from_millis(1000), "60 reads at 50 IOPS took {took:?}");
+}
