@@ -23,11 +23,22 @@ fn fio(uri: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
 
 fn primary_log_resync_line(lab: &Lab, node: &str) -> Option<String> {
     let log = lab.info.daemon(node)?.proc.log.clone();
-    std::fs::read_to_string(log).ok()?.lines().rev().find(|l| l.contains("resync pass")).map(str::to_string)
+    let text = String::from_utf8_lossy(&std::fs::read(log).ok()?).into_owned();
+    text.lines().rev().find(|l| l.contains("resync pass")).map(str::to_string)
 }
 
 fn field(line: &str, key: &str) -> Option<u64> {
-    let clean: String = line.chars().filter(|c| !c.is_control()).collect();
+    // Strip ANSI colour sequences (ESC [ ... m) from the daemon's log line.
+    let mut clean = String::new();
+    let mut in_escape = false;
+    for c in line.chars() {
+        match (in_escape, c) {
+            (false, '\u{1b}') => in_escape = true,
+            (true, 'm') => in_escape = false,
+            (true, _) => {}
+            (false, c) => clean.push(c),
+        }
+    }
     let i = clean.find(&format!("{key}="))?;
     clean[i + key.len() + 1..]
         .chars()
@@ -79,6 +90,11 @@ async fn fio_verify_survives_a_replica_loss_and_resync_moves_only_dirty_bytes() 
     lab.start_node(&replica).await?;
     lab.wait_for("the replica back in sync", Duration::from_secs(60), |l| {
         Ok(strings(&l.volume("v")?["in_sync"]).len() == 2)
+    })
+    .await?;
+    // The primary logs the pass right after the rejoin commits.
+    lab.wait_for("the primary's resync log line", Duration::from_secs(10), |l| {
+        Ok(primary_log_resync_line(l, &primary).is_some())
     })
     .await?;
     let line = primary_log_resync_line(&lab, &primary).expect("the primary logged its resync");
