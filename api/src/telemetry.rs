@@ -23,7 +23,9 @@ pub fn init_tracing() {
     }
     use std::io::IsTerminal;
     let ansi = std::io::stderr().is_terminal();
-    let _ = registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi)).try_init();
+    let _ = registry
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi))
+        .try_init();
 }
 
 /// Tell systemd we are ready (no-op outside systemd).
