@@ -236,8 +236,9 @@ impl Registry for EtcdRegistry {
     }
 
     async fn health(&self) -> Vec<(String, bool)> {
-        let mut out = Vec::new();
-        for ep in &self.endpoints {
+        // All members at once, so a status call with every member down costs
+        // one timeout, not one per member.
+        let probes = self.endpoints.iter().map(|ep| async move {
             let opts = self.connect_options();
             let ok = tokio::time::timeout(self.timeout, async {
                 let mut c = Client::connect([ep.as_str()], Some(opts)).await.ok()?;
@@ -247,9 +248,9 @@ impl Registry for EtcdRegistry {
             .ok()
             .flatten()
             .is_some();
-            out.push((ep.clone(), ok));
-        }
-        out
+            (ep.clone(), ok)
+        });
+        futures::future::join_all(probes).await
     }
 }
 
