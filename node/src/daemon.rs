@@ -38,6 +38,10 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 const PUBLISH_EVERY: Duration = Duration::from_secs(5);
 /// Retry period for joining the cluster.
 const JOIN_RETRY: Duration = Duration::from_secs(1);
+/// A refusal by the cluster is fatal only once it has persisted this long:
+/// while the bootstrap node is still committing the site list, joiners are
+/// briefly told "unknown site" (seen in lab start-ups), which must not kill them.
+const REFUSAL_GRACE: Duration = Duration::from_secs(10);
 /// Bound on one join attempt through the peers.
 const JOIN_ATTEMPT: Duration = Duration::from_secs(5);
 
@@ -294,6 +298,7 @@ async fn join_loop(
         }
     });
     let mut attempt = 0u32;
+    let mut refused_since: Option<tokio::time::Instant> = None;
     loop {
         attempt += 1;
         let known = quorum.state().borrow().nodes.get(&me.id) == Some(&me);
@@ -335,8 +340,16 @@ async fn join_loop(
                 tracing::info!(node = %me.id, "joined the cluster");
                 return Ok(());
             }
-            Err(JoinError::Refused(reason)) => return Err(reason),
+            Err(JoinError::Refused(reason)) => {
+                let since = *refused_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= REFUSAL_GRACE {
+                    return Err(reason);
+                }
+                tracing::warn!(%reason, "the cluster refused this node; retrying in case it is still bootstrapping");
+                tokio::time::sleep(JOIN_RETRY).await;
+            }
             Err(JoinError::Retry(e)) => {
+                refused_since = None;
                 if attempt == 1 || attempt.is_multiple_of(10) {
                     tracing::warn!(error = %e, attempt, "not in the cluster yet; retrying");
                 }
