@@ -168,12 +168,27 @@ impl Target {
             };
             match tokio::time::timeout(CONNECT_TIMEOUT * 2, endpoint.connect()).await {
                 Ok(Ok(ch)) => return Ok(ControlClient::new(ch)),
-                Ok(Err(e)) => last = format!("{uri}: {e}"),
+                Ok(Err(e)) => last = format!("{uri}: {}", error_chain(&e)),
                 Err(_) => last = format!("{uri}: connect timeout"),
             }
         }
         Err(ClientError::Unreachable { tried: self.endpoints.join(", "), last })
     }
+}
+
+/// An error and its sources, `a: b: c` (tonic's own text is only "transport error").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !out.ends_with(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        src = s.source();
+    }
+    out
 }
 
 /// Wrap a request with a deadline (gRPC `grpc-timeout` plus a local timer).
