@@ -240,7 +240,10 @@ async fn attached_volumes_keep_doing_io_while_etcd_is_down_and_changes_fail_with
     tracing::info!("--- fio finished without an error and wrote during the outage");
     let out = tokio::task::spawn_blocking(move || fio.wait_with_output()).await??;
     assert!(out.status.success(), "fio failed: {}", stderr(&out));
-    let report: Value = serde_json::from_slice(&out.stdout)?;
+    // fio may print notes before its JSON report.
+    let text = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(&text[text.find('{').unwrap_or(0)..])
+        .map_err(|e| anyhow::anyhow!("fio report: {e}: {text}"))?;
     assert_eq!(report["jobs"][0]["error"], 0, "fio job error: {}", report["jobs"][0]);
     let samples = fio_bw_samples(&PathBuf::from(format!("{}_bw.1.log", bw_prefix.display())));
     let during: Vec<u64> = samples
