@@ -593,3 +593,51 @@ impl pb::control_server::Control for ControlService {
         Ok(Response::new(pb::Empty {}))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejected(reason: Rejection) -> Status {
+        committed(Ok(CommandResult::Rejected { reason, detail: "d".into() })).unwrap_err().into()
+    }
+
+    #[test]
+    fn refused_commands_map_to_stable_codes_with_a_next_step() {
+        for (reason, grpc, code) in [
+            (Rejection::NotFound, tonic::Code::NotFound, "MET-002"),
+            (Rejection::AlreadyExists, tonic::Code::AlreadyExists, "MET-003"),
+            (Rejection::Invalid, tonic::Code::InvalidArgument, "MET-001"),
+            (Rejection::EpochMismatch, tonic::Code::Aborted, "MET-007"),
+            (Rejection::StalePromotion, tonic::Code::FailedPrecondition, "MET-008"),
+        ] {
+            let s = rejected(reason);
+            assert_eq!(s.code(), grpc, "{s:?}");
+            assert!(s.message().starts_with(&format!("[{code}]")), "{s:?}");
+            assert!(s.message().contains("next step"), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn quorum_errors_always_carry_a_next_step() {
+        for e in [
+            QuorumError::NoLeader("x".into()),
+            QuorumError::Invalid("x".into()),
+            QuorumError::Timeout { what: "x".into(), ms: 1 },
+            QuorumError::Stopped("x".into()),
+        ] {
+            let s: Status = quorum_err(e).into();
+            assert!(s.message().contains("next step"), "{s:?}");
+        }
+        let s: Status = quorum_err(QuorumError::NoLeader("x".into())).into();
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert!(s.message().starts_with("[MET-005]"));
+    }
+
+    #[test]
+    fn etcd_being_down_is_met_006_and_says_io_continues() {
+        let s: Status = registry_err(RegistryError::Unavailable("refused".into())).into();
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert!(s.message().starts_with("[MET-006]") && s.message().contains("bring etcd back"), "{s:?}");
+    }
+}
