@@ -203,6 +203,8 @@ async fn attached_volumes_keep_doing_io_while_etcd_is_down_and_changes_fail_with
         .args(["--size=32M", "--iodepth=4", "--time_based", "--runtime=20", "--verify=crc32c"])
         .args(["--log_avg_msec=500", "--output-format=json"])
         .arg(format!("--write_bw_log={}", bw_prefix.display()))
+        // fio writes its verify state file into the working directory.
+        .current_dir(logs.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
