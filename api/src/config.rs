@@ -447,5 +447,18 @@ mod tests {
         assert!(e.reason.contains("chmod 600"), "{e}");
         std::fs::set_permissions(&cfg.tls.key, std::fs::Permissions::from_mode(0o600)).unwrap();
         cfg.check_secrets("t").unwrap();
+
+        // The etcd client key is held to the same rule.
+        let (ca, cert, key) =
+            (dir.path().join("e-ca.pem"), dir.path().join("e.pem"), dir.path().join("e.key"));
+        for p in [&ca, &cert, &key] {
+            std::fs::write(p, "x").unwrap();
+        }
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        (cfg.etcd.ca_cert, cfg.etcd.cert, cfg.etcd.key) = (Some(ca), Some(cert), Some(key.clone()));
+        let e = cfg.check_secrets("t").unwrap_err();
+        assert_eq!(e.key, "etcd.key", "{e}");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        cfg.check_secrets("t").unwrap();
     }
 }
