@@ -63,6 +63,23 @@ pub struct EtcdConfig {
     /// Deadline for every etcd call, in milliseconds.
     #[serde(default = "default_etcd_timeout_ms")]
     pub timeout_ms: u64,
+    /// CA that signed etcd's server certificate. Setting it turns on TLS to
+    /// etcd; every endpoint must then be `https://`.
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
+    /// Client certificate for etcd's `--client-cert-auth` (needs `key`).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// Private key of `cert`: must not be readable by group or world.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+impl EtcdConfig {
+    /// True when the daemon talks TLS to etcd.
+    pub fn tls(&self) -> bool {
+        self.ca_cert.is_some()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -254,6 +271,27 @@ impl DaemonConfig {
         if self.etcd.endpoints.is_empty() {
             return Err(err("etcd.endpoints", "needs at least one endpoint".into()));
         }
+        let e = &self.etcd;
+        if e.cert.is_some() != e.key.is_some() {
+            return Err(err("etcd.cert", "`cert` and `key` go together: set both or neither".into()));
+        }
+        if e.cert.is_some() && e.ca_cert.is_none() {
+            return Err(err("etcd.ca_cert", "a client certificate needs TLS: set `ca_cert` too".into()));
+        }
+        let scheme = if e.tls() { "https://" } else { "http://" };
+        if let Some(bad) = e.endpoints.iter().find(|u| !u.starts_with(scheme)) {
+            return Err(err(
+                "etcd.endpoints",
+                format!(
+                    "`{bad}` must start with {scheme} ({})",
+                    if e.tls() {
+                        "ca_cert is set, so etcd is reached over TLS"
+                    } else {
+                        "set ca_cert to use https"
+                    }
+                ),
+            ));
+        }
         if self.role == Role::Storage && (self.listen.nbd.is_none() || self.listen.replication.is_none()) {
             return Err(err("listen", "a storage node needs `nbd` and `replication` addresses".into()));
         }
@@ -276,15 +314,27 @@ impl DaemonConfig {
     /// Check that the TLS files exist and the key is private. Separate from
     /// parsing so that config templates can be checked without certificates.
     pub fn check_secrets(&self, file: &str) -> Result<(), ConfigError> {
-        for (key, path) in
-            [("tls.ca_cert", &self.tls.ca_cert), ("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key)]
-        {
+        let mut files = vec![
+            ("tls.ca_cert", &self.tls.ca_cert),
+            ("tls.cert", &self.tls.cert),
+            ("tls.key", &self.tls.key),
+        ];
+        for (key, path) in [
+            ("etcd.ca_cert", &self.etcd.ca_cert),
+            ("etcd.cert", &self.etcd.cert),
+            ("etcd.key", &self.etcd.key),
+        ] {
+            if let Some(p) = path {
+                files.push((key, p));
+            }
+        }
+        for (key, path) in files {
             let meta = std::fs::metadata(path).map_err(|e| ConfigError {
                 file: file.into(),
                 key: key.into(),
                 reason: format!("{}: {e}", path.display()),
             })?;
-            if key == "tls.key" {
+            if key.ends_with(".key") {
                 use std::os::unix::fs::PermissionsExt;
                 let mode = meta.permissions().mode();
                 if mode & 0o044 != 0 {
@@ -359,6 +409,22 @@ mod tests {
     }
 
     #[test]
+    fn etcd_tls_keys_parse_and_need_https_endpoints() {
+        let tls = "[etcd]\nca_cert = \"/etc/metro/etcd-ca.pem\"\ncert = \"/etc/metro/etcd.pem\"\nkey = \"/etc/metro/etcd.key\"";
+        let https = TEMPLATE.replace("[etcd]", tls).replace("http://", "https://");
+        let cfg = DaemonConfig::parse("x.toml", &https).expect("https endpoints with TLS parse");
+        assert!(cfg.etcd.tls());
+        assert_eq!(cfg.etcd.key.as_deref(), Some(Path::new("/etc/metro/etcd.key")));
+        let plain = TEMPLATE.replace("[etcd]", tls);
+        let e = DaemonConfig::parse("x.toml", &plain).unwrap_err();
+        assert_eq!(e.key, "etcd.endpoints", "{e}");
+        assert!(e.reason.contains("must start with https://"), "{e}");
+        let no_key = https.replace("key = \"/etc/metro/etcd.key\"\n", "");
+        let e = DaemonConfig::parse("x.toml", &no_key).unwrap_err();
+        assert_eq!(e.key, "etcd.cert", "{e}");
+    }
+
+    #[test]
     fn malformed_toml_names_the_line() {
         let e = DaemonConfig::parse("x.toml", "cluster = \n").unwrap_err();
         assert!(e.reason.contains("line 1"), "{e}");
@@ -380,6 +446,19 @@ mod tests {
         assert_eq!(e.key, "tls.key");
         assert!(e.reason.contains("chmod 600"), "{e}");
         std::fs::set_permissions(&cfg.tls.key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        cfg.check_secrets("t").unwrap();
+
+        // The etcd client key is held to the same rule.
+        let (ca, cert, key) =
+            (dir.path().join("e-ca.pem"), dir.path().join("e.pem"), dir.path().join("e.key"));
+        for p in [&ca, &cert, &key] {
+            std::fs::write(p, "x").unwrap();
+        }
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        (cfg.etcd.ca_cert, cfg.etcd.cert, cfg.etcd.key) = (Some(ca), Some(cert), Some(key.clone()));
+        let e = cfg.check_secrets("t").unwrap_err();
+        assert_eq!(e.key, "etcd.key", "{e}");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
         cfg.check_secrets("t").unwrap();
     }
 }

@@ -120,3 +120,54 @@ impl TlsFiles {
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
+
+impl TlsFiles {
+    /// Why a daemon would refuse our client certificate, judged locally:
+    /// expired or not yet valid, or issued by another CA than the cluster CA
+    /// in `ca_pem`. `None` when nothing is wrong that we can see. Used to
+    /// explain a connection the server closed at the first RPC (with TLS 1.3
+    /// the client only learns of the rejection then, as a broken pipe).
+    pub fn diagnose_client_cert(&self) -> Option<String> {
+        let first = |pem: &[u8]| rustls_pemfile::certs(&mut &pem[..]).next().and_then(Result::ok);
+        let Some(cert_der) = first(&self.cert_pem) else {
+            return Some("the client certificate file holds no PEM certificate".into());
+        };
+        let (_, cert) = x509_parser::parse_x509_certificate(&cert_der).ok()?;
+        let v = cert.validity();
+        let now = x509_parser::time::ASN1Time::now();
+        if v.not_after < now {
+            return Some(format!("the client certificate expired on {}", v.not_after));
+        }
+        if v.not_before > now {
+            return Some(format!("the client certificate is not valid before {}", v.not_before));
+        }
+        let ca_der = first(&self.ca_pem)?;
+        let (_, ca) = x509_parser::parse_x509_certificate(&ca_der).ok()?;
+        // Key identifiers tell two CAs with the same name apart.
+        let aki = cert.extensions().iter().find_map(|e| match e.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(a) => {
+                a.key_identifier.as_ref().map(|k| k.0.to_vec())
+            }
+            _ => None,
+        });
+        let ski = ca.extensions().iter().find_map(|e| match e.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
+            _ => None,
+        });
+        let other_key = matches!((&aki, &ski), (Some(a), Some(s)) if a != s);
+        if cert.issuer() == ca.subject() && other_key {
+            return Some(format!(
+                "the client certificate was issued by another CA than the cluster CA (same name `{}`, different key)",
+                ca.subject()
+            ));
+        }
+        if cert.issuer() != ca.subject() {
+            return Some(format!(
+                "the client certificate was issued by `{}`, not by the cluster CA `{}`",
+                cert.issuer(),
+                ca.subject()
+            ));
+        }
+        None
+    }
+}

@@ -30,6 +30,41 @@ pub enum ClientError {
     Unreachable { tried: String, last: String },
 }
 
+/// What is wrong with our client certificate, as far as we can tell locally
+/// (set by [`Target::connect`]); explains a daemon closing the connection at
+/// the first RPC, which is how TLS 1.3 reports a refused client certificate.
+pub(crate) static CERT_PROBLEM: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// Explain a transport-level failure of an RPC (not a gRPC status from the daemon).
+pub fn explain_transport(s: &tonic::Status) -> Option<String> {
+    use std::error::Error;
+    let mut chain = Vec::new();
+    let mut src: Option<&dyn Error> = s.source();
+    while let Some(e) = src {
+        chain.push(e.to_string());
+        src = e.source();
+    }
+    if chain.is_empty() && s.message() != "transport error" {
+        return None;
+    }
+    let detail = chain.last().cloned().unwrap_or_else(|| s.message().to_string());
+    let closed = ["broken pipe", "reset", "closed", "alert", "certificate"]
+        .iter()
+        .any(|w| chain.iter().any(|c| c.to_lowercase().contains(w)));
+    if !closed {
+        return Some(format!(
+            "the daemon could not be reached: {detail} (next step: check `metroctl status` and that the daemons run)"
+        ));
+    }
+    let why = match CERT_PROBLEM.get().cloned().flatten() {
+        Some(p) => format!("it refused our client certificate: {p}"),
+        None => "it most likely refused our client certificate".to_string(),
+    };
+    Some(format!(
+        "the daemon closed the TLS connection at the first request ({detail}): {why} (next step: use a certificate issued by the cluster CA with `metroctl certs issue`, still valid, and pass it with --cert/--key or METRO_CERT/METRO_KEY)"
+    ))
+}
+
 /// Where the cluster is and who we are.
 #[derive(Debug, Clone, Default)]
 pub struct Target {
@@ -116,6 +151,7 @@ impl Target {
         metro_api::tls::install_crypto_provider();
         let tls =
             TlsFiles::load(&self.ca, &self.cert, &self.key).map_err(|e| ClientError::Tls(e.to_string()))?;
+        let _ = CERT_PROBLEM.set(tls.diagnose_client_cert());
         let mut last = String::from("no endpoint tried");
         for ep in &self.endpoints {
             let uri = if ep.starts_with("https://") { ep.clone() } else { format!("https://{ep}") };
@@ -132,12 +168,27 @@ impl Target {
             };
             match tokio::time::timeout(CONNECT_TIMEOUT * 2, endpoint.connect()).await {
                 Ok(Ok(ch)) => return Ok(ControlClient::new(ch)),
-                Ok(Err(e)) => last = format!("{uri}: {e}"),
+                Ok(Err(e)) => last = format!("{uri}: {}", error_chain(&e)),
                 Err(_) => last = format!("{uri}: connect timeout"),
             }
         }
         Err(ClientError::Unreachable { tried: self.endpoints.join(", "), last })
     }
+}
+
+/// An error and its sources, `a: b: c` (tonic's own text is only "transport error").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !out.ends_with(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        src = s.source();
+    }
+    out
 }
 
 /// Wrap a request with a deadline (gRPC `grpc-timeout` plus a local timer).

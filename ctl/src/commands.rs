@@ -64,6 +64,9 @@ pub fn human(bytes: u64) -> String {
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {
+    if let Some(m) = crate::client::explain_transport(&s) {
+        return anyhow::anyhow!("{m}");
+    }
     let msg = s.message();
     let next = match s.code() {
         tonic::Code::Unavailable if !msg.contains("next step") => {

@@ -15,6 +15,7 @@ use metro_api::identity::{authorize, Access};
 use metro_api::pb::control as pb;
 use metro_api::pb::control::control_client::ControlClient;
 use metro_api::tls::TlsFiles;
+use metro_quorum::state::Rejection;
 use metro_quorum::{
     ClusterState, Command, CommandResult, LeasePolicy, Quorum, QuorumError, SiteMode, VolumeRecord,
 };
@@ -39,15 +40,14 @@ pub struct ControlService {
     pub tls: TlsFiles,
 }
 
+/// Quorum errors map through the quorum crate's one `From<QuorumError> for
+/// ApiError`, except that an empty hint gets the generic next step.
 fn quorum_err(e: QuorumError) -> ApiError {
-    match e {
-        QuorumError::NoLeader(_) | QuorumError::Unreachable { .. } | QuorumError::Timeout { .. } => ApiError::new(
-            Code::NoQuorum,
-            format!("the quorum cannot commit right now: {e}"),
-            "check `metroctl status`: a majority of voters (both data sites, or one site plus the witness) must be up",
-        ),
-        other => ApiError::new(Code::Internal, other.to_string(), "see the daemon log"),
+    let mut a = ApiError::from(e);
+    if a.hint.is_empty() {
+        a.hint = "check `metroctl status` and the daemon log".into();
     }
+    a
 }
 
 fn registry_err(e: RegistryError) -> ApiError {
@@ -69,12 +69,27 @@ fn registry_err(e: RegistryError) -> ApiError {
 fn committed(r: Result<CommandResult, QuorumError>) -> Result<u64, ApiError> {
     match r.map_err(quorum_err)? {
         CommandResult::Ok { epoch } => Ok(epoch),
-        CommandResult::Rejected { reason, detail } => Err(ApiError::new(
-            Code::Conflict,
-            format!("refused: {reason:?}: {detail}"),
-            "re-read the state and retry",
+        CommandResult::Rejected { reason, detail } => {
+            let (code, hint) = match reason {
+                Rejection::NotFound => (Code::NotFound, "check the name with `metroctl status`"),
+                Rejection::AlreadyExists => (Code::AlreadyExists, "it is already done, or pick another name"),
+                Rejection::Invalid => {
+                    (Code::InvalidArgument, "check the arguments against `metroctl status`")
+                }
+                Rejection::EpochMismatch => {
+                    (Code::Conflict, "the volume changed meanwhile; re-read it and retry")
+                }
+                Rejection::StalePromotion => {
+                    (Code::Unsafe, "only an in-sync replica may become primary; see `metroctl volume show`")
+                }
+            };
+            Err(ApiError::new(code, format!("refused: {reason:?}: {detail}"), hint))
+        }
+        CommandResult::Batch(_) => Err(ApiError::new(
+            Code::Internal,
+            "unexpected batch result for a single command",
+            "see the daemon log and report a bug",
         )),
-        CommandResult::Batch(_) => Err(ApiError::new(Code::Internal, "unexpected batch result", "")),
     }
 }
 
@@ -85,13 +100,19 @@ impl ControlService {
 
     async fn client_for(&self, api: &str) -> Result<ControlClient<tonic::transport::Channel>, Status> {
         let ep = tonic::transport::Endpoint::from_shared(format!("https://{api}"))
-            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| {
+                ApiError::new(Code::Internal, format!("bad peer address {api}: {e}"), "see the daemon log")
+            })?
             .tls_config(self.tls.tonic_client())
-            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| {
+                ApiError::new(Code::Internal, format!("TLS for {api}: {e}"), "check the node certificates")
+            })?
             .connect_timeout(Duration::from_secs(1))
             .timeout(FORWARD_TIMEOUT)
             .local_address(Some(self.cfg.listen.api.ip()));
-        let ch = ep.connect().await.map_err(|e| Status::unavailable(format!("cannot reach {api}: {e}")))?;
+        let ch = ep.connect().await.map_err(|e| {
+            ApiError::new(Code::NoQuorum, format!("cannot reach {api}: {e}"), "check `metroctl status`")
+        })?;
         Ok(ControlClient::new(ch))
     }
 
@@ -406,6 +427,16 @@ impl pb::control_server::Control for ControlService {
                 .into())
             }
         };
+        if !r.primary_site.is_empty()
+            && !self.state().sites.get(&r.primary_site).is_some_and(|s| s.kind == SiteKind::Data)
+        {
+            return Err(ApiError::new(
+                Code::InvalidArgument,
+                format!("`{}` is not a data site of this cluster", r.primary_site),
+                "pick a data site from `metroctl site list`, or leave out --site",
+            )
+            .into());
+        }
         let spec = VolumeSpec {
             name: r.name.clone(),
             size_bytes: r.size_bytes,
@@ -487,7 +518,12 @@ impl pb::control_server::Control for ControlService {
             ))
         })?;
         if site.kind != SiteKind::Data {
-            return Err(ApiError::new(Code::InvalidArgument, "only data sites can be activated", "").into());
+            return Err(ApiError::new(
+                Code::InvalidArgument,
+                format!("`{}` is a witness site; only data sites can be activated", r.name),
+                "see `metroctl site list`",
+            )
+            .into());
         }
         // Refuse when the site may lack acknowledged writes: some volume's
         // latest in_sync has no replica in this site.
@@ -555,5 +591,53 @@ impl pb::control_server::Control for ControlService {
             self.move_primary(v, to).await?;
         }
         Ok(Response::new(pb::Empty {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejected(reason: Rejection) -> Status {
+        committed(Ok(CommandResult::Rejected { reason, detail: "d".into() })).unwrap_err().into()
+    }
+
+    #[test]
+    fn refused_commands_map_to_stable_codes_with_a_next_step() {
+        for (reason, grpc, code) in [
+            (Rejection::NotFound, tonic::Code::NotFound, "MET-002"),
+            (Rejection::AlreadyExists, tonic::Code::AlreadyExists, "MET-003"),
+            (Rejection::Invalid, tonic::Code::InvalidArgument, "MET-001"),
+            (Rejection::EpochMismatch, tonic::Code::Aborted, "MET-007"),
+            (Rejection::StalePromotion, tonic::Code::FailedPrecondition, "MET-008"),
+        ] {
+            let s = rejected(reason);
+            assert_eq!(s.code(), grpc, "{s:?}");
+            assert!(s.message().starts_with(&format!("[{code}]")), "{s:?}");
+            assert!(s.message().contains("next step"), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn quorum_errors_always_carry_a_next_step() {
+        for e in [
+            QuorumError::NoLeader("x".into()),
+            QuorumError::Invalid("x".into()),
+            QuorumError::Timeout { what: "x".into(), ms: 1 },
+            QuorumError::Stopped("x".into()),
+        ] {
+            let s: Status = quorum_err(e).into();
+            assert!(s.message().contains("next step"), "{s:?}");
+        }
+        let s: Status = quorum_err(QuorumError::NoLeader("x".into())).into();
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert!(s.message().starts_with("[MET-005]"));
+    }
+
+    #[test]
+    fn etcd_being_down_is_met_006_and_says_io_continues() {
+        let s: Status = registry_err(RegistryError::Unavailable("refused".into())).into();
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert!(s.message().starts_with("[MET-006]") && s.message().contains("bring etcd back"), "{s:?}");
     }
 }

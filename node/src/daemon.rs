@@ -12,7 +12,10 @@
 //! ```
 
 use crate::control::ControlService;
-use crate::registry::{etcd::EtcdRegistry, Registry, VolumeSpec};
+use crate::registry::{
+    etcd::{EtcdRegistry, EtcdTls},
+    Registry, VolumeSpec,
+};
 use crate::repl::link::Dialer;
 use crate::volume::manager::{ClusterView, VolumeManager};
 use crate::volume::storage::VolumeStorage;
@@ -35,8 +38,30 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 const PUBLISH_EVERY: Duration = Duration::from_secs(5);
 /// Retry period for joining the cluster.
 const JOIN_RETRY: Duration = Duration::from_secs(1);
+/// A refusal by the cluster is fatal only once it has persisted this long:
+/// while the bootstrap node is still committing the site list, joiners are
+/// briefly told "unknown site" (seen in lab start-ups), which must not kill them.
+const REFUSAL_GRACE: Duration = Duration::from_secs(10);
 /// Bound on one join attempt through the peers.
 const JOIN_ATTEMPT: Duration = Duration::from_secs(5);
+
+/// Process exit code when the cluster refuses this node (unknown site, a
+/// second witness, an id collision): retrying cannot help, the operator must
+/// fix the config. Distinct from 1 so systemd units can use
+/// `RestartPreventExitStatus=3` instead of restarting forever.
+pub const EXIT_REFUSED: u8 = 3;
+
+/// The cluster refused to admit this node; fatal (see [`EXIT_REFUSED`]).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the cluster refused node `{node}` (site `{site}`): {reason} (next step: fix node_id/site/role in {config} to match the cluster (`metroctl status` lists its sites and nodes), then start again)"
+)]
+pub struct JoinRefused {
+    pub node: String,
+    pub site: String,
+    pub reason: String,
+    pub config: String,
+}
 
 /// [`ClusterView`] over the real quorum engine.
 pub struct QuorumView(pub Quorum);
@@ -98,11 +123,15 @@ pub async fn run(cfg: DaemonConfig, config_path: &str) -> anyhow::Result<()> {
     })
     .await
     .context("starting the quorum member")?;
-    let registry: Arc<dyn Registry> = Arc::new(EtcdRegistry::new(
-        &cfg.cluster,
-        cfg.etcd.endpoints.clone(),
-        Duration::from_millis(cfg.etcd.timeout_ms),
-    ));
+    let etcd_tls = EtcdTls::from_config(&cfg.etcd).context("loading the [etcd] TLS files")?;
+    let registry: Arc<dyn Registry> = Arc::new(
+        EtcdRegistry::new(
+            &cfg.cluster,
+            cfg.etcd.endpoints.clone(),
+            Duration::from_millis(cfg.etcd.timeout_ms),
+        )
+        .with_tls(etcd_tls),
+    );
 
     // Storage: volumes, replication and NBD.
     let mut manager = None;
@@ -182,7 +211,7 @@ pub async fn run(cfg: DaemonConfig, config_path: &str) -> anyhow::Result<()> {
         .with_context(|| format!("binding metrics {}", cfg.listen.metrics))?;
 
     let me = node_record(&cfg, capacity);
-    tokio::spawn(join_loop(cfg.clone(), quorum.clone(), registry.clone(), me));
+    let mut join = tokio::spawn(join_loop(cfg.clone(), quorum.clone(), registry.clone(), me));
     tokio::spawn(leader_loop(quorum.clone(), registry.clone(), stop_rx.clone()));
 
     telemetry::notify_ready(&format!("{} {} serving", cfg.role_name(), cfg.node_id));
@@ -190,13 +219,32 @@ pub async fn run(cfg: DaemonConfig, config_path: &str) -> anyhow::Result<()> {
     telemetry::spawn_watchdog(move || q.status().last_applied > 0 || q.status().leader.is_some());
     tracing::info!(node = %cfg.node_id, site = %cfg.site, "daemon ready");
 
-    wait_for_signal().await;
+    let refused = tokio::select! {
+        _ = wait_for_signal() => None,
+        r = &mut join => match r {
+            Ok(Err(reason)) => Some(reason),
+            // Joined (or the task ended): keep serving until a signal.
+            _ => { wait_for_signal().await; None }
+        },
+    };
+    if let Some(reason) = &refused {
+        tracing::error!(node = %cfg.node_id, site = %cfg.site, %reason, "the cluster refused this node; stopping");
+    }
     tracing::info!("shutting down");
     telemetry::notify_stopping();
     let _ = stop_tx.send(true);
     quorum.shutdown().await;
     let _ = tokio::time::timeout(Duration::from_secs(3), grpc).await;
-    Ok(())
+    match refused {
+        Some(reason) => Err(JoinRefused {
+            node: cfg.node_id.clone(),
+            site: cfg.site.clone(),
+            reason,
+            config: config_path.to_string(),
+        }
+        .into()),
+        None => Ok(()),
+    }
 }
 
 trait RoleName {
@@ -225,9 +273,16 @@ async fn wait_for_signal() {
 
 /// Register in etcd and get into the raft group: the first claimant of the
 /// bootstrap key initializes it, everyone else joins as a learner (the leader
-/// then balances voters). Retries until it succeeds; also re-registers the
-/// node record on every restart so addresses stay current.
-async fn join_loop(cfg: Arc<DaemonConfig>, quorum: Quorum, registry: Arc<dyn Registry>, me: NodeRecord) {
+/// then balances voters). Retries transient errors (etcd or peers down, no
+/// leader) until it succeeds; also re-registers the node record on every
+/// restart so addresses stay current. Returns `Err(reason)` when the cluster
+/// refused this node (retrying cannot help).
+async fn join_loop(
+    cfg: Arc<DaemonConfig>,
+    quorum: Quorum,
+    registry: Arc<dyn Registry>,
+    me: NodeRecord,
+) -> Result<(), String> {
     let sites: Vec<(String, SiteKind)> = cfg.sites.iter().map(|s| (s.name.clone(), s.kind)).collect();
     // Registration is independent of joining: keep trying until etcd takes it
     // (then the registry keeps the lease alive on its own).
@@ -243,18 +298,19 @@ async fn join_loop(cfg: Arc<DaemonConfig>, quorum: Quorum, registry: Arc<dyn Reg
         }
     });
     let mut attempt = 0u32;
+    let mut refused_since: Option<tokio::time::Instant> = None;
     loop {
         attempt += 1;
         let known = quorum.state().borrow().nodes.get(&me.id) == Some(&me);
         if known {
             tracing::info!(node = %me.id, "member of the cluster");
-            return;
+            return Ok(());
         }
         let result = match registry.claim_bootstrap(&me.id).await {
             Ok(winner) if winner == me.id => quorum
                 .initialize(sites.clone(), cfg.quorum.preferred_site.clone(), me.clone())
                 .await
-                .map_err(|e| e.to_string()),
+                .map_err(JoinError::from),
             Ok(_) => {
                 let peers: Vec<String> = match registry.nodes().await {
                     Ok(nodes) => nodes.into_iter().filter(|n| n.id != me.id).map(|n| n.api).collect(),
@@ -273,7 +329,7 @@ async fn join_loop(cfg: Arc<DaemonConfig>, quorum: Quorum, registry: Arc<dyn Reg
                     .map(|n| n.api.clone())
                     .collect();
                 if peers.is_empty() {
-                    Err(format!("cannot reach etcd to find the cluster: {e}"))
+                    Err(JoinError::Retry(format!("cannot reach etcd to find the cluster: {e}")))
                 } else {
                     join_bounded(&quorum, &me, peers).await
                 }
@@ -282,9 +338,18 @@ async fn join_loop(cfg: Arc<DaemonConfig>, quorum: Quorum, registry: Arc<dyn Reg
         match result {
             Ok(()) => {
                 tracing::info!(node = %me.id, "joined the cluster");
-                return;
+                return Ok(());
             }
-            Err(e) => {
+            Err(JoinError::Refused(reason)) => {
+                let since = *refused_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= REFUSAL_GRACE {
+                    return Err(reason);
+                }
+                tracing::warn!(%reason, "the cluster refused this node; retrying in case it is still bootstrapping");
+                tokio::time::sleep(JOIN_RETRY).await;
+            }
+            Err(JoinError::Retry(e)) => {
+                refused_since = None;
                 if attempt == 1 || attempt.is_multiple_of(10) {
                     tracing::warn!(error = %e, attempt, "not in the cluster yet; retrying");
                 }
@@ -296,13 +361,33 @@ async fn join_loop(cfg: Arc<DaemonConfig>, quorum: Quorum, registry: Arc<dyn Reg
 
 /// One bounded join attempt, so the loop re-reads etcd (the bootstrap winner
 /// may change from unknown to known) instead of waiting out a long deadline.
-async fn join_bounded(quorum: &Quorum, me: &NodeRecord, peers: Vec<String>) -> Result<(), String> {
+async fn join_bounded(quorum: &Quorum, me: &NodeRecord, peers: Vec<String>) -> Result<(), JoinError> {
     if peers.is_empty() {
-        return Err("no peers registered yet".into());
+        return Err(JoinError::Retry("no peers registered yet".into()));
     }
     match tokio::time::timeout(JOIN_ATTEMPT, quorum.join(me.clone(), peers)).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err(format!("no leader answered within {JOIN_ATTEMPT:?}")),
+        Ok(r) => r.map_err(JoinError::from),
+        Err(_) => Err(JoinError::Retry(format!("no leader answered within {JOIN_ATTEMPT:?}"))),
+    }
+}
+
+/// One join attempt's failure: worth retrying, or a refusal by the cluster.
+enum JoinError {
+    Retry(String),
+    Refused(String),
+}
+
+impl From<metro_quorum::QuorumError> for JoinError {
+    fn from(e: metro_quorum::QuorumError) -> Self {
+        use metro_quorum::QuorumError as Q;
+        match e {
+            // `join` reports a rejected RegisterNode (unknown site, second
+            // witness, id collision) as Invalid; a peer refusing our
+            // certificate is Refused; another protocol version is fatal too.
+            Q::Invalid(r) => JoinError::Refused(r),
+            e @ (Q::Refused { .. } | Q::VersionMismatch(_)) => JoinError::Refused(e.to_string()),
+            e => JoinError::Retry(e.to_string()),
+        }
     }
 }
 

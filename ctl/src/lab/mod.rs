@@ -26,7 +26,7 @@ pub use error::LabError;
 pub use health::{etcd_healthy, http_get, metrics_up, wait_healthy, wait_healthy_subset};
 pub use info::{DaemonInfo, EtcdInfo, LabInfo, ProcInfo, SiteInfo, LAB_JSON};
 pub use net::{netns_exists, nft_table_exists};
-pub use ops::{down, heal, kill_node, kill_site, partition, start_node, start_site, up};
+pub use ops::{down, heal, kill_node, kill_site, partition, start_node, start_nodes, start_site, up};
 pub use plan::{default_bin_dir, default_dir};
 pub use process::alive;
 

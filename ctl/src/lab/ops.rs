@@ -323,6 +323,15 @@ pub async fn start_node(dir: &Path, id: &str) -> Result<Vec<String>, LabError> {
     start_where(dir, |i, _| i == id).await
 }
 
+/// Restart several stopped daemons at once (e.g. every etcd member, which
+/// are only healthy together); waits until all are healthy.
+pub async fn start_nodes(dir: &Path, ids: &[&str]) -> Result<Vec<String>, LabError> {
+    for id in ids {
+        topo::daemon(id).ok_or_else(|| LabError::UnknownDaemon((*id).into()))?;
+    }
+    start_where(dir, |i, _| ids.contains(&i)).await
+}
+
 /// The /24 of a site, from its etcd member's address (`10.77.1.10` -> `10.77.1.0/24`).
 fn site_subnet(info: &LabInfo, site: &str) -> String {
     let e = info.etcd.iter().find(|e| e.site == site).expect("every site has an etcd member");

@@ -43,6 +43,9 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             tracing::error!("fatal: {e:#}");
             eprintln!("metro-node: {e:#}");
+            if e.downcast_ref::<metro_node::daemon::JoinRefused>().is_some() {
+                return std::process::ExitCode::from(metro_node::daemon::EXIT_REFUSED);
+            }
             std::process::ExitCode::FAILURE
         }
     }

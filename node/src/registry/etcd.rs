@@ -1,6 +1,11 @@
 //! [`Registry`] on etcd (v3 API; works against Debian's etcd 3.4).
 //! Every call has a deadline; etcd being down is reported as
 //! [`RegistryError::Unavailable`] and never blocks the I/O path.
+//!
+//! Plain `http://` endpoints by default; [`EtcdRegistry::with_tls`] turns on
+//! TLS (rustls with ring, through tonic), with an optional client certificate
+//! for etcd's `--client-cert-auth`. The server certificate is verified against
+//! the endpoint's host (IP or DNS SAN).
 
 use super::{Registry, RegistryError, VolumeSpec};
 use async_trait::async_trait;
@@ -12,8 +17,41 @@ use tokio::sync::Mutex;
 /// Registration lease TTL: a dead node's key disappears after this.
 pub const REGISTRATION_TTL_S: i64 = 10;
 
+/// TLS material for etcd: the CA that signed etcd's certificate, and an
+/// optional client certificate and key (PEM contents).
+#[derive(Clone)]
+pub struct EtcdTls {
+    pub ca_pem: Vec<u8>,
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl EtcdTls {
+    /// Read the files named by `[etcd]` in the daemon config; `None` without `ca_cert`.
+    pub fn from_config(e: &metro_api::config::EtcdConfig) -> std::io::Result<Option<Self>> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())))
+        };
+        let Some(ca) = &e.ca_cert else { return Ok(None) };
+        let client = match (&e.cert, &e.key) {
+            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+            _ => None,
+        };
+        Ok(Some(Self { ca_pem: read(ca)?, client }))
+    }
+
+    fn options(&self) -> etcd_client::TlsOptions {
+        let mut o =
+            etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(&self.ca_pem));
+        if let Some((c, k)) = &self.client {
+            o = o.identity(etcd_client::Identity::from_pem(c, k));
+        }
+        o
+    }
+}
+
 pub struct EtcdRegistry {
     endpoints: Vec<String>,
+    tls: Option<EtcdTls>,
     prefix: String,
     timeout: Duration,
     client: Mutex<Option<Client>>,
@@ -29,10 +67,25 @@ impl EtcdRegistry {
     pub fn new(cluster: &str, endpoints: Vec<String>, timeout: Duration) -> Self {
         Self {
             endpoints,
+            tls: None,
             prefix: format!("/metro/{cluster}/"),
             timeout,
             client: Mutex::new(None),
             keepalive: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Talk TLS to etcd (endpoints must be `https://`).
+    pub fn with_tls(mut self, tls: Option<EtcdTls>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    fn connect_options(&self) -> ConnectOptions {
+        let opts = ConnectOptions::new().with_connect_timeout(self.timeout).with_timeout(self.timeout);
+        match &self.tls {
+            Some(t) => opts.with_tls(t.options()),
+            None => opts,
         }
     }
 
@@ -41,10 +94,7 @@ impl EtcdRegistry {
         if let Some(c) = g.as_ref() {
             return Ok(c.clone());
         }
-        let opts = ConnectOptions::new()
-            .with_connect_timeout(self.timeout)
-            .with_timeout(self.timeout)
-            .with_keep_alive(Duration::from_secs(2), self.timeout);
+        let opts = self.connect_options().with_keep_alive(Duration::from_secs(2), self.timeout);
         let c = tokio::time::timeout(self.timeout, Client::connect(&self.endpoints, Some(opts)))
             .await
             .map_err(|_| unavailable("connect timeout"))?
@@ -95,7 +145,7 @@ impl Registry for EtcdRegistry {
         let mut lease = self.put_on_lease(key.clone(), value.clone()).await?;
         let timeout = self.timeout;
         // Keep the lease alive; on any failure re-register with a new lease.
-        let me = EtcdRegistry::new("-", self.endpoints.clone(), timeout);
+        let me = EtcdRegistry::new("-", self.endpoints.clone(), timeout).with_tls(self.tls.clone());
         let task = tokio::spawn(async move {
             let period = Duration::from_secs((REGISTRATION_TTL_S / 3).max(1) as u64);
             let mut keeper = None;
@@ -186,9 +236,10 @@ impl Registry for EtcdRegistry {
     }
 
     async fn health(&self) -> Vec<(String, bool)> {
-        let mut out = Vec::new();
-        for ep in &self.endpoints {
-            let opts = ConnectOptions::new().with_connect_timeout(self.timeout).with_timeout(self.timeout);
+        // All members at once, so a status call with every member down costs
+        // one timeout, not one per member.
+        let probes = self.endpoints.iter().map(|ep| async move {
+            let opts = self.connect_options();
             let ok = tokio::time::timeout(self.timeout, async {
                 let mut c = Client::connect([ep.as_str()], Some(opts)).await.ok()?;
                 c.status().await.ok()
@@ -197,9 +248,9 @@ impl Registry for EtcdRegistry {
             .ok()
             .flatten()
             .is_some();
-            out.push((ep.clone(), ok));
-        }
-        out
+            (ep.clone(), ok)
+        });
+        futures::future::join_all(probes).await
     }
 }
 
