@@ -46,6 +46,18 @@ pub struct Ack {
 impl Lab {
     /// Start a whole lab in a fresh directory; torn down (purged) on drop.
     pub async fn up(name: &str) -> anyhow::Result<Lab> {
+        Self::start(name, None).await
+    }
+
+    /// A lab in loopback mode (127.N.x.y in the root namespace), for tests
+    /// that bind or filter addresses from the host itself. Uses
+    /// METRO_LAB_OCTET when set, else 94.
+    pub async fn up_loopback(name: &str) -> anyhow::Result<Lab> {
+        let octet = std::env::var("METRO_LAB_OCTET").ok().and_then(|v| v.parse().ok()).unwrap_or(94);
+        Self::start(name, Some(octet)).await
+    }
+
+    async fn start(name: &str, loopback: Option<u8>) -> anyhow::Result<Lab> {
         let guard = LAB_LOCK.lock().await;
         let bins = bin_dir();
         for b in ["metro-node", "metro-witness", "metroctl"] {
@@ -66,6 +78,10 @@ impl Lab {
             opts.mode = metroctl::lab::NetMode::Loopback;
         }
         if let Some(o) = octet {
+            opts.loopback_octet = o;
+        }
+        if let Some(o) = loopback {
+            opts.mode = metroctl::lab::NetMode::Loopback;
             opts.loopback_octet = o;
         }
         let info = metroctl::lab::up(opts).await.context("lab up")?;

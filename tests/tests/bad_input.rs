@@ -129,7 +129,7 @@ fn run_until_exit(bin: &str, config: &Path) -> (Option<i32>, String, Duration) {
 #[tokio::test(flavor = "multi_thread")]
 async fn daemons_the_cluster_refuses_exit_with_a_clear_message_instead_of_retrying() -> anyhow::Result<()> {
     metro_tests::lab::init_tracing();
-    let lab = Lab::up("bad-join").await?;
+    let lab = Lab::up_loopback("bad-join").await?;
     let ca = Ca::load(&lab.dir.join("certs"))?;
     let scratch = tempfile::tempdir()?;
     let a1_ip = lab.info.daemon("a1").expect("a1").address.clone();

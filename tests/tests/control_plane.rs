@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 const CTL_GIVES_UP_WITHIN: Duration = Duration::from_secs(20);
 
 fn octet() -> u8 {
-    std::env::var("METRO_LAB_OCTET").ok().and_then(|v| v.parse().ok()).unwrap_or(77)
+    std::env::var("METRO_LAB_OCTET").ok().and_then(|v| v.parse().ok()).unwrap_or(94)
 }
 
 fn metroctl(args: &[&str]) -> (Output, Duration) {
@@ -68,7 +68,7 @@ async fn first_rpc(
 async fn bad_client_certificates_are_refused_at_the_first_rpc_and_viewers_may_only_read() -> anyhow::Result<()>
 {
     metro_tests::lab::init_tracing();
-    let lab = Lab::up("cp-mtls").await?;
+    let lab = Lab::up_loopback("cp-mtls").await?;
     let api = lab.info.nodes[0].api.clone();
     let ca_pem = std::fs::read(&lab.info.ca_cert)?;
     let lab_ca = Ca::load(&lab.dir.join("certs"))?;
@@ -190,7 +190,7 @@ fn fio_bw_samples(path: &Path) -> Vec<(u64, u64)> {
 async fn attached_volumes_keep_doing_io_while_etcd_is_down_and_changes_fail_with_a_clear_error(
 ) -> anyhow::Result<()> {
     metro_tests::lab::init_tracing();
-    let lab = Lab::up("cp-etcd-flat").await?;
+    let lab = Lab::up_loopback("cp-etcd-flat").await?;
     lab.ctl(&["volume", "create", "v", "--size", "64MiB"])?;
     let uri = lab.volume("v")?["nbd"].as_str().expect("an NBD URI").to_string();
     let logs = tempfile::tempdir()?;
@@ -279,7 +279,7 @@ async fn attached_volumes_keep_doing_io_while_etcd_is_down_and_changes_fail_with
 #[tokio::test(flavor = "multi_thread")]
 async fn metroctl_against_a_stopped_lab_says_the_cluster_is_down_without_hanging() -> anyhow::Result<()> {
     metro_tests::lab::init_tracing();
-    let lab = Lab::up("cp-down").await?;
+    let lab = Lab::up_loopback("cp-down").await?;
     tracing::info!("--- lab down (keeping lab.json and the data)");
     metroctl::lab::down(&lab.dir, false)?;
     for args in [vec!["status"], vec!["volume", "list"], vec!["volume", "create", "v", "--size", "1GiB"]] {
