@@ -237,7 +237,7 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        if std::env::var_os("METRO_KEEP_LAB").is_some() {
+        if std::env::var_os("METRO_KEEP_LAB").is_some() && std::thread::panicking() {
             eprintln!("keeping lab in {}", self.dir.display());
             return;
         }
