@@ -449,7 +449,10 @@ impl ReplicaSink for VolumeManager {
             }
             // The link may come up before reconcile opened the replica after a
             // restart: open it here, or its activity log would read as empty.
-            if self.ensure_replica(&v.name, v.size_bytes, v.primary.as_deref().unwrap_or(""), v.epoch).is_none() {
+            if self
+                .ensure_replica(&v.name, v.size_bytes, v.primary.as_deref().unwrap_or(""), v.epoch)
+                .is_none()
+            {
                 tracing::error!(volume = %v.name, "cannot open the replica to report its hot extents");
                 continue;
             }
