@@ -328,11 +328,18 @@ impl ControlService {
                 "wait until its resync finishes (`metroctl volume show`), or pick an in-sync node",
             ));
         }
+        // The old primary leaves in_sync: a write it had applied locally when
+        // the move committed is refused by the new primary (never
+        // acknowledged) but would stay on its disk. As a stale replica it
+        // reports its hot extents and is resynced from the new primary, then
+        // rejoins on its own.
+        let in_sync: Vec<String> =
+            v.in_sync.iter().filter(|n| v.primary.as_ref() != Some(*n)).cloned().collect();
         let cmd = Command::ChangeVolume {
             name: v.name.clone(),
             expected_epoch: v.epoch,
             primary: Some(to.to_string()),
-            in_sync: v.in_sync.clone(),
+            in_sync,
             rejoin: None,
         };
         committed(self.quorum.propose(cmd).await)
