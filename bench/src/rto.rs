@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 /// Status poll period of the reconnecting client (issue 5.7).
 const POLL: Duration = Duration::from_millis(100);
 /// A trial with no acknowledged write on a new primary by then failed.
-const TRIAL_DEADLINE: Duration = Duration::from_secs(90);
+const TRIAL_DEADLINE: Duration = Duration::from_secs(45);
 /// Recovery (restart/heal plus resync) deadline between trials.
 const RECOVER_DEADLINE: Duration = Duration::from_secs(180);
 /// One probe write's deadline (a suspended primary holds I/O).
@@ -73,7 +73,8 @@ fn primary_of(lab: &BenchLab, vol: &str) -> anyhow::Result<(String, String)> {
     Ok((p, uri))
 }
 
-async fn one_trial(lab: &BenchLab, kind: Kind) -> anyhow::Result<(f64, String, String)> {
+/// Outer error: the lab could not be recovered; inner error: this trial saw no failover.
+async fn one_trial(lab: &BenchLab, kind: Kind) -> anyhow::Result<Result<(f64, String, String), String>> {
     let vol = kind.volume();
     let (old, _) = primary_of(lab, vol)?;
     let old_site = lab.site_of(&old).context("primary's site")?;
@@ -87,17 +88,33 @@ async fn one_trial(lab: &BenchLab, kind: Kind) -> anyhow::Result<(f64, String, S
             metroctl::lab::kill_node(lab.dir(), &old)?;
         }
     }
-    let rto = loop {
-        if t0.elapsed() > TRIAL_DEADLINE {
-            bail!("no write acknowledged on a new primary within {TRIAL_DEADLINE:?}");
-        }
+    let mut outcome: Result<(f64, String), String> = Err(String::new());
+    while t0.elapsed() <= TRIAL_DEADLINE {
         if let Ok((p, uri)) = primary_of(lab, vol) {
             if p != old && !uri.is_empty() && probe_write(&uri) {
-                break (t0.elapsed().as_secs_f64(), p);
+                outcome = Ok((t0.elapsed().as_secs_f64(), p));
+                break;
             }
         }
         tokio::time::sleep(POLL).await;
-    };
+    }
+    if outcome.is_err() {
+        // Evidence for the report: what status said when the trial gave up.
+        let vol_now =
+            lab.ctl.json(&["volume", "show", vol]).map(|v| v.to_string()).unwrap_or_else(|e| e.to_string());
+        let sites = lab.ctl.json(&["site", "list"]).map(|v| v.to_string()).unwrap_or_else(|e| e.to_string());
+        outcome = Err(format!(
+            "no write acknowledged on a new primary within {TRIAL_DEADLINE:?} after killing/cutting {old_site} (old primary {old}); volume: {vol_now}; sites: {sites}"
+        ));
+        let keep = std::env::temp_dir()
+            .join("metro-bench-failures")
+            .join(format!("{vol}-{}", std::process::id()))
+            .join(t0.elapsed().as_millis().to_string());
+        let _ = std::fs::create_dir_all(&keep);
+        for d in lab.info.nodes.iter().chain(std::iter::once(&lab.info.witness)) {
+            let _ = std::fs::copy(&d.proc.log, keep.join(format!("{}.log", d.id)));
+        }
+    }
     // Undo the fault and wait for full in-sync.
     match kind {
         Kind::Site => {
@@ -109,7 +126,10 @@ async fn one_trial(lab: &BenchLab, kind: Kind) -> anyhow::Result<(f64, String, S
         }
     }
     lab.wait_in_sync(vol, RECOVER_DEADLINE).await?;
-    Ok((rto.0, old, rto.1))
+    match outcome {
+        Ok((rto, new)) => Ok(Ok((rto, old, new))),
+        Err(e) => Ok(Err(e)),
+    }
 }
 
 /// Put the primary of the link-cut volume back in dc-b (the cut must force a failover).
@@ -166,14 +186,18 @@ pub async fn run(spec: &LabSpec, kinds: &[Kind], trials: usize, budget: Duration
                 home_primary(&lab, kind).await?;
             }
             match one_trial(&lab, kind).await {
-                Ok((rto, old, new)) => {
+                Ok(Ok((rto, old, new))) => {
                     eprintln!("rto: {} trial {t}: {rto:.2} s ({old} -> {new})", kind.name());
                     samples.push(rto);
                     trial_rows.push(json!({"rto_s": rto, "old_primary": old, "new_primary": new}));
                 }
+                Ok(Err(e)) => {
+                    eprintln!("rto: {} trial {t} failed: {e}", kind.name());
+                    failures.push(e);
+                }
                 Err(e) => {
-                    eprintln!("rto: {} trial {t} failed: {e:#}", kind.name());
-                    failures.push(format!("{e:#}"));
+                    eprintln!("rto: {} trial {t}: lab did not recover: {e:#}", kind.name());
+                    failures.push(format!("recovery: {e:#}"));
                     break;
                 }
             }
