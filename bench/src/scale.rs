@@ -186,7 +186,8 @@ pub async fn run(lab: &BenchLab, n: usize, window: Duration) -> anyhow::Result<(
                 .into_iter()
                 .flatten()
                 .filter(|v| {
-                    v["primary"].as_str().is_some_and(|p| p.starts_with('b')) && v["state"] == "serving"
+                    v["primary"].as_str().is_some_and(|p| p.starts_with('b'))
+                        && (v["state"] == "serving" || v["state"] == "degraded")
                 })
                 .count();
             if moved == n {

@@ -55,6 +55,48 @@ fn today() -> String {
     out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_else(|_| "date".into())
 }
 
+/// Write `<stem>.json`, `.md` and (with io points) `.png`; returns the markdown.
+fn write_results(
+    a: &Args,
+    stem: &std::path::Path,
+    started: Instant,
+    sections: &[(&str, Section)],
+    points: &[report::LatencyPoint],
+) -> anyhow::Result<String> {
+    let targets: Vec<Target> = sections.iter().flat_map(|(_, s)| s.targets.clone()).collect();
+    let mode = "loopback (127.N.x.y in the root namespace; delays via iptables NFQUEUE + metro-delay)";
+    let machine = json!({"host": hostname(), "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "loadavg_at_end": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()});
+    let mut doc = json!({"date": today(), "quick": a.quick, "lab_mode": mode, "machine": machine,
+        "elapsed_s": started.elapsed().as_secs_f64(), "targets": targets});
+    for (name, s) in sections {
+        doc[*name] = s.json.clone();
+    }
+    std::fs::write(stem.with_extension("json"), serde_json::to_string_pretty(&doc)? + "\n")?;
+
+    let mut md = format!(
+        "# metro benchmark results {}\n\nhost `{}` ({} CPUs, load at end {}), lab mode: {mode}, {}run took {:.0} s.\n\n## Targets\n\n{}\n",
+        today(),
+        hostname(),
+        doc["machine"]["cpus"],
+        doc["machine"]["loadavg_at_end"].as_str().unwrap_or(""),
+        if a.quick { "--quick, " } else { "" },
+        started.elapsed().as_secs_f64(),
+        report::targets_markdown(&targets)
+    );
+    for (name, s) in sections {
+        md += &format!("## {name}\n\n{}\n", s.markdown);
+    }
+    if !points.is_empty() {
+        let png = stem.with_extension("png");
+        report::plot(points, &png)?;
+        md +=
+            &format!("![write latency vs RTT]({})\n", png.file_name().unwrap_or_default().to_string_lossy());
+    }
+    std::fs::write(stem.with_extension("md"), &md)?;
+    Ok(md)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
@@ -87,6 +129,14 @@ async fn main() -> anyhow::Result<()> {
             sections.push(("resync", metro_bench::resync::run(&lab, resync_bytes, resync_bytes).await?));
         }
     }
+    if want("witness") || want("scale") {
+        let lab = BenchLab::up(&spec).await?;
+        let (w, s) = metro_bench::scale::run(&lab, volumes, window).await?;
+        sections.push(("witness", w));
+        sections.push(("scale", s));
+    }
+    // Results so far are written before the long rto section, so they survive it.
+    write_results(&a, &stem, started, &sections, &points)?;
     if want("rto") {
         let s = metro_bench::rto::run(
             &spec,
@@ -97,44 +147,8 @@ async fn main() -> anyhow::Result<()> {
         .await?;
         sections.push(("rto", s));
     }
-    if want("witness") || want("scale") {
-        let lab = BenchLab::up(&spec).await?;
-        let (w, s) = metro_bench::scale::run(&lab, volumes, window).await?;
-        sections.push(("witness", w));
-        sections.push(("scale", s));
-    }
 
-    let targets: Vec<Target> = sections.iter().flat_map(|(_, s)| s.targets.clone()).collect();
-    let mode = "loopback (127.N.x.y in the root namespace; delays via iptables NFQUEUE + metro-delay)";
-    let machine = json!({"host": hostname(), "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "loadavg_at_end": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()});
-    let mut doc = json!({"date": today(), "quick": a.quick, "lab_mode": mode, "machine": machine,
-        "elapsed_s": started.elapsed().as_secs_f64(), "targets": targets});
-    for (name, s) in &sections {
-        doc[*name] = s.json.clone();
-    }
-    std::fs::write(stem.with_extension("json"), serde_json::to_string_pretty(&doc)? + "\n")?;
-
-    let mut md = format!(
-        "# metro benchmark results {}\n\nhost `{}` ({} CPUs, load at end {}), lab mode: {mode}, {}run took {:.0} s.\n\n## Targets\n\n{}\n",
-        today(),
-        hostname(),
-        doc["machine"]["cpus"],
-        doc["machine"]["loadavg_at_end"].as_str().unwrap_or(""),
-        if a.quick { "--quick, " } else { "" },
-        started.elapsed().as_secs_f64(),
-        report::targets_markdown(&targets)
-    );
-    for (name, s) in &sections {
-        md += &format!("## {name}\n\n{}\n", s.markdown);
-    }
-    if !points.is_empty() {
-        let png = stem.with_extension("png");
-        report::plot(&points, &png)?;
-        md +=
-            &format!("![write latency vs RTT]({})\n", png.file_name().unwrap_or_default().to_string_lossy());
-    }
-    std::fs::write(stem.with_extension("md"), &md)?;
+    let md = write_results(&a, &stem, started, &sections, &points)?;
     println!("{md}");
     eprintln!("results: {}.{{json,md,png}}", stem.display());
     Ok(())
