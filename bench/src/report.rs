@@ -6,7 +6,7 @@ use serde_json::Value;
 use std::path::Path;
 
 /// One target and whether this run met it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Target {
     pub section: String,
     pub what: String,

@@ -126,10 +126,27 @@ async fn one_trial(lab: &BenchLab, kind: Kind) -> anyhow::Result<Result<(f64, St
         }
     }
     lab.wait_in_sync(vol, RECOVER_DEADLINE).await?;
+    wait_sites_active(lab).await?;
     match outcome {
         Ok((rto, new)) => Ok(Ok((rto, old, new))),
         Err(e) => Ok(Err(e)),
     }
+}
+
+/// Wait until every site is `active` again: a returning site stays fenced for
+/// `site_stable_ms` (hysteresis) even after its replicas are back in sync, and
+/// a trial started before then loses the quorum with the other site.
+async fn wait_sites_active(lab: &BenchLab) -> anyhow::Result<()> {
+    let t = Instant::now();
+    while t.elapsed() < RECOVER_DEADLINE {
+        if let Ok(v) = lab.ctl.json(&["site", "list"]) {
+            if v.as_array().is_some_and(|a| a.iter().all(|s| s["state"] == "active")) {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("sites not all active after {RECOVER_DEADLINE:?}")
 }
 
 /// Put the primary of the link-cut volume back in dc-b (the cut must force a failover).

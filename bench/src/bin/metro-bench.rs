@@ -44,6 +44,9 @@ struct Args {
     fio_seconds: Option<u64>,
 }
 
+/// Order of sections in the results.
+const SECTIONS: [&str; 5] = ["io", "resync", "witness", "scale", "rto"];
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -63,15 +66,37 @@ fn write_results(
     sections: &[(&str, Section)],
     points: &[report::LatencyPoint],
 ) -> anyhow::Result<String> {
-    let targets: Vec<Target> = sections.iter().flat_map(|(_, s)| s.targets.clone()).collect();
+    let mut targets: Vec<Target> = sections.iter().flat_map(|(_, s)| s.targets.clone()).collect();
+    let mut md_of: serde_json::Map<String, serde_json::Value> =
+        sections.iter().map(|(n, s)| (n.to_string(), json!(s.markdown))).collect();
+    let mut json_of: serde_json::Map<String, serde_json::Value> =
+        sections.iter().map(|(n, s)| (n.to_string(), s.json.clone())).collect();
+    // `--only X` keeps the other sections of today's results file.
+    if a.only.is_some() {
+        if let Ok(old) = std::fs::read_to_string(stem.with_extension("json")) {
+            let old: serde_json::Value = serde_json::from_str(&old)?;
+            for (name, md) in old["markdown"].as_object().into_iter().flatten() {
+                if !md_of.contains_key(name) {
+                    md_of.insert(name.clone(), md.clone());
+                    json_of.insert(name.clone(), old[name].clone());
+                    for t in old["targets"].as_array().into_iter().flatten() {
+                        if t["section"] == name.as_str() {
+                            targets.push(serde_json::from_value(t.clone())?);
+                        }
+                    }
+                }
+            }
+        }
+    }
     let mode = "loopback (127.N.x.y in the root namespace; delays via iptables NFQUEUE + metro-delay)";
     let machine = json!({"host": hostname(), "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "loadavg_at_end": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()});
     let mut doc = json!({"date": today(), "quick": a.quick, "lab_mode": mode, "machine": machine,
         "elapsed_s": started.elapsed().as_secs_f64(), "targets": targets});
-    for (name, s) in sections {
-        doc[*name] = s.json.clone();
+    for (name, j) in &json_of {
+        doc[name] = j.clone();
     }
+    doc["markdown"] = json!(md_of);
     std::fs::write(stem.with_extension("json"), serde_json::to_string_pretty(&doc)? + "\n")?;
 
     let mut md = format!(
@@ -84,12 +109,16 @@ fn write_results(
         started.elapsed().as_secs_f64(),
         report::targets_markdown(&targets)
     );
-    for (name, s) in sections {
-        md += &format!("## {name}\n\n{}\n", s.markdown);
+    for name in SECTIONS {
+        if let Some(m) = md_of.get(name).and_then(|m| m.as_str()) {
+            md += &format!("## {name}\n\n{m}\n");
+        }
     }
+    let png = stem.with_extension("png");
     if !points.is_empty() {
-        let png = stem.with_extension("png");
         report::plot(points, &png)?;
+    }
+    if png.exists() {
         md +=
             &format!("![write latency vs RTT]({})\n", png.file_name().unwrap_or_default().to_string_lossy());
     }
