@@ -1,0 +1,145 @@
+//! I/O section: fio (nbd engine) against a metro volume (primary dc-a,
+//! replica dc-b) and against qemu-nbd on a file on the same disk (the
+//! unreplicated baseline), at several injected dc-a<->dc-b RTTs.
+//!
+//! The baseline runs once: it is served from 127.0.0.1, which no delay rule
+//! matches, so the injected RTT cannot change it.
+
+use crate::delay::{measure_rtt_ms, Delay};
+use crate::fio::{self, FioResult, Job, JOBS};
+use crate::lab::BenchLab;
+use crate::report::{LatencyPoint, Section, Target};
+use anyhow::Context;
+use serde_json::json;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Allowed QD1 write p50 as a multiple of the limit (baseline + RTT).
+pub const WRITE_LIMIT_FACTOR: f64 = 2.0;
+/// Required randread QD32 IOPS as a fraction of the baseline.
+pub const READ_FRACTION: f64 = 0.5;
+/// NFQUEUE number base (plus the lab octet, so side-by-side labs differ).
+pub const QUEUE_BASE: u16 = 9000;
+
+struct QemuNbd(Child);
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub async fn run(
+    lab: &BenchLab,
+    rtts: &[f64],
+    runtime: Duration,
+) -> anyhow::Result<(Section, Vec<LatencyPoint>)> {
+    lab.ctl.run(&["volume", "create", "io", "--size", "1GiB", "--site", "dc-a"])?;
+    lab.wait_in_sync("io", Duration::from_secs(60)).await?;
+    let v = lab.ctl.volume("io")?;
+    let uri = v["nbd"].as_str().context("volume has no NBD URI")?.to_string();
+    let primary = v["primary"].as_str().unwrap_or("?").to_string();
+    let replicas: Vec<String> =
+        v["replicas"].as_array().into_iter().flatten().filter_map(|x| x.as_str().map(String::from)).collect();
+    eprintln!("io: volume io primary {primary} replicas {replicas:?} at {uri}");
+
+    let file = lab.dir().join("baseline.raw");
+    std::fs::File::create(&file)?.set_len(1 << 30)?;
+    let port = 11000 + u16::from(lab.spec.octet);
+    let child = Command::new("qemu-nbd")
+        .args(["-f", "raw", "--persistent", "--shared=8", "-t", "-b", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-x", "baseline"])
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting qemu-nbd")?;
+    let _qemu = QemuNbd(child);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let base_uri = format!("nbd://127.0.0.1:{port}/baseline");
+
+    let mut baseline: Vec<(Job, FioResult)> = Vec::new();
+    for job in JOBS {
+        eprintln!("io: baseline {}", job.name);
+        baseline.push((job, fio::run(&base_uri, &job, runtime)?));
+    }
+
+    let mut rows = Vec::new();
+    let mut md = String::from(
+        "| RTT set (measured) ms | job | metro IOPS | baseline IOPS | metro/baseline | metro MiB/s | metro p50 / p99 µs | baseline p50 / p99 µs | limit p50 µs | metro p50 / limit |\n|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut targets = Vec::new();
+    let mut points = Vec::new();
+    let queue = QUEUE_BASE + u16::from(lab.spec.octet);
+    for &rtt in rtts {
+        let delay = if rtt > 0.0 {
+            Some(Delay::install(
+                &lab.spec.bin_dir,
+                queue,
+                &[&lab.subnet("dc-a")],
+                &[&lab.subnet("dc-b")],
+                rtt,
+            )?)
+        } else {
+            None
+        };
+        let measured = measure_rtt_ms(lab.probe_addr("dc-a"), lab.probe_addr("dc-b"))?;
+        eprintln!("io: RTT set {rtt} ms, measured {measured:.3} ms");
+        for (job, base) in &baseline {
+            eprintln!("io: metro {} at {rtt} ms", job.name);
+            let m = fio::run(&uri, job, runtime)?;
+            let is_write = !job.rw.contains("read");
+            let limit_us = base.p50_us + rtt * 1000.0;
+            let ratio = m.iops / base.iops;
+            let vs_limit = if is_write { Some(m.p50_us / limit_us) } else { None };
+            md += &format!(
+                "| {rtt} ({measured:.2}) | {} | {:.0} | {:.0} | {:.2} | {:.1} | {:.0} / {:.0} | {:.0} / {:.0} | {} | {} |\n",
+                job.name,
+                m.iops,
+                base.iops,
+                ratio,
+                m.bw_bytes / 1048576.0,
+                m.p50_us,
+                m.p99_us,
+                base.p50_us,
+                base.p99_us,
+                if is_write { format!("{limit_us:.0}") } else { "-".into() },
+                vs_limit.map_or("-".into(), |r| format!("{r:.2}")),
+            );
+            rows.push(json!({"rtt_set_ms": rtt, "rtt_measured_ms": measured, "job": job, "metro": m,
+                "baseline": base, "iops_ratio_vs_baseline": ratio, "limit_p50_us": if is_write { Some(limit_us) } else { None },
+                "p50_ratio_vs_limit": vs_limit}));
+            if job.name == "randwrite-4k-qd1" {
+                points.push(LatencyPoint {
+                    rtt_ms: rtt,
+                    metro_ms: m.p50_us / 1000.0,
+                    baseline_ms: base.p50_us / 1000.0,
+                    limit_ms: limit_us / 1000.0,
+                });
+                targets.push(Target::new(
+                    "io",
+                    &format!("randwrite 4k QD1 p50 at {rtt} ms RTT"),
+                    format!("≤ {WRITE_LIMIT_FACTOR}× limit ({:.0} µs)", limit_us * WRITE_LIMIT_FACTOR),
+                    format!("{:.0} µs ({:.2}× limit)", m.p50_us, m.p50_us / limit_us),
+                    m.p50_us <= limit_us * WRITE_LIMIT_FACTOR,
+                ));
+            }
+            if job.name == "randread-4k-qd32" && rtt == 0.0 {
+                targets.push(Target::new(
+                    "io",
+                    "randread 4k QD32 IOPS",
+                    format!("≥ {:.0}% of baseline", READ_FRACTION * 100.0),
+                    format!("{:.0}% ({:.0} vs {:.0})", ratio * 100.0, m.iops, base.iops),
+                    ratio >= READ_FRACTION,
+                ));
+            }
+        }
+        if let Some(d) = delay {
+            d.remove()?;
+        }
+    }
+    let json = json!({"volume_uri": uri, "primary": primary, "replicas": replicas, "baseline_uri": base_uri,
+        "runtime_s": runtime.as_secs(), "size": fio::SIZE, "rows": rows});
+    Ok((Section { json, markdown: md, targets }, points))
+}
