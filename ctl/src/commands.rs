@@ -48,6 +48,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))
 }
 
+/// A node's place in the quorum, as shown in tables.
+fn quorum_role(voter: bool) -> String {
+    if voter { "voter" } else { "learner" }.to_string()
+}
+
 pub fn human(bytes: u64) -> String {
     const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
@@ -154,7 +159,7 @@ pub async fn status(t: &Target, json_out: bool) -> anyhow::Result<()> {
                 n.id.clone(),
                 n.site.clone(),
                 n.role.clone(),
-                if n.voter { "voter".into() } else { "learner".into() },
+                quorum_role(n.voter),
                 if n.reachable { "yes".into() } else { "NO".into() },
             ]
         })
@@ -225,7 +230,7 @@ pub async fn witness_status(t: &Target, json_out: bool) -> anyhow::Result<()> {
             "{}",
             table(
                 &["WITNESS", "REACHABLE", "QUORUM"],
-                &[vec![w.id, w.reachable.to_string(), if voter { "voter".into() } else { "learner".into() }]]
+                &[vec![w.id, w.reachable.to_string(), quorum_role(voter)]]
             )
         );
     }
@@ -246,7 +251,7 @@ pub async fn node_list(t: &Target, json_out: bool) -> anyhow::Result<()> {
                 n.id.clone(),
                 n.site.clone(),
                 n.role.clone(),
-                if n.voter { "voter".into() } else { "learner".into() },
+                quorum_role(n.voter),
                 n.reachable.to_string(),
                 n.api.clone(),
                 if n.nbd.is_empty() { "-".into() } else { n.nbd.clone() },
