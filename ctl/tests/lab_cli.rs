@@ -93,3 +93,22 @@ fn lab_up_without_root_or_without_etcd_fails_fast_naming_the_fix() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("apt-get install etcd-server"), "{err}");
 }
+
+#[test]
+fn a_reader_closing_stdout_early_ends_metroctl_quietly() {
+    // `metroctl completions bash | head -1`: the reader goes away after one line.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_metroctl"))
+        .args(["completions", "bash"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 16];
+    std::io::Read::read_exact(&mut stdout, &mut first).unwrap();
+    drop(stdout);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}: {err}", out.status);
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -36,6 +36,16 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Everything about a metroctl run, for assertion messages.
+fn shown(o: &Output) -> String {
+    format!(
+        "{}\n--- stdout:\n{}\n--- stderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
 /// Connect with `identity` (or none) and make one RPC: the connect result
 /// and the RPC's result.
 async fn first_rpc(
@@ -104,7 +114,7 @@ async fn bad_client_certificates_are_refused_at_the_first_rpc_and_viewers_may_on
     ]);
     assert!(!out.status.success());
     let e = stderr(&out);
-    assert!(e.contains("refused our client certificate") && e.contains("another CA"), "{e}");
+    assert!(e.contains("refused our client certificate") && e.contains("another CA"), "{}", shown(&out));
     assert!(e.contains("metroctl certs issue"), "names the next step: {e}");
     assert!(took < CTL_GIVES_UP_WITHIN, "took {took:?}");
 
@@ -133,7 +143,7 @@ async fn bad_client_certificates_are_refused_at_the_first_rpc_and_viewers_may_on
     ]);
     assert!(!out.status.success());
     let e = stderr(&out);
-    assert!(e.contains("refused our client certificate") && e.contains("expired"), "{e}");
+    assert!(e.contains("refused our client certificate") && e.contains("expired"), "{}", shown(&out));
 
     tracing::info!("--- a viewer reads status but may not create a volume");
     let status = lab.ctl_json(&["status", "--viewer"])?;

@@ -12,11 +12,23 @@ use std::process::ExitCode;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    // Behave like a Unix filter when stdout closes early (`metroctl status | head`).
-    // SAFETY: setting a signal disposition to its default before any thread relies on it.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    // Behave like a Unix filter when stdout closes early (`metroctl status | head`):
+    // exit quietly. SIGPIPE stays ignored (Rust's default) because the TLS
+    // transport writes with writev(2), which would raise it when a daemon
+    // closes the connection, e.g. on refusing our certificate, and kill us
+    // before we could explain why.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let p = info.payload();
+        let msg =
+            p.downcast_ref::<String>().map(String::as_str).or_else(|| p.downcast_ref::<&str>().copied());
+        // println! and clap_complete panic on a closed stdout; nothing else here
+        // writes to a pipe.
+        if msg.is_some_and(|m| m.contains("Broken pipe") || m.contains("BrokenPipe")) {
+            std::process::exit(0);
+        }
+        default_hook(info)
+    }));
     metro_api::telemetry::init_tracing();
     let cli = Cli::parse();
     match run(cli).await {
