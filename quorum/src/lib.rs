@@ -14,6 +14,7 @@ mod liveness;
 pub(crate) mod log_store;
 pub mod network;
 pub mod quorum;
+pub mod runtime;
 mod service;
 pub mod state;
 pub(crate) mod state_machine;

@@ -245,6 +245,9 @@ fn the_real_quorum_engine_keeps_its_invariants_under_random_faults() {
         promotions += r.promotions;
         if !r.violations.is_empty() || !r.unserved.is_empty() {
             println!("real engine seed {seed}: {r:?}");
+            println!(
+                "reproduce with: cargo test -p metro-tests --test sim_reproduce -- --engine --reproduce {seed}"
+            );
             failed.push(seed);
         }
     }
@@ -253,4 +256,25 @@ fn the_real_quorum_engine_keeps_its_invariants_under_random_faults() {
         started.elapsed()
     );
     assert!(failed.is_empty(), "real engine seeds failed: {failed:?}");
+}
+
+/// The printed seed is enough to replay a real-engine run exactly: two runs
+/// of one seed report the same things at the same simulated instants.
+#[test]
+fn a_real_engine_run_is_reproducible_from_its_seed() {
+    let seeds: Vec<u64> = match env_u64("METRO_REPRO_SEEDS") {
+        Some(n) => (0..n).collect(),
+        None => vec![3, 11],
+    };
+    for seed in seeds {
+        let a = metro_tests::sim::engine::run_engine_random(seed, 20_000, 15_000);
+        let b = metro_tests::sim::engine::run_engine_random(seed, 20_000, 15_000);
+        println!(
+            "seed {seed}: traces {:#x} / {:#x}, promotions {} / {}",
+            a.trace, b.trace, a.promotions, b.promotions
+        );
+        assert_eq!(a.violations, b.violations, "seed {seed}");
+        assert_eq!(a.promotions, b.promotions, "seed {seed}");
+        assert_eq!(a.trace, b.trace, "seed {seed}: the runs diverged");
+    }
 }

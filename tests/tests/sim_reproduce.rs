@@ -4,7 +4,12 @@
 //! ```text
 //! cargo test -p metro-tests --test sim_reproduce -- --reproduce <seed> [--bug] [--scenario NAME]
 //! cargo test -p metro-tests --test sim_reproduce -- --seeds <count> [--first <seed>]
+//! cargo test -p metro-tests --test sim_reproduce -- --engine --reproduce <seed>
 //! ```
+//!
+//! `--engine` replays a random-fault run of the real quorum engine on turmoil
+//! hosts (`tests/src/sim/engine.rs`) instead of the model; it is as
+//! reproducible as the model (the run's trace digest is printed).
 //!
 //! Without flags it replays seed 0. Exits non-zero when a run breaks an invariant.
 
@@ -42,6 +47,21 @@ fn main() -> ExitCode {
         None => Scenario::Random,
     };
     let opts = |seed| SimOptions { scenario: scen, bugs, ..SimOptions::random(seed) };
+    if args.iter().any(|a| a == "--engine") {
+        let Some(seed) = number("--reproduce") else {
+            eprintln!("--engine needs --reproduce <seed>");
+            return ExitCode::FAILURE;
+        };
+        let started = Instant::now();
+        let r = metro_tests::sim::engine::run_engine_random(seed, 20_000, 15_000);
+        println!("{r:#?}");
+        println!("trace {:#x}, wall {:?}", r.trace, started.elapsed());
+        return if r.violations.is_empty() && r.unserved.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
     if let Some(seed) =
         number("--reproduce").or(std::env::var("METRO_SIM_SEED").ok().and_then(|s| s.parse().ok()))
     {

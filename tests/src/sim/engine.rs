@@ -11,8 +11,11 @@
 //! may serve when its state names it primary and it holds a lease for the
 //! current epoch, which is what the data path asks `lease_valid_until`).
 //!
-//! Not bit-reproducible: openraft draws election timeouts from the thread
-//! RNG, outside turmoil's seed. The fault schedule and the network are seeded.
+//! Bit-reproducible from the seed: the fault schedule and turmoil's network
+//! are seeded, and openraft draws its election timeouts from
+//! [`metro_quorum::runtime`]'s per-thread generator, seeded here (turmoil
+//! runs every host on the test's thread). `a_real_engine_run_is_reproducible_from_its_seed`
+//! checks it by comparing [`EngineOracle::trace`] digests of two runs.
 
 use super::engine_oracle::EngineOracle;
 use hyper_util::rt::TokioIo;
@@ -213,6 +216,8 @@ pub struct EngineReport {
     /// Final primaries as seen by a survivor.
     pub primaries: BTreeMap<String, Option<String>>,
     pub ready_at_ms: Option<u64>,
+    /// The oracle's digest of the whole run (see [`EngineOracle::trace`]).
+    pub trace: u64,
 }
 
 /// Boot five real members, create the volumes, wait until every volume is
@@ -283,7 +288,13 @@ pub fn run_engine_site_loss(seed: u64, site: &str) -> EngineReport {
         .state_of(survivor)
         .map(|s| s.volumes.values().map(|v| (v.name.clone(), v.primary.clone())).collect())
         .unwrap_or_default();
-    EngineReport { violations: o.violations.clone(), rto_ms: rto, primaries, ready_at_ms: ready_at }
+    EngineReport {
+        violations: o.violations.clone(),
+        rto_ms: rto,
+        primaries,
+        ready_at_ms: ready_at,
+        trace: o.trace,
+    }
 }
 
 fn shm_or_tmp() -> PathBuf {
@@ -304,6 +315,8 @@ pub struct EngineRandomReport {
     /// Volumes not served by exactly one member at the end of the liveness phase.
     pub unserved: Vec<String>,
     pub promotions: usize,
+    /// The oracle's digest of the whole run (see [`EngineOracle::trace`]).
+    pub trace: u64,
 }
 
 /// Random faults (the model simulator's schedule: full, one-way and
@@ -362,6 +375,7 @@ pub fn run_engine_random(seed: u64, safety_ms: u64, liveness_ms: u64) -> EngineR
         violations: o.violations.clone(),
         unserved,
         promotions: o.promotions.len(),
+        trace: o.trace,
     }
 }
 
@@ -369,6 +383,9 @@ pub fn run_engine_random(seed: u64, safety_ms: u64, liveness_ms: u64) -> EngineR
 fn boot(seed: u64, total_ms: u64) -> (tempfile::TempDir, Arc<Mutex<EngineOracle>>, turmoil::Sim<'static>) {
     let root = tempfile::Builder::new().prefix("metro-engine-sim").tempdir_in(shm_or_tmp()).expect("tempdir");
     let oracle = Arc::new(Mutex::new(EngineOracle::default()));
+    // turmoil runs every host on this thread: seeding its generator makes
+    // openraft's election timeouts a function of the seed.
+    metro_quorum::runtime::seed_thread_rng(seed);
     let mut sim = turmoil::Builder::new()
         .rng_seed(seed)
         .tick_duration(Duration::from_millis(1))

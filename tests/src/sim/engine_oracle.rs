@@ -31,6 +31,9 @@ pub struct EngineOracle {
     pub promotions: std::collections::BTreeSet<(String, u64)>,
     pub violations: Vec<String>,
     pub now_ms: u64,
+    /// A running digest of everything the hosts reported and when: two runs
+    /// of one seed must end with the same digest (bit-reproducibility).
+    pub trace: u64,
 }
 
 impl EngineOracle {
@@ -81,6 +84,7 @@ impl EngineOracle {
         serving: BTreeMap<String, u64>,
     ) {
         let (term, leader) = (status.term, status.is_leader);
+        self.trace = trace_step(self.trace, self.now_ms, id, status, &state, &serving);
         self.statuses.insert(id.into(), status.clone());
         if leader {
             self.voters = status.voters.clone();
@@ -122,4 +126,25 @@ impl EngineOracle {
             self.serving_until.entry(v).or_default().insert(id.into(), until);
         }
     }
+}
+
+/// Fold one report into the trace digest. SipHash with fixed keys
+/// (`DefaultHasher::new`) is stable across runs of one build.
+fn trace_step(
+    prev: u64,
+    now_ms: u64,
+    id: &str,
+    status: &metro_quorum::QuorumStatus,
+    state: &ClusterState,
+    serving: &BTreeMap<String, u64>,
+) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    (prev, now_ms, id, status.term, &status.leader, status.is_leader, status.last_applied).hash(&mut h);
+    (&status.voters, &status.learners).hash(&mut h);
+    for (name, v) in &state.volumes {
+        (name, v.epoch, &v.primary, &v.in_sync).hash(&mut h);
+    }
+    serving.hash(&mut h);
+    h.finish()
 }
