@@ -16,37 +16,19 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    metro_api::telemetry::init_tracing();
-    let file = args.config.display().to_string();
-    let cfg = match metro_api::config::DaemonConfig::load(&args.config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("metro-node: {e}");
-            return std::process::ExitCode::from(2);
+    let load = |path: &std::path::Path| {
+        let cfg = metro_api::config::DaemonConfig::load(path)?;
+        if cfg.role == metro_api::config::Role::Witness {
+            return Err(metro_api::config::ConfigError {
+                file: path.display().to_string(),
+                key: "role".into(),
+                reason: "`witness` runs metro-witness, not metro-node".into(),
+            });
         }
+        Ok(cfg)
     };
-    if cfg.role == metro_api::config::Role::Witness {
-        eprintln!("metro-node: config {file}: key `role`: `witness` runs metro-witness, not metro-node");
-        return std::process::ExitCode::from(2);
-    }
-    if args.check {
-        if let Err(e) = cfg.check_secrets(&file) {
-            eprintln!("metro-node: {e}");
-            return std::process::ExitCode::from(2);
-        }
-        println!("{file}: OK");
-        return std::process::ExitCode::SUCCESS;
-    }
-    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match rt.block_on(metro_node::daemon::run(cfg, &file)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("fatal: {e:#}");
-            eprintln!("metro-node: {e:#}");
-            if e.downcast_ref::<metro_node::daemon::JoinRefused>().is_some() {
-                return std::process::ExitCode::from(metro_node::daemon::EXIT_REFUSED);
-            }
-            std::process::ExitCode::FAILURE
-        }
-    }
+    let daemon = metro_node::entry::Daemon { program: "metro-node", worker_threads: None };
+    daemon.main(&args.config, args.check, load, |cfg, file| async move {
+        metro_node::daemon::run(cfg, &file).await
+    })
 }

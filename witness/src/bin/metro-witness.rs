@@ -16,38 +16,9 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    metro_api::telemetry::init_tracing();
-    let file = args.config.display().to_string();
-    let cfg = match metro_witness::load_config(&args.config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("metro-witness: {e}");
-            return std::process::ExitCode::from(2);
-        }
-    };
-    if args.check {
-        if let Err(e) = cfg.check_secrets(&file) {
-            eprintln!("metro-witness: {e}");
-            return std::process::ExitCode::from(2);
-        }
-        println!("{file}: OK");
-        return std::process::ExitCode::SUCCESS;
-    }
     // A small runtime: the witness only votes and answers status.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    match rt.block_on(metro_witness::run(cfg, &file)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("fatal: {e:#}");
-            eprintln!("metro-witness: {e:#}");
-            if e.downcast_ref::<metro_node::daemon::JoinRefused>().is_some() {
-                return std::process::ExitCode::from(metro_node::daemon::EXIT_REFUSED);
-            }
-            std::process::ExitCode::FAILURE
-        }
-    }
+    let daemon = metro_node::entry::Daemon { program: "metro-witness", worker_threads: Some(2) };
+    daemon.main(&args.config, args.check, metro_witness::load_config, |cfg, file| async move {
+        metro_witness::run(cfg, &file).await
+    })
 }

@@ -1,0 +1,71 @@
+//! What both daemon binaries (`metro-node`, `metro-witness`) do after parsing
+//! their flags: load and validate the configuration (exit 2 on a bad one, so
+//! systemd's `RestartPreventExitStatus` stops a restart loop), or only check
+//! it (`--check`), or run the daemon and map its end to an exit code (3 when
+//! the cluster refused the node).
+
+use metro_api::config::{ConfigError, DaemonConfig};
+use std::future::Future;
+use std::path::Path;
+use std::process::ExitCode;
+
+/// Exit status for a configuration the daemon cannot start with.
+pub const EXIT_BAD_CONFIG: u8 = 2;
+
+/// How one daemon binary starts.
+pub struct Daemon<'a> {
+    /// The program name errors start with.
+    pub program: &'a str,
+    /// Tokio worker threads (`None`: one per core).
+    pub worker_threads: Option<usize>,
+}
+
+impl Daemon<'_> {
+    /// Load `path` with `load`, then check it (`check`) or run it with `run`.
+    pub fn main<F, Fut>(
+        &self,
+        path: &Path,
+        check: bool,
+        load: impl FnOnce(&Path) -> Result<DaemonConfig, ConfigError>,
+        run: F,
+    ) -> ExitCode
+    where
+        F: FnOnce(DaemonConfig, String) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>>,
+    {
+        let program = self.program;
+        metro_api::telemetry::init_tracing();
+        let file = path.display().to_string();
+        let cfg = match load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("{program}: {e}");
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            }
+        };
+        if check {
+            if let Err(e) = cfg.check_secrets(&file) {
+                eprintln!("{program}: {e}");
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            }
+            println!("{file}: OK");
+            return ExitCode::SUCCESS;
+        }
+        let mut rt = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = self.worker_threads {
+            rt.worker_threads(n);
+        }
+        let rt = rt.enable_all().build().expect("tokio runtime");
+        match rt.block_on(run(cfg, file)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("fatal: {e:#}");
+                eprintln!("{program}: {e:#}");
+                if e.downcast_ref::<crate::daemon::JoinRefused>().is_some() {
+                    return ExitCode::from(crate::daemon::EXIT_REFUSED);
+                }
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
