@@ -35,9 +35,11 @@ fn scraped_witness_rtt_s(lab: &Lab) -> anyhow::Result<Option<f64>> {
     let leader = lab.status()?["leader"].as_str().unwrap_or_default().to_string();
     let node = lab.info.nodes.iter().chain(std::iter::once(&lab.info.witness)).find(|n| n.id == leader);
     let Some(node) = node else { anyhow::bail!("no leader in {leader:?}") };
-    let mut conn = std::net::TcpStream::connect(&node.metrics)?;
+    // lab.json names it as a URL: http://HOST:PORT/metrics
+    let hostport = node.metrics.trim_start_matches("http://").split('/').next().unwrap_or_default();
+    let mut conn = std::net::TcpStream::connect(hostport)?;
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(conn, "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", node.metrics)?;
+    write!(conn, "GET /metrics HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n")?;
     let mut body = String::new();
     conn.read_to_string(&mut body)?;
     Ok(body
