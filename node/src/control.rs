@@ -424,7 +424,10 @@ impl pb::control_server::Control for ControlService {
             return Ok(Response::new(self.config_reply(Some(&c), "etcd")));
         }
         if rev.is_some() {
-            c.generation = before.generation + 1;
+            // Past the applied generation too: a store restored from an old
+            // backup must not hold the change below what the cluster runs.
+            let applied = state.config.as_ref().map_or(0, |a| a.generation);
+            c.generation = before.generation.max(applied) + 1;
         }
         self.registry.put_config(&c, rev).await.map_err(registry_err)?;
         let generation = c.generation;

@@ -471,7 +471,17 @@ async fn reconcile_config(
         Err(e) => return Err(e.to_string()),
     };
     let state = quorum.state().borrow().clone();
-    if state.config.as_ref().is_some_and(|c| c.generation >= stored.generation) {
+    if let Some(applied) = state.config.as_ref().filter(|c| c.generation >= stored.generation) {
+        if applied.generation > stored.generation && *warned_generation != stored.generation {
+            // etcd went back in time (restored from an old backup): keep what
+            // runs; the next `cluster config set` writes past it.
+            *warned_generation = stored.generation;
+            tracing::warn!(
+                stored = stored.generation,
+                applied = applied.generation,
+                "the stored cluster config is older than the applied one; keeping the applied one"
+            );
+        }
         return Ok(());
     }
     let data: Vec<&str> =
