@@ -202,10 +202,11 @@ pub async fn status(t: &Target, json_out: bool) -> anyhow::Result<()> {
                 n.role.clone(),
                 quorum_role(n.voter),
                 if n.reachable { "yes".into() } else { "NO".into() },
+                rtt_text(n.rtt_us),
             ]
         })
         .collect();
-    println!("{}", table(&["NODE", "SITE", "ROLE", "QUORUM", "REACHABLE"], &rows));
+    println!("{}", table(&["NODE", "SITE", "ROLE", "QUORUM", "REACHABLE", "RTT"], &rows));
     if let Some(w) = &s.witness {
         println!();
         println!("{}", table(&WITNESS_HEADER, &[witness_row(w, s.voters.contains(&w.id))]));
@@ -292,6 +293,7 @@ pub async fn node_list(t: &Target, json_out: bool) -> anyhow::Result<()> {
                 n.role.clone(),
                 quorum_role(n.voter),
                 n.reachable.to_string(),
+                rtt_text(n.rtt_us),
                 n.api.clone(),
                 if n.nbd.is_empty() { "-".into() } else { n.nbd.clone() },
                 format!("{} / {}", human(n.used_bytes), human(n.capacity_bytes)),
@@ -300,7 +302,10 @@ pub async fn node_list(t: &Target, json_out: bool) -> anyhow::Result<()> {
         .collect();
     println!(
         "{}",
-        table(&["NODE", "SITE", "ROLE", "QUORUM", "REACHABLE", "API", "NBD", "PROVISIONED/CAPACITY"], &rows)
+        table(
+            &["NODE", "SITE", "ROLE", "QUORUM", "REACHABLE", "RTT", "API", "NBD", "PROVISIONED/CAPACITY"],
+            &rows
+        )
     );
     Ok(())
 }
