@@ -63,9 +63,12 @@ pub enum Command {
     /// Volumes: create, list, show, attach, detach, delete.
     #[command(subcommand)]
     Volume(VolumeCmd),
-    /// The witness: reachability and quorum role.
+    /// The witness: reachability, quorum role and round-trip time.
     #[command(subcommand)]
     Witness(WitnessCmd),
+    /// Cluster-wide settings stored in etcd (preferred site, policies, timings).
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
     /// Print shell completions for SHELL to stdout.
     Completions { shell: clap_complete::Shell },
     /// Write man pages into DIR.
@@ -128,6 +131,36 @@ pub enum WitnessCmd {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum ClusterCmd {
+    /// The cluster config in etcd (/metro/<cluster>/config).
+    #[command(subcommand)]
+    Config(ConfigCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// Show the stored config and which generation the cluster applied.
+    Show(Conn),
+    /// Change keys (admin only), e.g. `preferred_site=dc-b node_loss_ms=3000`;
+    /// invalid values are refused and nothing changes. Waits until the leader applied it.
+    Set {
+        /// KEY=VALUE pairs. Keys: preferred_site, default_lease_policy, site_stable_ms, node_loss_ms, voters_per_site.
+        #[arg(required = true, value_name = "KEY=VALUE", value_parser = parse_key_value)]
+        pairs: Vec<(String, String)>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("`{s}` is not KEY=VALUE"))?;
+    if k.trim().is_empty() {
+        return Err(format!("`{s}` has no key"));
+    }
+    Ok((k.trim().to_string(), v.trim().to_string()))
+}
+
+#[derive(Debug, Subcommand)]
 pub enum VolumeCmd {
     /// Create a thin, synchronously mirrored volume (one replica per data site).
     Create {
@@ -141,9 +174,10 @@ pub enum VolumeCmd {
         /// Bandwidth limit in bytes/s (0 = unlimited).
         #[arg(long, default_value_t = 0)]
         bandwidth: u64,
-        /// What the primary does without a lease: suspend (hold I/O) or error.
-        #[arg(long, default_value = "suspend")]
-        policy: String,
+        /// What the primary does without a lease: suspend (hold I/O) or error
+        /// (default: the cluster config's default_lease_policy).
+        #[arg(long)]
+        policy: Option<String>,
         /// Preferred site for the primary.
         #[arg(long)]
         site: Option<String>,
@@ -303,5 +337,28 @@ mod tests {
         let Command::Lab(LabCmd::Heal { dir }) = &cli.command else { panic!() };
         assert_eq!(cli.global.lab_dir(dir.dir.as_ref()), PathBuf::from("/x"));
         assert_eq!(cli.global.output, Output::Json);
+    }
+
+    #[test]
+    fn config_set_takes_key_value_pairs() {
+        let cli = Cli::try_parse_from([
+            "metroctl",
+            "cluster",
+            "config",
+            "set",
+            "preferred_site=dc-b",
+            "node_loss_ms = 3000",
+        ])
+        .unwrap();
+        let Command::Cluster(ClusterCmd::Config(ConfigCmd::Set { pairs, .. })) = &cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(
+            pairs,
+            &[("preferred_site".into(), "dc-b".into()), ("node_loss_ms".into(), "3000".into())]
+        );
+        let e = Cli::try_parse_from(["metroctl", "cluster", "config", "set", "preferred_site"]).unwrap_err();
+        assert!(e.to_string().contains("is not KEY=VALUE"), "{e}");
+        assert!(Cli::try_parse_from(["metroctl", "cluster", "config", "set"]).is_err());
     }
 }

@@ -98,13 +98,54 @@ pub fn status_json(t: &Target, s: &pb::ClusterStatus) -> Value {
         "preferred_site": s.preferred_site,
         "sites": s.sites.iter().map(|x| json!({"name": x.name, "kind": x.kind, "state": x.state})).collect::<Vec<_>>(),
         "nodes": s.nodes.iter().map(|n| json!({"id": n.id, "site": n.site, "role": n.role, "voter": n.voter,
-            "reachable": n.reachable, "api": n.api, "nbd": n.nbd, "capacity_bytes": n.capacity_bytes, "used_bytes": n.used_bytes})).collect::<Vec<_>>(),
-        "witness": s.witness.as_ref().map(|w| json!({"id": w.id, "reachable": w.reachable, "rtt_us": w.rtt_us})),
+            "reachable": n.reachable, "api": n.api, "nbd": n.nbd, "capacity_bytes": n.capacity_bytes, "used_bytes": n.used_bytes,
+            "rtt_us": opt_us(n.rtt_us)})).collect::<Vec<_>>(),
+        "witness": s.witness.as_ref().map(|w| witness_json(w, s.voters.contains(&w.id))),
         "etcd": s.etcd.iter().map(|e| json!({"name": t.etcd_name(&e.endpoint), "healthy": e.healthy, "endpoint": e.endpoint})).collect::<Vec<_>>(),
         "alerts": s.alerts,
         "answered_by": s.answered_by,
     })
 }
+
+/// An RTT in µs as JSON: null when unknown (0 on the wire).
+fn opt_us(us: u64) -> Value {
+    if us == 0 {
+        Value::Null
+    } else {
+        json!(us)
+    }
+}
+
+/// An RTT in µs for tables: `12.3 ms`, or `-` when unknown.
+pub fn rtt_text(us: u64) -> String {
+    if us == 0 {
+        "-".into()
+    } else {
+        format!("{:.1} ms", us as f64 / 1000.0)
+    }
+}
+
+/// `rtt_us`/`rtt_last_us` are null when unknown (no fresh sample on the leader).
+pub fn witness_json(w: &pb::WitnessStatus, voter: bool) -> Value {
+    json!({
+        "id": w.id, "reachable": w.reachable, "voter": voter,
+        "rtt_us": opt_us(w.rtt_us), "rtt_last_us": opt_us(w.rtt_last_us),
+        "rtt_measured_by": if w.rtt_measured_by.is_empty() { Value::Null } else { json!(w.rtt_measured_by) },
+    })
+}
+
+fn witness_row(w: &pb::WitnessStatus, voter: bool) -> Vec<String> {
+    vec![
+        w.id.clone(),
+        if w.reachable { "yes".into() } else { "NO".into() },
+        quorum_role(voter),
+        rtt_text(w.rtt_us),
+        rtt_text(w.rtt_last_us),
+        if w.rtt_measured_by.is_empty() { "-".into() } else { w.rtt_measured_by.clone() },
+    ]
+}
+
+const WITNESS_HEADER: [&str; 6] = ["WITNESS", "REACHABLE", "QUORUM", "RTT", "RTT-LAST", "MEASURED-BY"];
 
 pub fn volume_json(v: &pb::VolumeStatus) -> Value {
     json!({
@@ -161,10 +202,15 @@ pub async fn status(t: &Target, json_out: bool) -> anyhow::Result<()> {
                 n.role.clone(),
                 quorum_role(n.voter),
                 if n.reachable { "yes".into() } else { "NO".into() },
+                rtt_text(n.rtt_us),
             ]
         })
         .collect();
-    println!("{}", table(&["NODE", "SITE", "ROLE", "QUORUM", "REACHABLE"], &rows));
+    println!("{}", table(&["NODE", "SITE", "ROLE", "QUORUM", "REACHABLE", "RTT"], &rows));
+    if let Some(w) = &s.witness {
+        println!();
+        println!("{}", table(&WITNESS_HEADER, &[witness_row(w, s.voters.contains(&w.id))]));
+    }
     println!();
     let rows: Vec<Vec<String>> = s
         .etcd
@@ -224,15 +270,9 @@ pub async fn witness_status(t: &Target, json_out: bool) -> anyhow::Result<()> {
     })?;
     let voter = s.voters.contains(&w.id);
     if json_out {
-        print_json(&json!({"id": w.id, "reachable": w.reachable, "voter": voter, "rtt_us": w.rtt_us}));
+        print_json(&witness_json(&w, voter));
     } else {
-        println!(
-            "{}",
-            table(
-                &["WITNESS", "REACHABLE", "QUORUM"],
-                &[vec![w.id, w.reachable.to_string(), quorum_role(voter)]]
-            )
-        );
+        println!("{}", table(&WITNESS_HEADER, &[witness_row(&w, voter)]));
     }
     Ok(())
 }
@@ -253,6 +293,7 @@ pub async fn node_list(t: &Target, json_out: bool) -> anyhow::Result<()> {
                 n.role.clone(),
                 quorum_role(n.voter),
                 n.reachable.to_string(),
+                rtt_text(n.rtt_us),
                 n.api.clone(),
                 if n.nbd.is_empty() { "-".into() } else { n.nbd.clone() },
                 format!("{} / {}", human(n.used_bytes), human(n.capacity_bytes)),
@@ -261,8 +302,62 @@ pub async fn node_list(t: &Target, json_out: bool) -> anyhow::Result<()> {
         .collect();
     println!(
         "{}",
-        table(&["NODE", "SITE", "ROLE", "QUORUM", "REACHABLE", "API", "NBD", "PROVISIONED/CAPACITY"], &rows)
+        table(
+            &["NODE", "SITE", "ROLE", "QUORUM", "REACHABLE", "RTT", "API", "NBD", "PROVISIONED/CAPACITY"],
+            &rows
+        )
     );
+    Ok(())
+}
+
+fn config_json(r: &pb::ClusterConfigReply) -> Value {
+    let mut entries = serde_json::Map::new();
+    for e in &r.entries {
+        entries.insert(e.key.clone(), json!(e.value));
+    }
+    json!({
+        "config": entries,
+        "generation": r.generation,
+        "applied_generation": r.applied_generation,
+        "source": r.source,
+    })
+}
+
+fn print_config(r: &pb::ClusterConfigReply, json_out: bool) {
+    if json_out {
+        print_json(&config_json(r));
+        return;
+    }
+    let rows: Vec<Vec<String>> = r.entries.iter().map(|e| vec![e.key.clone(), e.value.clone()]).collect();
+    println!("{}", table(&["KEY", "VALUE"], &rows));
+    println!(
+        "\ngeneration {} (applied by the cluster: {}; source: {})",
+        r.generation,
+        if r.applied_generation == 0 { "none yet".to_string() } else { r.applied_generation.to_string() },
+        r.source
+    );
+}
+
+pub async fn config_show(t: &Target, json_out: bool) -> anyhow::Result<()> {
+    let mut c = t.connect().await?;
+    let r = c
+        .get_cluster_config(request(pb::GetClusterConfigRequest {}, READ_DEADLINE))
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    print_config(&r, json_out);
+    Ok(())
+}
+
+pub async fn config_set(t: &Target, pairs: Vec<(String, String)>, json_out: bool) -> anyhow::Result<()> {
+    let mut c = t.connect().await?;
+    let set = pairs.into_iter().map(|(key, value)| pb::ConfigEntry { key, value }).collect();
+    let r = c
+        .set_cluster_config(request(pb::SetClusterConfigRequest { set }, WRITE_DEADLINE))
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    print_config(&r, json_out);
     Ok(())
 }
 
@@ -429,6 +524,19 @@ mod tests {
         assert_eq!(parse_size("512M").unwrap(), 512 << 20);
         assert!(parse_size("1XB").unwrap_err().contains("unknown size unit"));
         assert!(parse_size("big").is_err());
+    }
+
+    #[test]
+    fn an_unknown_rtt_is_a_dash_and_null() {
+        assert_eq!(rtt_text(0), "-");
+        assert_eq!(rtt_text(200_400), "200.4 ms");
+        let w = pb::WitnessStatus { id: "w1".into(), reachable: true, ..Default::default() };
+        let j = witness_json(&w, true);
+        assert_eq!(j["rtt_us"], Value::Null);
+        assert_eq!(j["rtt_measured_by"], Value::Null);
+        let w = pb::WitnessStatus { rtt_us: 1500, rtt_last_us: 1400, rtt_measured_by: "a1".into(), ..w };
+        assert_eq!(witness_json(&w, true)["rtt_us"], 1500);
+        assert_eq!(witness_row(&w, false)[3], "1.5 ms");
     }
 
     #[test]

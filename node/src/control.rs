@@ -17,7 +17,8 @@ use metro_api::pb::control::control_client::ControlClient;
 use metro_api::tls::TlsFiles;
 use metro_quorum::state::Rejection;
 use metro_quorum::{
-    ClusterState, Command, CommandResult, LeasePolicy, Quorum, QuorumError, SiteMode, VolumeRecord,
+    ClusterConfig, ClusterState, Command, CommandResult, LeasePolicy, Quorum, QuorumError, SiteMode,
+    VolumeRecord,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,6 +64,7 @@ fn registry_err(e: RegistryError) -> ApiError {
         RegistryError::Corrupt { .. } => {
             ApiError::new(Code::Internal, e.to_string(), "inspect the key in etcd")
         }
+        RegistryError::Conflict(_) => ApiError::new(Code::Conflict, e.to_string(), "re-read it and retry"),
     }
 }
 
@@ -145,13 +147,7 @@ impl ControlService {
                 }
             })
             .collect();
-        let state_str = if v.primary.is_none() {
-            "detached"
-        } else if v.in_sync.len() < v.replicas.len() {
-            "degraded"
-        } else {
-            "serving"
-        };
+        let state_str = crate::summary::volume_state(v);
         pb::VolumeStatus {
             name: v.name.clone(),
             size_bytes: v.size_bytes,
@@ -241,6 +237,7 @@ impl ControlService {
                 api: n.api.clone(),
                 nbd: n.nbd.clone().unwrap_or_default(),
                 capacity_bytes: n.capacity_bytes,
+                rtt_us: self.quorum.peer_rtt(&n.id).map_or(0, |r| r.smoothed_us),
                 used_bytes: state
                     .volumes
                     .values()
@@ -249,10 +246,13 @@ impl ControlService {
                     .sum(),
             })
             .collect();
+        let rtt = crate::summary::witness_rtt(&self.quorum, &state);
         let witness = state.nodes.values().find(|n| n.role == Role::Witness).map(|w| pb::WitnessStatus {
             id: w.id.clone(),
             reachable: reachable(&w.id),
-            rtt_us: 0,
+            rtt_us: rtt.as_ref().map_or(0, |r| r.smoothed_us),
+            rtt_last_us: rtt.as_ref().map_or(0, |r| r.last_us),
+            rtt_measured_by: rtt.map(|r| r.measured_by).unwrap_or_default(),
         });
         let etcd: Vec<pb::EtcdStatus> = self
             .registry
@@ -310,6 +310,34 @@ impl ControlService {
         }
     }
 
+    fn config_reply(&self, stored: Option<&ClusterConfig>, source: &str) -> pb::ClusterConfigReply {
+        let state = self.state();
+        let applied = state.config.as_ref();
+        let shown = stored.or(applied);
+        pb::ClusterConfigReply {
+            entries: shown
+                .map(|c| {
+                    c.pairs()
+                        .into_iter()
+                        .map(|(k, v)| pb::ConfigEntry { key: k.to_string(), value: v })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            generation: shown.map_or(0, |c| c.generation),
+            applied_generation: applied.map_or(0, |c| c.generation),
+            source: source.to_string(),
+        }
+    }
+
+    /// The stored config and its revision; seeded from this daemon's
+    /// `[quorum]` when the leader has not stored one yet.
+    async fn stored_config(&self) -> Result<(ClusterConfig, Option<i64>), ApiError> {
+        match self.registry.config().await.map_err(registry_err)? {
+            Some((c, rev)) => Ok((c, Some(rev))),
+            None => Ok((ClusterConfig::initial(self.state().config.as_ref(), &self.cfg.quorum), None)),
+        }
+    }
+
     fn find_volume(&self, name: &str) -> Result<VolumeRecord, ApiError> {
         self.state().volumes.get(name).cloned().ok_or_else(|| {
             ApiError::new(
@@ -348,6 +376,68 @@ impl ControlService {
 
 #[tonic::async_trait]
 impl pb::control_server::Control for ControlService {
+    async fn get_cluster_config(
+        &self,
+        req: Request<pb::GetClusterConfigRequest>,
+    ) -> Result<Response<pb::ClusterConfigReply>, Status> {
+        authorize(&req, Access::Read)?;
+        match self.registry.config().await {
+            Ok(stored) => Ok(Response::new(self.config_reply(stored.as_ref().map(|(c, _)| c), "etcd"))),
+            Err(RegistryError::Unavailable(_)) => {
+                Ok(Response::new(self.config_reply(None, "replicated state (etcd unreachable)")))
+            }
+            Err(e) => Err(registry_err(e).into()),
+        }
+    }
+
+    async fn set_cluster_config(
+        &self,
+        req: Request<pb::SetClusterConfigRequest>,
+    ) -> Result<Response<pb::ClusterConfigReply>, Status> {
+        authorize(&req, Access::Write)?;
+        let r = req.into_inner();
+        if r.set.is_empty() {
+            return Err(ApiError::new(
+                Code::InvalidArgument,
+                "nothing to set",
+                format!("give KEY=VALUE pairs; keys: {}", metro_quorum::cluster_config::KEYS.join(", ")),
+            )
+            .into());
+        }
+        let (mut c, rev) = self.stored_config().await?;
+        let before = c.clone();
+        let invalid = |e: metro_quorum::ClusterConfigError| {
+            Status::from(ApiError::new(
+                Code::InvalidArgument,
+                e.to_string(),
+                "see `metroctl cluster config show` for the keys and current values; nothing was changed",
+            ))
+        };
+        for e in &r.set {
+            c.set(&e.key, &e.value).map_err(invalid)?;
+        }
+        let state = self.state();
+        let data: Vec<&str> = state.data_sites().map(|s| s.name.as_str()).collect();
+        c.validate(Some(&data)).map_err(invalid)?;
+        c.validate_timings(self.cfg.quorum.heartbeat_ms).map_err(invalid)?;
+        if c == before && rev.is_some() {
+            return Ok(Response::new(self.config_reply(Some(&c), "etcd")));
+        }
+        if rev.is_some() {
+            // Past the applied generation too: a store restored from an old
+            // backup must not hold the change below what the cluster runs.
+            let applied = state.config.as_ref().map_or(0, |a| a.generation);
+            c.generation = before.generation.max(applied) + 1;
+        }
+        self.registry.put_config(&c, rev).await.map_err(registry_err)?;
+        let generation = c.generation;
+        self.wait_for(&format!("cluster config generation {generation}"), |s| {
+            s.config.as_ref().is_some_and(|a| a.generation >= generation)
+        })
+        .await?;
+        Ok(Response::new(self.config_reply(Some(&c), "etcd")))
+    }
+
     async fn get_status(
         &self,
         req: Request<pb::GetStatusRequest>,
@@ -423,7 +513,8 @@ impl pb::control_server::Control for ControlService {
             .into());
         }
         let lease_policy = match r.lease_policy.as_str() {
-            "" | "suspend" => LeasePolicy::Suspend,
+            "" => self.state().config.as_ref().map_or(LeasePolicy::Suspend, |c| c.default_lease_policy),
+            "suspend" => LeasePolicy::Suspend,
             "error" => LeasePolicy::Error,
             other => {
                 return Err(ApiError::new(

@@ -212,7 +212,7 @@ pub async fn run(cfg: DaemonConfig, config_path: &str) -> anyhow::Result<()> {
 
     let me = node_record(&cfg, capacity);
     let mut join = tokio::spawn(join_loop(cfg.clone(), quorum.clone(), registry.clone(), me));
-    tokio::spawn(leader_loop(quorum.clone(), registry.clone(), stop_rx.clone()));
+    tokio::spawn(leader_loop(cfg.clone(), quorum.clone(), registry.clone(), stop_rx.clone()));
 
     telemetry::notify_ready(&format!("{} {} serving", cfg.role_name(), cfg.node_id));
     let q = quorum.clone();
@@ -391,11 +391,18 @@ impl From<metro_quorum::QuorumError> for JoinError {
     }
 }
 
-/// Leader-only duties: reconcile volume specs from etcd into committed
-/// state, and publish a status summary for outside observers.
-async fn leader_loop(quorum: Quorum, registry: Arc<dyn Registry>, mut stop: watch::Receiver<bool>) {
+/// Leader-only duties: seed and reconcile the cluster config and the volume
+/// specs from etcd into committed state, and publish a status summary for
+/// outside observers.
+async fn leader_loop(
+    cfg: Arc<DaemonConfig>,
+    quorum: Quorum,
+    registry: Arc<dyn Registry>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(RECONCILE_EVERY);
     let mut last_publish = tokio::time::Instant::now() - PUBLISH_EVERY;
+    let mut warned_generation = 0;
     loop {
         tokio::select! {
             _ = stop.changed() => return,
@@ -404,6 +411,9 @@ async fn leader_loop(quorum: Quorum, registry: Arc<dyn Registry>, mut stop: watc
         if !quorum.status().is_leader {
             continue;
         }
+        if let Err(e) = reconcile_config(&cfg, &quorum, registry.as_ref(), &mut warned_generation).await {
+            tracing::warn!(error = %e, "reconciling the cluster config");
+        }
         let Ok(specs) = registry.specs().await else { continue };
         let state = quorum.state().borrow().clone();
         if let Err(e) = reconcile_specs(&quorum, registry.as_ref(), &state, specs).await {
@@ -411,16 +421,83 @@ async fn leader_loop(quorum: Quorum, registry: Arc<dyn Registry>, mut stop: watc
         }
         if last_publish.elapsed() >= PUBLISH_EVERY {
             last_publish = tokio::time::Instant::now();
+            let state = quorum.state().borrow().clone();
             let st = quorum.status();
-            let summary = serde_json::json!({
-                "leader": st.leader, "term": st.term, "voters": st.voters, "learners": st.learners,
-                "sites": state.sites.values().map(|s| (s.name.clone(), s.mode.as_str())).collect::<BTreeMap<_,_>>(),
-                "volumes": state.volumes.values().map(|v| serde_json::json!({
-                    "name": v.name, "primary": v.primary, "in_sync": v.in_sync, "epoch": v.epoch})).collect::<Vec<_>>(),
+            let published_at_unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let summary = crate::summary::summary(&crate::summary::SummaryInput {
+                cluster: &cfg.cluster,
+                published_by: &cfg.node_id,
+                published_at_unix_ms,
+                status: &st,
+                state: &state,
+                ages_ms: &quorum.heartbeat_ages_ms().unwrap_or_default(),
+                node_loss_ms: quorum.node_loss_ms(),
+                witness_rtt: crate::summary::witness_rtt(&quorum, &state),
             });
-            let _ = registry.put_status(&summary.to_string()).await;
+            if let Err(e) = registry.put_status(&summary.to_string()).await {
+                tracing::debug!(error = %e, "publishing the status summary");
+            }
         }
     }
+}
+
+/// Leader: seed `/metro/<cluster>/config` from this daemon's `[quorum]` when
+/// it is absent, and commit a stored config newer than the applied one. A
+/// stored config the cluster cannot take is logged once per generation and
+/// left alone (the last applied config stays in force).
+async fn reconcile_config(
+    cfg: &DaemonConfig,
+    quorum: &Quorum,
+    registry: &dyn Registry,
+    warned_generation: &mut u64,
+) -> Result<(), String> {
+    let stored = match registry.config().await {
+        Ok(Some((c, _))) => c,
+        Ok(None) => {
+            let applied = quorum.state().borrow().config.clone();
+            let seed = metro_quorum::ClusterConfig::initial(applied.as_ref(), &cfg.quorum);
+            match registry.put_config(&seed, None).await {
+                Ok(()) => tracing::info!(config = ?seed, "stored the initial cluster config in etcd"),
+                Err(crate::registry::RegistryError::Conflict(_)) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            return Ok(());
+        }
+        Err(crate::registry::RegistryError::Corrupt { key, reason }) => {
+            return Err(format!("{key} is invalid, keeping the applied config: {reason}"));
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let state = quorum.state().borrow().clone();
+    if let Some(applied) = state.config.as_ref().filter(|c| c.generation >= stored.generation) {
+        if applied.generation > stored.generation && *warned_generation != stored.generation {
+            // etcd went back in time (restored from an old backup): keep what
+            // runs; the next `cluster config set` writes past it.
+            *warned_generation = stored.generation;
+            tracing::warn!(
+                stored = stored.generation,
+                applied = applied.generation,
+                "the stored cluster config is older than the applied one; keeping the applied one"
+            );
+        }
+        return Ok(());
+    }
+    let data: Vec<&str> =
+        state.sites.values().filter(|s| s.kind == SiteKind::Data).map(|s| s.name.as_str()).collect();
+    let valid = stored.validate(Some(&data)).and_then(|_| stored.validate_timings(cfg.quorum.heartbeat_ms));
+    if let Err(e) = valid {
+        if *warned_generation != stored.generation {
+            *warned_generation = stored.generation;
+            tracing::warn!(generation = stored.generation, error = %e, "the stored cluster config is refused; keeping the applied one");
+        }
+        return Ok(());
+    }
+    let generation = stored.generation;
+    let r = quorum.propose(Command::SetClusterConfig(stored)).await.map_err(|e| e.to_string())?;
+    tracing::info!(generation, result = ?r, "applied the cluster config");
+    Ok(())
 }
 
 async fn reconcile_specs(

@@ -15,4 +15,5 @@ pub mod nbd;
 pub mod registry;
 pub mod repl;
 pub mod store;
+pub mod summary;
 pub mod volume;

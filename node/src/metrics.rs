@@ -11,6 +11,8 @@
 //! | `metro_volume_primary_here{volume}` | 1 where this node serves it |
 //! | `metro_replica_dirty_bytes{volume,replica}` | bytes a replica misses (resync backlog) |
 //! | `metro_witness_reachable` | 0 raises the witness-loss alert |
+//! | `metro_witness_rtt_seconds`, `metro_witness_rtt_last_seconds` | leader only: smoothed / latest raft-heartbeat RTT between the leader and the witness (absent without a fresh sample) |
+//! | `metro_peer_rtt_seconds{peer}` | leader only: smoothed raft-heartbeat RTT to each member with a fresh sample |
 
 use crate::volume::manager::VolumeManager;
 use metro_api::config::Role;
@@ -50,6 +52,35 @@ impl Collector for Metrics {
             if let Some(w) = state.nodes.values().find(|n| n.role == Role::Witness) {
                 let ok = ages.get(&w.id).is_some_and(|a| *a < self.quorum.node_loss_ms());
                 gauge(&mut enc, "witness_reachable", "1 if the leader hears the witness", i64::from(ok))?;
+            }
+        }
+        if let Some(rtt) = crate::summary::witness_rtt(&self.quorum, &state) {
+            let secs = |us: u64| us as f64 / 1e6;
+            ConstGauge::new(secs(rtt.smoothed_us)).encode(enc.encode_descriptor(
+                "witness_rtt_seconds",
+                "Smoothed raft-heartbeat round trip between the leader and the witness",
+                None,
+                MetricType::Gauge,
+            )?)?;
+            ConstGauge::new(secs(rtt.last_us)).encode(enc.encode_descriptor(
+                "witness_rtt_last_seconds",
+                "Latest raft-heartbeat round trip between the leader and the witness",
+                None,
+                MetricType::Gauge,
+            )?)?;
+        }
+        if st.is_leader {
+            let mut e = enc.encode_descriptor(
+                "peer_rtt_seconds",
+                "Smoothed raft-heartbeat round trip from the leader",
+                None,
+                MetricType::Gauge,
+            )?;
+            for n in state.nodes.keys() {
+                if let Some(r) = self.quorum.peer_rtt(n) {
+                    ConstGauge::new(r.smoothed_us as f64 / 1e6)
+                        .encode(e.encode_family(&[("peer", n.as_str())])?)?;
+                }
             }
         }
         let mut e = enc.encode_descriptor("volume_epoch", "Volume epoch", None, MetricType::Gauge)?;

@@ -69,3 +69,20 @@ async fn etcd_down_is_a_clear_error_within_the_deadline() {
     assert!(err.to_string().contains("attached volumes keep working"), "{err}");
     assert!(t.elapsed() < Duration::from_secs(3), "took {:?}", t.elapsed());
 }
+
+#[tokio::test]
+async fn a_hand_edited_cluster_config_with_a_typo_or_a_bad_value_is_corrupt_naming_the_key() {
+    let etcd = start_etcd();
+    let reg = EtcdRegistry::new("edit", vec![etcd.url.clone()], Duration::from_secs(2));
+    let good = metro_quorum::ClusterConfig::seed(&metro_api::config::QuorumConfig::default());
+    let mut c = etcd_client::Client::connect([etcd.url.as_str()], None).await.expect("connect");
+    for (edit, key) in [("leese_ms", "leese_ms"), ("voters_per_site", "voters_per_site")] {
+        let mut v = serde_json::to_value(&good).unwrap();
+        v[edit] = 9.into();
+        c.put("/metro/edit/config", v.to_string(), None).await.expect("put");
+        let err = reg.config().await.unwrap_err();
+        let RegistryError::Corrupt { key: k, reason } = &err else { panic!("{err:?}") };
+        assert_eq!(k, "/metro/edit/config");
+        assert!(reason.contains(&format!("cluster config key `{key}`")), "{err}");
+    }
+}

@@ -70,7 +70,7 @@ pub(crate) async fn role_watcher(s: Arc<Shared>) {
 
 /// The nodes the leader considers alive now (itself included).
 pub(crate) fn alive_set(s: &Shared, ls: &LeaderState, state: &ClusterState, now_ms: u64) -> BTreeSet<NodeId> {
-    let loss = s.cfg.timings.node_loss_ms;
+    let loss = s.node_loss_ms();
     let mut alive: BTreeSet<NodeId> = state
         .nodes
         .keys()
@@ -103,6 +103,9 @@ async fn control_round(s: &Shared) {
         let mut g = s.leader_state();
         let Some(ls) = g.as_mut() else { return };
         let alive = alive_set(s, ls, &state, now);
+        if let Some(c) = &state.config {
+            ls.sites.set_stable_ms(c.site_stable_ms);
+        }
         let site_cmds = ls.sites.observe(&state, &alive, now);
         (alive, ls.leases.clone(), site_cmds)
     };
@@ -183,7 +186,8 @@ async fn reconcile_membership(s: &Shared, state: &ClusterState, alive: &BTreeSet
             None => return, // a voter we cannot name yet (registration not applied)
         }
     }
-    let per_site = usize::from(s.cfg.timings.voters_per_site.max(1));
+    let per_site = state.config.as_ref().map_or(s.cfg.timings.voters_per_site, |c| c.voters_per_site);
+    let per_site = usize::from(per_site.max(1));
     let desired = decide::desired_voters(state, &current, alive, per_site);
     if desired == current || desired.is_empty() {
         return;

@@ -5,6 +5,7 @@
 //! [`state`]. Decisions (arbitration, promotion, voter placement) are pure
 //! functions tested directly; the openraft plumbing only carries them out.
 
+pub mod cluster_config;
 mod control;
 pub mod decide;
 pub mod durable;
@@ -14,6 +15,7 @@ mod liveness;
 pub(crate) mod log_store;
 pub mod network;
 pub mod quorum;
+pub mod rtt;
 pub mod runtime;
 mod service;
 pub mod state;
@@ -21,7 +23,9 @@ pub(crate) mod state_machine;
 pub(crate) mod types;
 mod wire;
 
+pub use cluster_config::{ClusterConfig, ClusterConfigError};
 pub use error::QuorumError;
 pub use network::{Connector, TcpConnector};
 pub use quorum::{EngineConfig, HeldLease, Quorum, QuorumStatus};
+pub use rtt::RttEstimate;
 pub use state::{ClusterState, Command, CommandResult, LeasePolicy, NodeRecord, SiteMode, VolumeRecord};

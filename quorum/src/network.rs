@@ -18,6 +18,7 @@
 //! - How a channel is made is behind [`Connector`], so a simulator (turmoil)
 //!   can run the same code over its own sockets.
 
+use crate::rtt::RttTable;
 use crate::types::{RaftId, TypeConfig};
 use metro_api::pb::internal::{internal_client::InternalClient, RaftPayload};
 use metro_api::PROTOCOL_VERSION;
@@ -154,11 +155,13 @@ pub(crate) struct Peers {
     connector: Arc<dyn Connector>,
     channels: Mutex<HashMap<String, Channel>>,
     me: String,
+    /// Round trips of entry-less appends (raft heartbeats), per address.
+    pub rtt: RttTable,
 }
 
 impl Peers {
     pub fn new(connector: Arc<dyn Connector>, me: String) -> Self {
-        Self { connector, channels: Mutex::new(HashMap::new()), me }
+        Self { connector, channels: Mutex::new(HashMap::new()), me, rtt: RttTable::default() }
     }
 
     fn channel(&self, addr: &str) -> Result<Channel, RpcError> {
@@ -306,7 +309,16 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<RaftId>, RPCError<RaftId, BasicNode, RaftError<RaftId>>> {
-        self.rpc(Method::Append, &rpc, deadline(&option, APPEND_TIMEOUT)).await
+        // An entry-less append is a heartbeat: its round trip is the link's
+        // (plus the peer's scheduling), not the peer's fsync.
+        let heartbeat = rpc.entries.is_empty();
+        let sent = tokio::time::Instant::now();
+        let res = self.rpc(Method::Append, &rpc, deadline(&option, APPEND_TIMEOUT)).await;
+        if heartbeat && res.is_ok() {
+            let now = tokio::time::Instant::now();
+            self.peers.rtt.record(&self.addr, now - sent, now);
+        }
+        res
     }
 
     async fn install_snapshot(

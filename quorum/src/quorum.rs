@@ -128,6 +128,11 @@ impl Shared {
         self.t0.elapsed().as_millis() as u64
     }
 
+    /// Node-loss threshold: the committed cluster config's, else this daemon's.
+    pub fn node_loss_ms(&self) -> u64 {
+        self.sm.current().config.as_ref().map_or(self.cfg.timings.node_loss_ms, |c| c.node_loss_ms)
+    }
+
     pub fn leader_state(&self) -> std::sync::MutexGuard<'_, Option<LeaderState>> {
         self.leader.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -12,6 +12,7 @@
 //! - A replica may *join* `in_sync` only through an explicit rejoin after
 //!   resync ([`Command::ChangeVolume`] with `rejoin`), never by promotion.
 
+use crate::cluster_config::ClusterConfig;
 use metro_api::config::SiteKind;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -100,6 +101,9 @@ pub struct ClusterState {
     pub preferred_site: Option<String>,
     pub nodes: BTreeMap<NodeId, NodeRecord>,
     pub volumes: BTreeMap<String, VolumeRecord>,
+    /// The cluster config last reconciled from etcd (None until the first one).
+    #[serde(default)]
+    pub config: Option<ClusterConfig>,
 }
 
 /// A state-machine command. Serialized into the raft log: only add variants,
@@ -145,6 +149,9 @@ pub enum Command {
     SetPreferredSite {
         site: Option<String>,
     },
+    /// Replace the cluster config (reconciled from etcd by the leader); also
+    /// sets `preferred_site`. Only a newer generation is applied.
+    SetClusterConfig(ClusterConfig),
     /// Several commands in one log entry (e.g. failing over 1000 volumes),
     /// applied in order, each on the state left by the previous one; one
     /// result per sub-command in [`CommandResult::Batch`]. Batches do not nest.
@@ -391,6 +398,29 @@ impl ClusterState {
                 self.preferred_site = site.clone();
                 CommandResult::Ok { epoch: 0 }
             }
+            Command::SetClusterConfig(c) => {
+                let data: Vec<&str> = self.data_sites().map(|s| s.name.as_str()).collect();
+                if let Err(e) = c.validate(Some(&data)) {
+                    return reject(Rejection::Invalid, e.to_string());
+                }
+                if let Some(cur) = &self.config {
+                    if cur == c {
+                        return CommandResult::Ok { epoch: 0 };
+                    }
+                    if c.generation <= cur.generation {
+                        return reject(
+                            Rejection::Invalid,
+                            format!(
+                                "cluster config generation {} is not newer than the applied {}",
+                                c.generation, cur.generation
+                            ),
+                        );
+                    }
+                }
+                self.preferred_site = c.preferred_site.clone();
+                self.config = Some(c.clone());
+                CommandResult::Ok { epoch: 0 }
+            }
             Command::Batch(cmds) => CommandResult::Batch(
                 cmds.iter()
                     .map(|c| match c {
@@ -538,6 +568,41 @@ mod tests {
         assert!(matches!(rs[3], CommandResult::Rejected { reason: Rejection::Invalid, .. }));
         assert!(!r.is_ok());
         assert_eq!(s.volumes["v"].epoch, 3);
+    }
+
+    #[test]
+    fn a_cluster_config_applies_only_when_valid_and_newer() {
+        let mut s = cluster();
+        let mut c = ClusterConfig::seed(&metro_api::config::QuorumConfig::default());
+        c.preferred_site = Some("dc-b".into());
+        assert!(s.apply(&Command::SetClusterConfig(c.clone())).is_ok());
+        assert_eq!(s.preferred_site.as_deref(), Some("dc-b"));
+        assert_eq!(s.config.as_ref(), Some(&c));
+        // Re-applying the same config is a no-op; an older or equal generation with
+        // other content (a stale leader) is refused and changes nothing.
+        assert!(s.apply(&Command::SetClusterConfig(c.clone())).is_ok());
+        let stale = ClusterConfig { preferred_site: Some("dc-a".into()), ..c.clone() };
+        let before = s.clone();
+        assert!(!s.apply(&Command::SetClusterConfig(stale)).is_ok());
+        assert_eq!(s, before);
+        // The witness site is not a data site; invalid values are refused.
+        let witness = ClusterConfig { generation: 2, preferred_site: Some("witness".into()), ..c.clone() };
+        let r = s.apply(&Command::SetClusterConfig(witness));
+        assert!(
+            matches!(&r, CommandResult::Rejected { reason: Rejection::Invalid, detail } if detail.contains("preferred_site")),
+            "{r:?}"
+        );
+        let next = ClusterConfig { generation: 2, preferred_site: None, voters_per_site: 2, ..c };
+        assert!(s.apply(&Command::SetClusterConfig(next)).is_ok());
+        assert_eq!(s.preferred_site, None);
+    }
+
+    #[test]
+    fn a_state_without_a_cluster_config_still_deserializes() {
+        let mut v = serde_json::to_value(cluster()).unwrap();
+        v.as_object_mut().unwrap().remove("config");
+        let back: ClusterState = serde_json::from_value(v).unwrap();
+        assert_eq!(back.config, None);
     }
 
     #[test]

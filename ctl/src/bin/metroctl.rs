@@ -4,7 +4,8 @@
 use anyhow::Context;
 use clap::Parser;
 use metroctl::cli::{
-    CertsCmd, Cli, Command, Conn, Global, LabCmd, NodeCmd, Output, SiteCmd, VolumeCmd, WitnessCmd,
+    CertsCmd, Cli, ClusterCmd, Command, ConfigCmd, Conn, Global, LabCmd, NodeCmd, Output, SiteCmd, VolumeCmd,
+    WitnessCmd,
 };
 use metroctl::client::{Overrides, Target};
 use metroctl::{certs, commands, lab};
@@ -76,6 +77,12 @@ async fn run_cluster(g: &Global, cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Status(c) => commands::status(&target(g, &c)?, json).await,
         Command::Witness(WitnessCmd::Status(c)) => commands::witness_status(&target(g, &c)?, json).await,
+        Command::Cluster(ClusterCmd::Config(ConfigCmd::Show(c))) => {
+            commands::config_show(&target(g, &c)?, json).await
+        }
+        Command::Cluster(ClusterCmd::Config(ConfigCmd::Set { pairs, conn })) => {
+            commands::config_set(&target(g, &conn)?, pairs, json).await
+        }
         Command::Node(NodeCmd::List(c)) => commands::node_list(&target(g, &c)?, json).await,
         Command::Node(NodeCmd::Drain { id, conn }) => commands::node_drain(&target(g, &conn)?, &id).await,
         Command::Site(SiteCmd::List(c)) => commands::site_list(&target(g, &c)?, json).await,
@@ -88,6 +95,7 @@ async fn run_cluster(g: &Global, cmd: Command) -> anyhow::Result<()> {
         Command::Volume(v) => match v {
             VolumeCmd::Create { name, size, iops, bandwidth, policy, site, conn } => {
                 let size = commands::parse_size(&size).map_err(anyhow::Error::msg)?;
+                let policy = policy.unwrap_or_default();
                 let a = commands::CreateArgs { name, size, iops, bandwidth, policy, site };
                 commands::volume_create(&target(g, &conn)?, a, json).await
             }

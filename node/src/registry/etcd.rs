@@ -10,7 +10,7 @@
 use super::{Registry, RegistryError, VolumeSpec};
 use async_trait::async_trait;
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
-use metro_quorum::NodeRecord;
+use metro_quorum::{ClusterConfig, NodeRecord};
 use std::time::Duration;
 use tokio::sync::Mutex;
 
@@ -232,6 +232,37 @@ impl Registry for EtcdRegistry {
     async fn put_status(&self, json: &str) -> Result<(), RegistryError> {
         let mut c = self.client().await?;
         self.with_deadline(c.put(format!("{}status", self.prefix), json, None)).await?;
+        Ok(())
+    }
+
+    async fn status(&self) -> Result<Option<String>, RegistryError> {
+        let mut c = self.client().await?;
+        let resp = self.with_deadline(c.get(format!("{}status", self.prefix), None)).await?;
+        Ok(resp.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+    }
+
+    async fn config(&self) -> Result<Option<(ClusterConfig, i64)>, RegistryError> {
+        let mut c = self.client().await?;
+        let key = format!("{}config", self.prefix);
+        let resp = self.with_deadline(c.get(key.clone(), None)).await?;
+        let Some(kv) = resp.kvs().first() else { return Ok(None) };
+        ClusterConfig::from_json(kv.value())
+            .map(|cfg| Some((cfg, kv.mod_revision())))
+            .map_err(|e| RegistryError::Corrupt { key, reason: e.to_string() })
+    }
+
+    async fn put_config(&self, new: &ClusterConfig, expected: Option<i64>) -> Result<(), RegistryError> {
+        let mut c = self.client().await?;
+        let key = format!("{}config", self.prefix);
+        let cmp = match expected {
+            None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+            Some(rev) => Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
+        };
+        let value = serde_json::to_vec(new).expect("serializable");
+        let txn = Txn::new().when(vec![cmp]).and_then(vec![TxnOp::put(key, value, None)]);
+        if !self.with_deadline(c.txn(txn)).await?.succeeded() {
+            return Err(RegistryError::Conflict("config".into()));
+        }
         Ok(())
     }
 

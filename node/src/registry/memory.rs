@@ -2,7 +2,7 @@
 
 use super::{Registry, RegistryError, VolumeSpec};
 use async_trait::async_trait;
-use metro_quorum::NodeRecord;
+use metro_quorum::{ClusterConfig, NodeRecord};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
@@ -16,7 +16,9 @@ struct Inner {
     nodes: BTreeMap<String, NodeRecord>,
     bootstrap: Option<String>,
     specs: BTreeMap<String, VolumeSpec>,
-    status: String,
+    status: Option<String>,
+    config: Option<(ClusterConfig, i64)>,
+    revision: i64,
     down: bool,
 }
 
@@ -63,7 +65,22 @@ impl Registry for MemoryRegistry {
         Ok(self.guard()?.specs.values().cloned().collect())
     }
     async fn put_status(&self, json: &str) -> Result<(), RegistryError> {
-        self.guard()?.status = json.to_string();
+        self.guard()?.status = Some(json.to_string());
+        Ok(())
+    }
+    async fn status(&self) -> Result<Option<String>, RegistryError> {
+        Ok(self.guard()?.status.clone())
+    }
+    async fn config(&self) -> Result<Option<(ClusterConfig, i64)>, RegistryError> {
+        Ok(self.guard()?.config.clone())
+    }
+    async fn put_config(&self, new: &ClusterConfig, expected: Option<i64>) -> Result<(), RegistryError> {
+        let mut g = self.guard()?;
+        if g.config.as_ref().map(|(_, rev)| *rev) != expected {
+            return Err(RegistryError::Conflict("config".into()));
+        }
+        g.revision += 1;
+        g.config = Some((new.clone(), g.revision));
         Ok(())
     }
     async fn health(&self) -> Vec<(String, bool)> {

@@ -4,6 +4,7 @@
 //! - `nodes/<id>`: a [`NodeRecord`] on a lease (deleted when the node dies);
 //! - `bootstrap`: id of the node that initialized the raft group (CAS once);
 //! - `volumes/<name>`: a [`VolumeSpec`] (desired state; the leader reconciles);
+//! - `config`: the [`ClusterConfig`] (JSON; desired state, the leader reconciles);
 //! - `status`: a JSON summary for outside observers, written by the leader.
 //!
 //! [`Registry`] is the trait; [`etcd::EtcdRegistry`] and
@@ -13,7 +14,7 @@ pub mod etcd;
 pub mod memory;
 
 use async_trait::async_trait;
-use metro_quorum::{LeasePolicy, NodeRecord};
+use metro_quorum::{ClusterConfig, LeasePolicy, NodeRecord};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -26,6 +27,9 @@ pub enum RegistryError {
     AlreadyExists(String),
     #[error("corrupt registry entry {key}: {reason}")]
     Corrupt { key: String, reason: String },
+    /// A compare-and-swap lost: `key` changed since it was read.
+    #[error("`{0}` was changed by someone else meanwhile")]
+    Conflict(String),
 }
 
 /// Desired state of a volume, as written by `metroctl volume create`.
@@ -58,6 +62,15 @@ pub trait Registry: Send + Sync + 'static {
     async fn remove_spec(&self, name: &str) -> Result<(), RegistryError>;
     async fn specs(&self) -> Result<Vec<VolumeSpec>, RegistryError>;
     async fn put_status(&self, json: &str) -> Result<(), RegistryError>;
+    /// The status summary last published (None before the first).
+    async fn status(&self) -> Result<Option<String>, RegistryError>;
+    /// The stored cluster config and its store revision (None before it is
+    /// seeded). A stored value that does not parse or validate is `Corrupt`,
+    /// naming the key.
+    async fn config(&self) -> Result<Option<(ClusterConfig, i64)>, RegistryError>;
+    /// Store `new` if the stored config is still at revision `expected`
+    /// (None: absent), else `Conflict`.
+    async fn put_config(&self, new: &ClusterConfig, expected: Option<i64>) -> Result<(), RegistryError>;
     /// Health of each endpoint: `(endpoint, healthy)`.
     async fn health(&self) -> Vec<(String, bool)>;
 }
@@ -100,6 +113,23 @@ pub async fn conformance(reg: &dyn Registry) {
     assert_eq!(reg.specs().await.unwrap(), vec![tomb]);
     reg.remove_spec("v1").await.unwrap();
     assert!(reg.specs().await.unwrap().is_empty());
+    assert_eq!(reg.status().await.unwrap(), None);
     reg.put_status("{\"ok\":true}").await.unwrap();
+    assert_eq!(reg.status().await.unwrap().as_deref(), Some("{\"ok\":true}"));
     assert!(reg.health().await.iter().all(|(_, ok)| *ok));
+
+    // Cluster config: create once, then compare-and-swap on the stored value.
+    assert_eq!(reg.config().await.unwrap(), None);
+    let c1 = ClusterConfig::seed(&metro_api::config::QuorumConfig::default());
+    reg.put_config(&c1, None).await.expect("seed the config");
+    assert_eq!(reg.put_config(&c1, None).await, Err(RegistryError::Conflict("config".into())));
+    let (got, rev1) = reg.config().await.unwrap().expect("seeded");
+    assert_eq!(got, c1);
+    let c2 = ClusterConfig { generation: 2, site_stable_ms: 20_000, ..c1.clone() };
+    reg.put_config(&c2, Some(rev1)).await.expect("CAS from the seed's revision");
+    let c3 = ClusterConfig { generation: 3, ..c1.clone() };
+    assert_eq!(reg.put_config(&c3, Some(rev1)).await, Err(RegistryError::Conflict("config".into())));
+    let (got, rev2) = reg.config().await.unwrap().expect("stored");
+    assert_eq!(got, c2);
+    assert_ne!(rev1, rev2);
 }

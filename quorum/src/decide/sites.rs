@@ -39,6 +39,12 @@ impl SiteTracker {
         SiteTracker { site_stable_ms, reachable_since_ms: BTreeMap::new() }
     }
 
+    /// Change the hysteresis (cluster config); a site already reachable keeps
+    /// its start time, so a longer value only delays its re-activation.
+    pub fn set_stable_ms(&mut self, site_stable_ms: u64) {
+        self.site_stable_ms = site_stable_ms;
+    }
+
     /// Since when `site` has been continuously reachable, if it is.
     pub fn reachable_since_ms(&self, site: &str) -> Option<u64> {
         self.reachable_since_ms.get(site).copied()

@@ -457,3 +457,56 @@ async fn a_lost_site_is_fenced_and_returns_to_active_only_after_it_stayed_reacha
     c.wait_voters(&["a1", "b1", "w1"]).await;
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_measures_a_round_trip_to_every_member_and_followers_report_none() {
+    let c = Cluster::start(&["a1", "b1", "w1"]).await;
+    c.wait_voters(&["a1", "b1", "w1"]).await;
+    let leader = c.leader().expect("a leader");
+    let l = c.get(&leader);
+    for peer in ["a1", "b1", "w1"].into_iter().filter(|p| *p != leader) {
+        wait_until(Duration::from_secs(10), &format!("an RTT sample for {peer}"), || {
+            let r = l.q.peer_rtt(peer);
+            async move { r.is_some() }
+        })
+        .await;
+        let r = l.q.peer_rtt(peer).expect("sampled");
+        assert!(r.smoothed_us > 0 && r.last_us > 0 && r.samples >= 1, "{peer}: {r:?}");
+    }
+    assert!(l.q.peer_rtt(&leader).is_none(), "no RTT to itself");
+    assert!(l.q.peer_rtt("nobody").is_none(), "no RTT to an unknown node");
+    let follower = ["a1", "b1", "w1"].into_iter().find(|p| *p != leader).expect("a follower");
+    assert!(c.get(follower).q.peer_rtt("w1").is_none(), "only the leader measures");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_cluster_config_sets_the_preferred_site_and_the_node_loss_threshold() {
+    let c = Cluster::start(&["a1", "b1", "w1"]).await;
+    c.wait_voters(&["a1", "b1", "w1"]).await;
+    let mut cfg = metro_quorum::ClusterConfig::seed(&timings());
+    cfg.generation = 2;
+    cfg.preferred_site = Some("dc-b".into());
+    cfg.node_loss_ms = 4_000;
+    let r = c.get("w1").q.propose(Command::SetClusterConfig(cfg.clone())).await.unwrap();
+    assert!(r.is_ok(), "{r:?}");
+    for m in &c.members {
+        wait_until(Duration::from_secs(5), &format!("{} applied the config", m.id), || {
+            let s = m.state();
+            async move { s.config.as_ref().is_some_and(|c| c.generation == 2) }
+        })
+        .await;
+        assert_eq!(m.state().preferred_site.as_deref(), Some("dc-b"));
+        assert_eq!(m.q.node_loss_ms(), 4_000, "{}: the committed threshold wins over [quorum]", m.id);
+    }
+    tracing::info!("--- an older generation is refused");
+    cfg.generation = 1;
+    let r = c.get("a1").q.propose(Command::SetClusterConfig(cfg)).await.unwrap();
+    assert!(!r.is_ok(), "{r:?}");
+    wait_until(Duration::from_secs(30), "the leadership moves to dc-b", || {
+        let l = c.leader();
+        async move { l.as_deref() == Some("b1") }
+    })
+    .await;
+    c.shutdown().await;
+}
