@@ -30,14 +30,14 @@ struct Args {
     /// Results directory.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
-    /// RTO trials per fault kind.
+    /// Valid RTO trials wanted per fault kind (at most twice as many attempts).
     #[arg(long)]
     rto_trials: Option<usize>,
     /// RTO fault kinds to run, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "site,link,node", value_parser = ["site", "link", "node"])]
     rto_kinds: Vec<String>,
     /// Wall-clock budget for the whole rto section, in seconds.
-    #[arg(long, default_value_t = 1200)]
+    #[arg(long, default_value_t = 3600)]
     rto_budget_s: u64,
     /// Volumes for the witness/scale sections.
     #[arg(long)]
