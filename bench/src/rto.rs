@@ -98,12 +98,25 @@ struct Ready {
 
 /// Wait until the lab is fit for a valid trial of `vol` (see the module docs).
 async fn wait_ready(lab: &BenchLab, vol: &str, deadline: Duration) -> Result<Ready, String> {
+    // Two passing checks a second apart naming the same leader and primary:
+    // a just-restarted node answers from its pre-crash view for a moment.
     let t = Instant::now();
     let mut why = String::from("not checked yet");
+    let mut first: Option<(Instant, String, String)> = None;
     while t.elapsed() < deadline {
         match ready_now(lab, vol) {
-            Ok(r) => return Ok(r),
-            Err(e) => why = e,
+            Ok(r) => match &first {
+                Some((at, l, p)) if *l == r.leader && *p == r.primary => {
+                    if at.elapsed() >= Duration::from_secs(1) {
+                        return Ok(r);
+                    }
+                }
+                _ => first = Some((Instant::now(), r.leader.clone(), r.primary.clone())),
+            },
+            Err(e) => {
+                why = e;
+                first = None;
+            }
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
