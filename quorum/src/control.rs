@@ -17,7 +17,7 @@
 
 use crate::decide::{self, LeaseTable, LeaseTiming, SiteTracker};
 use crate::quorum::{Handover, LeaderState, Shared};
-use crate::state::{ClusterState, Command, NodeId};
+use crate::state::{ClusterState, Command, NodeId, SiteMode};
 use crate::types::RaftId;
 use openraft::{BasicNode, ChangeMembers, ServerState};
 use std::collections::{BTreeMap, BTreeSet};
@@ -126,7 +126,16 @@ async fn control_round(s: &Shared) {
         }
     }
 
-    // 2. site modes
+    // 2. site modes; a returning site is activated only once its voters are
+    //    back (membership below), so "every site active" means the loss of
+    //    either data site is survivable.
+    let per_site = voters_per_site(s, &state);
+    let current = current_voters(s, &state);
+    let (site_cmds, returning) =
+        decide::gate_activations(site_cmds, &state, current.as_ref(), &alive, per_site);
+    if !returning.is_empty() {
+        tracing::info!(sites = ?returning, "restoring the voters of returning sites before activating them");
+    }
     for cmd in site_cmds {
         tracing::info!(?cmd, "site mode change");
         if let Err(e) = s.write_local(cmd).await {
@@ -136,10 +145,32 @@ async fn control_round(s: &Shared) {
     }
 
     // 3. membership
-    reconcile_membership(s, &state, &alive).await;
+    reconcile_membership(s, &state, &alive, &returning).await;
 }
 
-async fn reconcile_membership(s: &Shared, state: &ClusterState, alive: &BTreeSet<NodeId>) {
+/// Voters per data site: the committed cluster config's, else this daemon's.
+fn voters_per_site(s: &Shared, state: &ClusterState) -> usize {
+    let n = state.config.as_ref().map_or(s.cfg.timings.voters_per_site, |c| c.voters_per_site);
+    usize::from(n.max(1))
+}
+
+/// The current voters by node name; None while a joint change is in flight
+/// or a voter cannot be named yet.
+fn current_voters(s: &Shared, state: &ClusterState) -> Option<BTreeSet<NodeId>> {
+    let m = s.raft.metrics().borrow().clone();
+    let mem = m.membership_config.membership();
+    if mem.get_joint_config().len() != 1 {
+        return None;
+    }
+    mem.voter_ids().map(|id| state.node_by_raft_id(id).map(|n| n.id.clone())).collect()
+}
+
+async fn reconcile_membership(
+    s: &Shared,
+    state: &ClusterState,
+    alive: &BTreeSet<NodeId>,
+    returning: &BTreeSet<String>,
+) {
     let m = s.raft.metrics().borrow().clone();
     let mem = m.membership_config.membership().clone();
     for rec in state.nodes.values() {
@@ -186,9 +217,8 @@ async fn reconcile_membership(s: &Shared, state: &ClusterState, alive: &BTreeSet
             None => return, // a voter we cannot name yet (registration not applied)
         }
     }
-    let per_site = state.config.as_ref().map_or(s.cfg.timings.voters_per_site, |c| c.voters_per_site);
-    let per_site = usize::from(per_site.max(1));
-    let desired = decide::desired_voters(state, &current, alive, per_site);
+    let per_site = voters_per_site(s, state);
+    let desired = decide::desired_voters_returning(state, &current, alive, per_site, returning);
     if desired == current || desired.is_empty() {
         return;
     }
@@ -259,7 +289,7 @@ pub(crate) fn should_hand_over(s: &Shared, requester: &str, state: &ClusterState
         return false;
     }
     let Some(rec) = state.nodes.get(requester) else { return false };
-    if rec.site != pref {
+    if rec.site != pref || state.sites.get(pref).is_none_or(|p| p.mode != SiteMode::Active) {
         return false;
     }
     let m = s.raft.metrics().borrow().clone();

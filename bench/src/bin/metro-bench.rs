@@ -30,11 +30,14 @@ struct Args {
     /// Results directory.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
-    /// RTO trials per fault kind.
+    /// Valid RTO trials wanted per fault kind (at most twice as many attempts).
     #[arg(long)]
     rto_trials: Option<usize>,
+    /// RTO fault kinds to run, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "site,link,node", value_parser = ["site", "link", "node"])]
+    rto_kinds: Vec<String>,
     /// Wall-clock budget for the whole rto section, in seconds.
-    #[arg(long, default_value_t = 1200)]
+    #[arg(long, default_value_t = 3600)]
     rto_budget_s: u64,
     /// Volumes for the witness/scale sections.
     #[arg(long)]
@@ -167,13 +170,16 @@ async fn main() -> anyhow::Result<()> {
     // Results so far are written before the long rto section, so they survive it.
     write_results(&a, &stem, started, &sections, &points)?;
     if want("rto") {
-        let s = metro_bench::rto::run(
-            &spec,
-            &[Kind::Site, Kind::Link, Kind::Node],
-            trials,
-            Duration::from_secs(a.rto_budget_s),
-        )
-        .await?;
+        let kinds: Vec<Kind> = a
+            .rto_kinds
+            .iter()
+            .map(|k| match k.as_str() {
+                "site" => Kind::Site,
+                "link" => Kind::Link,
+                _ => Kind::Node,
+            })
+            .collect();
+        let s = metro_bench::rto::run(&spec, &kinds, trials, Duration::from_secs(a.rto_budget_s)).await?;
         sections.push(("rto", s));
     }
 

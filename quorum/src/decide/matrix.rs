@@ -17,6 +17,8 @@ struct Leader {
     leases: LeaseTable,
     sites: SiteTracker,
     voters: BTreeSet<NodeId>,
+    /// A membership change in flight (decided last round).
+    pending_voters: Option<BTreeSet<NodeId>>,
     now_ms: u64,
     /// Every command the leader committed, in order.
     log: Vec<Command>,
@@ -26,6 +28,7 @@ impl Leader {
     fn new(state: ClusterState) -> Self {
         let mut l = Leader {
             voters: set(&["a1", "b1", "w1"]),
+            pending_voters: None,
             state,
             leases: LeaseTable::new(0, TIMING),
             sites: SiteTracker::new(STABLE_MS),
@@ -49,7 +52,18 @@ impl Leader {
             if !has_quorum(&self.voters, alive) {
                 continue; // No quorum: no leader, no decision, no lease.
             }
-            let mut cmds = self.sites.observe(&self.state, alive, self.now_ms);
+            // A membership change commits one round after it was decided,
+            // and only with a majority of the old and the new voters (joint).
+            if let Some(next) = self.pending_voters.take() {
+                if has_quorum(&next, alive) {
+                    self.voters = next;
+                }
+            }
+            // As control.rs: membership is decided from the state at the
+            // start of the round, one step per round, after the site modes.
+            let round_start = self.state.clone();
+            let cmds = self.sites.observe(&self.state, alive, self.now_ms);
+            let (mut cmds, returning) = gate_activations(cmds, &self.state, Some(&self.voters), alive, 1);
             for c in &cmds {
                 assert!(self.state.apply(c).is_ok());
             }
@@ -59,10 +73,10 @@ impl Leader {
             }
             cmds.extend(plan.commands);
             self.log.extend(cmds);
-            let want = desired_voters(&self.state, &self.voters, alive, 1);
-            for step in membership_steps(&self.voters, &want, alive) {
+            let want = desired_voters_returning(&round_start, &self.voters, alive, 1, &returning);
+            if let Some(step) = membership_steps(&self.voters, &want, alive).into_iter().next() {
                 assert!(has_quorum(&step, alive), "unsafe step {step:?}");
-                self.voters = step;
+                self.pending_voters = Some(step);
             }
             let prims: Vec<_> = self
                 .state
@@ -189,7 +203,10 @@ fn flapping_site_stays_fenced_until_stable() {
     l.run(&all, STABLE_MS);
     assert_eq!(l.mode("dc-a"), SiteMode::Fenced, "first reachable tick starts the timer");
     l.run(&all, TICK_MS);
+    assert_eq!(l.mode("dc-a"), SiteMode::Fenced, "stable: its voter comes back first");
+    l.run(&all, TICK_MS);
     assert_eq!(l.mode("dc-a"), SiteMode::Active);
+    assert!(l.voters.contains("a1"));
 }
 
 #[test]
@@ -197,9 +214,46 @@ fn returning_site_becomes_active_and_gets_its_voters_back_without_a_manual_step(
     let mut l = Leader::new(two_volumes());
     l.run(&all_but(&l.state, &["a1", "a2"]), 2_500);
     assert_eq!(l.voters, set(&["b1", "w1"]));
-    l.run(&all_but(&l.state, &[]), STABLE_MS + TICK_MS);
+    // Stable after STABLE_MS; one round for the voter, one for the activation.
+    l.run(&all_but(&l.state, &[]), STABLE_MS + 2 * TICK_MS);
     assert_eq!(l.mode("dc-a"), SiteMode::Active);
     assert_eq!(l.voters, set(&["a1", "b1", "w1"]));
     // Rejoining in_sync waits for the resync (data path), never a promotion.
     assert_eq!(l.state.volumes["va"].in_sync, ["b1"]);
+}
+
+/// Bench `rto` regression (5 of 7 dc-b kills never failed over): dc-a came
+/// back, was re-activated, and dc-b was killed the moment every site showed
+/// Active. The voters were still {b1, w1}, so w1 was left alone: no quorum,
+/// no failover, ever. The activation must wait for dc-a's voter.
+#[test]
+fn killing_the_other_site_the_moment_a_returned_site_is_active_still_fails_over() {
+    let mut l = Leader::new(two_volumes());
+    l.run(&all_but(&l.state, &["a1", "a2"]), 3_000);
+    assert_eq!(l.mode("dc-a"), SiteMode::Fenced);
+    assert_eq!(l.voters, set(&["b1", "w1"]));
+    assert_eq!(l.primary("va"), "b1");
+    let everyone = all_but(&l.state, &[]);
+    let mut waited = 0;
+    while l.mode("dc-a") != SiteMode::Active {
+        l.run(&everyone, TICK_MS);
+        waited += TICK_MS;
+        assert!(waited <= STABLE_MS + 10 * TICK_MS, "dc-a never re-activated");
+    }
+    assert!(l.voters.contains("a1"), "dc-a has its voter back before it is Active: {:?}", l.voters);
+    // a1 rejoins va's in_sync after its resync (data path, committed by the primary).
+    let va = l.state.volumes["va"].clone();
+    let rejoin = Command::ChangeVolume {
+        name: "va".into(),
+        expected_epoch: va.epoch,
+        primary: va.primary.clone(),
+        in_sync: vec!["b1".into(), "a1".into()],
+        rejoin: Some("a1".into()),
+    };
+    assert!(l.state.apply(&rejoin).is_ok());
+    let dc_b_lost = all_but(&l.state, &["b1", "b2"]);
+    l.run(&dc_b_lost, 3_000);
+    assert!(has_quorum(&l.voters, &dc_b_lost), "voters {:?}", l.voters);
+    assert_eq!(l.primary("va"), "a1", "failed over to dc-a");
+    assert_eq!(l.mode("dc-b"), SiteMode::Fenced);
 }

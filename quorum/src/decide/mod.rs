@@ -31,4 +31,4 @@ pub use failover::{plan_failover, FailoverPlan};
 pub use lease::{LeaseError, LeaseTable, LeaseTiming};
 pub use placement::{place_volume, PlacementError};
 pub use sites::{arbitrate, SiteTracker};
-pub use voters::{desired_voters, has_quorum, membership_steps};
+pub use voters::{desired_voters, desired_voters_returning, gate_activations, has_quorum, membership_steps};

@@ -13,11 +13,16 @@
 //!   survivors plus the witness, so one more failure is survivable. When the
 //!   site is Active again its voters come back.
 //! - The witness (every `Role::Witness` node) is always a voter.
+//! - A returning site gets its voters back *before* it is Active again
+//!   ([`gate_activations`]): "every site active" then also means "the loss of
+//!   either data site is survivable". Activating first left a window where
+//!   the voters were still {survivor, witness}, and losing the survivor then
+//!   lost the quorum and every failover with it.
 //! - Each step of [`membership_steps`] adds or removes exactly one node;
 //!   additions come first (they are alive), then removals of dead nodes, then
 //!   removals of alive ones, so no step removes more than needed.
 
-use crate::state::{ClusterState, NodeId, SiteMode};
+use crate::state::{ClusterState, Command, NodeId, SiteMode};
 use metro_api::config::Role;
 use std::collections::BTreeSet;
 
@@ -31,9 +36,21 @@ pub fn desired_voters(
     alive: &BTreeSet<NodeId>,
     voters_per_site: usize,
 ) -> BTreeSet<NodeId> {
+    desired_voters_returning(state, current_voters, alive, voters_per_site, &BTreeSet::new())
+}
+
+/// As [`desired_voters`], counting the sites in `returning` (fenced sites
+/// about to be re-activated, see [`gate_activations`]) as Active.
+pub fn desired_voters_returning(
+    state: &ClusterState,
+    current_voters: &BTreeSet<NodeId>,
+    alive: &BTreeSet<NodeId>,
+    voters_per_site: usize,
+    returning: &BTreeSet<String>,
+) -> BTreeSet<NodeId> {
     let mut out: BTreeSet<NodeId> =
         state.nodes.values().filter(|n| n.role == Role::Witness).map(|n| n.id.clone()).collect();
-    for site in state.data_sites().filter(|s| s.mode == SiteMode::Active) {
+    for site in state.data_sites().filter(|s| s.mode == SiteMode::Active || returning.contains(&s.name)) {
         let storage: Vec<&NodeId> = state
             .nodes
             .values()
@@ -48,6 +65,40 @@ pub fn desired_voters(
         out.extend(kept.chain(fill).chain(dead).take(voters_per_site).map(|n| (*n).clone()));
     }
     out
+}
+
+/// Hold back every `SetSiteMode(Active)` in `cmds` whose site does not yet
+/// have its voters back among `current_voters` (`None`: the voter set is not
+/// known, e.g. a joint change is in flight, so every activation waits).
+/// Returns the commands to commit now and every site with an activation in
+/// `cmds`, held or not: feed them to [`desired_voters_returning`] so that a
+/// membership decision taken from a state that still shows them Fenced
+/// neither skips nor undoes their voters.
+pub fn gate_activations(
+    cmds: Vec<Command>,
+    state: &ClusterState,
+    current_voters: Option<&BTreeSet<NodeId>>,
+    alive: &BTreeSet<NodeId>,
+    voters_per_site: usize,
+) -> (Vec<Command>, BTreeSet<String>) {
+    let mut now = Vec::with_capacity(cmds.len());
+    let mut returning = BTreeSet::new();
+    for cmd in cmds {
+        let Command::SetSiteMode { site, mode: SiteMode::Active } = &cmd else {
+            now.push(cmd);
+            continue;
+        };
+        let restored = current_voters.is_some_and(|cur| {
+            let one = BTreeSet::from([site.clone()]);
+            let want = desired_voters_returning(state, cur, alive, voters_per_site, &one);
+            want.iter().filter(|n| state.site_of(n) == Some(site.as_str())).all(|n| cur.contains(n))
+        });
+        returning.insert(site.clone());
+        if restored {
+            now.push(cmd);
+        }
+    }
+    (now, returning)
 }
 
 /// True when the alive members of `voters` form a strict majority.
@@ -124,6 +175,62 @@ mod tests {
         assert_eq!(shrunk, set(&["b1", "b2", "w1"]));
         ok(&mut s, Command::SetSiteMode { site: "dc-a".into(), mode: SiteMode::Active });
         assert_eq!(desired_voters(&s, &shrunk, &all_but(&s, &[]), 2), cur);
+    }
+
+    fn activate(site: &str) -> Command {
+        Command::SetSiteMode { site: site.into(), mode: SiteMode::Active }
+    }
+
+    /// The state that blocked promotion in the lab (bench rto, repeated site
+    /// kills): dc-a returned and was about to be Active while the voters were
+    /// still {b1, w1}; killing dc-b then left w1 alone, no quorum, no failover.
+    #[test]
+    fn a_returning_site_gets_its_voter_back_before_it_is_activated() {
+        let mut s = lab();
+        ok(&mut s, Command::SetSiteMode { site: "dc-a".into(), mode: SiteMode::Fenced });
+        let shrunk = set(&["b1", "w1"]);
+        let alive = all_but(&s, &[]);
+        let (now, returning) = gate_activations(vec![activate("dc-a")], &s, Some(&shrunk), &alive, 1);
+        assert!(now.is_empty(), "no activation while dc-a has no voter");
+        assert_eq!(returning, BTreeSet::from(["dc-a".to_string()]));
+        assert_eq!(desired_voters(&s, &shrunk, &alive, 1), shrunk, "a fenced site gets no voter...");
+        let want = desired_voters_returning(&s, &shrunk, &alive, 1, &returning);
+        assert_eq!(want, set(&["a1", "b1", "w1"]), "...unless it is returning");
+        // Once a1 votes, the activation goes through, and losing dc-b next keeps a quorum.
+        let (now, returning) = gate_activations(vec![activate("dc-a")], &s, Some(&want), &alive, 1);
+        assert_eq!(now, vec![activate("dc-a")]);
+        assert_eq!(
+            desired_voters_returning(&s, &want, &alive, 1, &returning),
+            want,
+            "deciding from the pre-activation state keeps a1"
+        );
+        assert!(has_quorum(&want, &all_but(&s, &["b1", "b2"])));
+        assert!(!has_quorum(&shrunk, &all_but(&s, &["b1", "b2"])), "the blocked state");
+    }
+
+    #[test]
+    fn activations_wait_while_the_voter_set_is_unknown_and_other_commands_pass() {
+        let mut s = lab();
+        ok(&mut s, Command::SetSiteMode { site: "dc-a".into(), mode: SiteMode::Fenced });
+        let fence = Command::SetSiteMode { site: "dc-b".into(), mode: SiteMode::Fenced };
+        let (now, returning) =
+            gate_activations(vec![fence.clone(), activate("dc-a")], &s, None, &all_but(&s, &[]), 1);
+        assert_eq!(now, vec![fence]);
+        assert_eq!(returning.len(), 1);
+    }
+
+    #[test]
+    fn a_returning_site_without_an_alive_storage_node_needs_no_voter() {
+        let mut s = lab();
+        ok(&mut s, Command::SetSiteMode { site: "dc-a".into(), mode: SiteMode::Fenced });
+        let cur = set(&["b1", "w1"]);
+        let (now, _) =
+            gate_activations(vec![activate("dc-a")], &s, Some(&cur), &all_but(&s, &["a1", "a2"]), 1);
+        assert_eq!(
+            now,
+            vec![activate("dc-a")],
+            "nothing to wait for (the tracker only asks for reachable sites)"
+        );
     }
 
     #[test]
