@@ -9,6 +9,7 @@
 pub mod block;
 pub mod control;
 pub mod daemon;
+pub mod handoff;
 pub mod metrics;
 pub mod nbd;
 pub mod registry;
