@@ -67,6 +67,11 @@ pub struct LabOptions {
     /// Loopback mode uses 127.`loopback_octet`.S.H (default 77); another
     /// value lets a second loopback lab (e.g. a test) run beside the default one.
     pub loopback_octet: u8,
+    /// Do not start the witness site's processes (w1 and etcd-w): something
+    /// else serves them on the same addresses (the witness VM image on a tap
+    /// in the witness namespace, `images/test-witness-image --lab`). `up` then
+    /// waits for the data sites only.
+    pub external_witness: bool,
 }
 
 impl LabOptions {
@@ -79,6 +84,7 @@ impl LabOptions {
             daemon_override: None,
             health_deadline: DEFAULT_HEALTH_DEADLINE,
             loopback_octet: topology::DEFAULT_LOOPBACK_OCTET,
+            external_witness: false,
         }
     }
 }
