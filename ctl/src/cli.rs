@@ -209,6 +209,10 @@ pub enum LabCmd {
         /// Do not start the witness site (w1, etcd-w): the witness VM serves it (images/test-witness-image --lab).
         #[arg(long)]
         external_witness: bool,
+        /// Multiply every quorum timing (heartbeat, elections, lease, node loss) by N, for slow
+        /// members such as the witness VM under TCG.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        timing_scale: u32,
         /// Stand-in for the metro daemons (space-separated; placeholders as in LabOptions).
         #[arg(long, hide = true)]
         daemon_cmd: Option<String>,

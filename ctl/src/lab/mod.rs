@@ -72,6 +72,10 @@ pub struct LabOptions {
     /// in the witness namespace, `images/test-witness-image --lab`). `up` then
     /// waits for the data sites only.
     pub external_witness: bool,
+    /// Multiply every quorum timing by this (1 = DESIGN.md defaults). The
+    /// witness VM under TCG on a busy machine answers raft RPCs in seconds,
+    /// not within a 250 ms heartbeat; its lab test stretches the timings.
+    pub timing_scale: u32,
 }
 
 impl LabOptions {
@@ -85,6 +89,7 @@ impl LabOptions {
             health_deadline: DEFAULT_HEALTH_DEADLINE,
             loopback_octet: topology::DEFAULT_LOOPBACK_OCTET,
             external_witness: false,
+            timing_scale: 1,
         }
     }
 }
