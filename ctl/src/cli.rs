@@ -240,6 +240,13 @@ pub enum LabCmd {
         /// Loopback mode: use 127.N.x.y (default 77), e.g. to run a second loopback lab.
         #[arg(long, value_name = "N", default_value_t = crate::lab::topology::DEFAULT_LOOPBACK_OCTET)]
         loopback_net: u8,
+        /// Do not start the witness site (w1, etcd-w): the witness VM serves it (images/test-witness-image --lab).
+        #[arg(long)]
+        external_witness: bool,
+        /// Multiply every quorum timing (heartbeat, elections, lease, node loss) by N, for slow
+        /// members such as the witness VM under TCG.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        timing_scale: u32,
         /// Stand-in for the metro daemons (space-separated; placeholders as in LabOptions).
         #[arg(long, hide = true)]
         daemon_cmd: Option<String>,

@@ -356,20 +356,9 @@ impl ControlService {
                 "wait until its resync finishes (`metroctl volume show`), or pick an in-sync node",
             ));
         }
-        // The old primary leaves in_sync: a write it had applied locally when
-        // the move committed is refused by the new primary (never
-        // acknowledged) but would stay on its disk. As a stale replica it
-        // reports its hot extents and is resynced from the new primary, then
-        // rejoins on its own.
-        let in_sync: Vec<String> =
-            v.in_sync.iter().filter(|n| v.primary.as_ref() != Some(*n)).cloned().collect();
-        let cmd = Command::ChangeVolume {
-            name: v.name.clone(),
-            expected_epoch: v.epoch,
-            primary: Some(to.to_string()),
-            in_sync,
-            rejoin: None,
-        };
+        // The old primary leaves in_sync (see `decide::moves`): it is resynced
+        // from its hot extents and rejoins on its own.
+        let cmd = metro_quorum::decide::planned_move(v, to);
         committed(self.quorum.propose(cmd).await)
     }
 }
@@ -668,17 +657,16 @@ impl pb::control_server::Control for ControlService {
         authorize(&req, Access::Write)?;
         let node = req.into_inner().id;
         let state = self.state();
-        let site = state.site_of(&node).map(str::to_string).ok_or_else(|| {
-            Status::from(ApiError::new(
+        if state.site_of(&node).is_none() {
+            return Err(ApiError::new(
                 Code::NotFound,
                 format!("no node `{node}`"),
                 "see `metroctl node list`",
-            ))
-        })?;
-        for v in state.volumes.values().filter(|v| v.primary.as_deref() == Some(node.as_str())) {
-            let mut candidates: Vec<&String> = v.in_sync.iter().filter(|n| **n != node).collect();
-            candidates.sort_by_key(|n| (state.site_of(n) != Some(site.as_str()), (*n).clone()));
-            let Some(to) = candidates.first() else {
+            )
+            .into());
+        }
+        for v in metro_quorum::decide::primaries_of(&state, &node) {
+            let Some(to) = metro_quorum::decide::move_target(&state, v, &node) else {
                 return Err(ApiError::new(
                     Code::Unsafe,
                     format!("volume `{}` has no other in-sync replica", v.name),
@@ -686,7 +674,7 @@ impl pb::control_server::Control for ControlService {
                 )
                 .into());
             };
-            self.move_primary(v, to).await?;
+            self.move_primary(v, &to).await?;
         }
         Ok(Response::new(pb::Empty {}))
     }

@@ -8,7 +8,8 @@
 //!        ─► storage: volume manager, replication server, NBD server
 //!        ─► join: register in etcd; first claimant initializes raft, others join as learners
 //!        ─► heartbeat (liveness + leases) ─► leader-only: reconcile specs, publish status
-//!        ─► READY=1 ... SIGTERM ─► depose primaries, stop
+//!        ─► READY=1 ... SIGTERM ─► hand primaries to in-sync replicas (handoff.rs, ≤ 8 s)
+//!                                ─► depose the rest, let NBD clients finish in-flight requests, stop
 //! ```
 
 use crate::control::ControlService;
@@ -44,6 +45,11 @@ const JOIN_RETRY: Duration = Duration::from_secs(1);
 const REFUSAL_GRACE: Duration = Duration::from_secs(10);
 /// Bound on one join attempt through the peers.
 const JOIN_ATTEMPT: Duration = Duration::from_secs(5);
+/// On SIGTERM: time allowed to move this node's primaries to in-sync replicas.
+const HANDOFF_BUDGET: Duration = Duration::from_secs(8);
+/// On SIGTERM: time NBD clients get to finish in-flight requests afterwards
+/// (hand-off plus drain stay within systemd's stop timeout).
+const NBD_DRAIN: Duration = Duration::from_secs(2);
 
 /// Process exit code when the cluster refuses this node (unknown site, a
 /// second witness, an id collision): retrying cannot help, the operator must
@@ -135,6 +141,7 @@ pub async fn run(cfg: DaemonConfig, config_path: &str) -> anyhow::Result<()> {
 
     // Storage: volumes, replication and NBD.
     let mut manager = None;
+    let mut nbd_task = None;
     let mut capacity = 0;
     if cfg.role == Role::Storage {
         let storage = crate::volume::file_storage::FileStorage::open(&cfg)
@@ -173,7 +180,7 @@ pub async fn run(cfg: DaemonConfig, config_path: &str) -> anyhow::Result<()> {
             m.clone(),
             crate::nbd::NbdLimits { max_request_bytes: cfg.storage.max_request_bytes, ..Default::default() },
         ));
-        tokio::spawn(nbd.serve(nbd_listener, stop_rx.clone()));
+        nbd_task = Some(tokio::spawn(nbd.serve(nbd_listener, stop_rx.clone())));
         let m2 = m.clone();
         quorum.spawn_heartbeat(move || m2.primaries());
         manager = Some(m);
@@ -232,7 +239,16 @@ pub async fn run(cfg: DaemonConfig, config_path: &str) -> anyhow::Result<()> {
     }
     tracing::info!("shutting down");
     telemetry::notify_stopping();
+    if refused.is_none() {
+        if let Some(m) = &manager {
+            hand_off(&quorum, m).await;
+        }
+    }
     let _ = stop_tx.send(true);
+    if let Some(t) = nbd_task {
+        telemetry::notify_status("stopping: NBD clients finish in-flight requests");
+        let _ = tokio::time::timeout(NBD_DRAIN, t).await;
+    }
     quorum.shutdown().await;
     let _ = tokio::time::timeout(Duration::from_secs(3), grpc).await;
     match refused {
@@ -245,6 +261,41 @@ pub async fn run(cfg: DaemonConfig, config_path: &str) -> anyhow::Result<()> {
         .into()),
         None => Ok(()),
     }
+}
+
+/// SIGTERM on a storage node: move its primaries to in-sync replicas (the
+/// `node drain` path) so clients see a pause, not a failover; log what stays.
+async fn hand_off(quorum: &Quorum, manager: &Arc<VolumeManager>) {
+    let me = quorum.node_id().to_string();
+    let status = quorum.status();
+    let view = QuorumView(quorum.clone());
+    let count = metro_quorum::decide::primaries_of(&quorum.state().borrow(), &me).count();
+    if count == 0 {
+        return;
+    }
+    telemetry::notify_status(&format!("stopping: handing off {count} primaries"));
+    tracing::info!(primaries = count, leader = ?status.leader, "handing off primaries before stopping");
+    let started = std::time::Instant::now();
+    let r = crate::handoff::hand_off_primaries(
+        &view,
+        &me,
+        status.leader.is_some(),
+        |v| manager.is_primary_here(v),
+        HANDOFF_BUDGET,
+    )
+    .await;
+    for (volume, to) in &r.moved {
+        tracing::info!(%volume, %to, "primary handed off");
+    }
+    for (volume, why) in &r.kept {
+        tracing::warn!(%volume, %why, "primary not handed off; it fails over once this node's lease lapses");
+    }
+    tracing::info!(
+        moved = r.moved.len(),
+        kept = r.kept.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "hand-off done"
+    );
 }
 
 trait RoleName {

@@ -10,6 +10,7 @@ pub mod block;
 pub mod control;
 pub mod daemon;
 pub mod entry;
+pub mod handoff;
 pub mod metrics;
 pub mod nbd;
 pub mod registry;

@@ -46,7 +46,13 @@ pub struct Ack {
 impl Lab {
     /// Start a whole lab in a fresh directory; torn down (purged) on drop.
     pub async fn up(name: &str) -> anyhow::Result<Lab> {
-        Self::start(name, None).await
+        Self::start(name, None, false).await
+    }
+
+    /// A lab whose witness site (w1, etcd-w) is not started: something else
+    /// is to serve it (the witness VM; here a test may start the lab's own).
+    pub async fn up_external_witness(name: &str) -> anyhow::Result<Lab> {
+        Self::start(name, None, true).await
     }
 
     /// A lab in loopback mode (127.N.x.y in the root namespace), for tests
@@ -54,10 +60,10 @@ impl Lab {
     /// METRO_LAB_OCTET when set, else 94.
     pub async fn up_loopback(name: &str) -> anyhow::Result<Lab> {
         let octet = std::env::var("METRO_LAB_OCTET").ok().and_then(|v| v.parse().ok()).unwrap_or(94);
-        Self::start(name, Some(octet)).await
+        Self::start(name, Some(octet), false).await
     }
 
-    async fn start(name: &str, loopback: Option<u8>) -> anyhow::Result<Lab> {
+    async fn start(name: &str, loopback: Option<u8>, external_witness: bool) -> anyhow::Result<Lab> {
         let guard = LAB_LOCK.lock().await;
         let bins = bin_dir();
         for b in ["metro-node", "metro-witness", "metroctl"] {
@@ -70,6 +76,7 @@ impl Lab {
         let mut opts = metroctl::lab::LabOptions::new(&dir);
         opts.bin_dir = bins;
         opts.health_deadline = Duration::from_secs(90);
+        opts.external_witness = external_witness;
         // METRO_LAB_MODE=loopback runs the suite without network namespaces;
         // METRO_LAB_OCTET=N (implies loopback) uses 127.N.x.y so several
         // suites can run side by side on one machine.
@@ -152,6 +159,11 @@ impl Lab {
 
     pub async fn start_node(&self, id: &str) -> anyhow::Result<()> {
         metroctl::lab::start_node(&self.dir, id).await?;
+        Ok(())
+    }
+
+    pub async fn start_nodes(&self, ids: &[&str]) -> anyhow::Result<()> {
+        metroctl::lab::start_nodes(&self.dir, ids).await?;
         Ok(())
     }
 

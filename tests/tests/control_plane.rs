@@ -10,7 +10,7 @@ use metro_api::pb::control::control_client::ControlClient;
 use metro_api::pb::control::GetStatusRequest;
 use metro_node::registry::etcd::{EtcdRegistry, EtcdTls};
 use metro_node::registry::{Registry, RegistryError};
-use metro_tests::lab::{bin_dir, Lab};
+use metro_tests::lab::{bin_dir, strings, Lab};
 use metroctl::certs::{self, Ca};
 use serde_json::Value;
 use std::net::IpAddr;
@@ -437,5 +437,28 @@ async fn the_etcd_registry_passes_the_conformance_suite_over_mutual_tls() -> any
     assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
     let plain = EtcdRegistry::new("tls", vec![etcd.url.replace("https", "http")], Duration::from_secs(2));
     assert!(plain.specs().await.is_err(), "plain http must not work against a TLS-only etcd");
+    Ok(())
+}
+
+/// `lab up --external-witness` (the witness VM's lab, images/test-witness-lab):
+/// the data sites form a cluster on their own; a witness and etcd member that
+/// arrive later on the witness site's addresses join it as a voter and a
+/// healthy member. Here the lab's own w1 and etcd-w play the late arrivals.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lab_without_its_witness_runs_and_a_late_witness_joins_as_voter() -> anyhow::Result<()> {
+    metro_tests::lab::init_tracing();
+    let lab = Lab::up_external_witness("cp-extw").await?;
+    assert!(lab.info.witness.proc.pid.is_none(), "w1 not started");
+    let s = lab.status()?;
+    assert!(!s["leader"].is_null(), "a leader without the witness: {s}");
+    assert!(!strings(&s["voters"]).contains(&"w1".to_string()), "{s}");
+    lab.start_nodes(&["etcd-w", "w1"]).await?;
+    lab.wait_for("w1 a reachable voter, etcd 3/3 healthy", Duration::from_secs(60), |l| {
+        let s = l.status()?;
+        let etcd_ok =
+            s["etcd"].as_array().is_some_and(|e| e.len() == 3 && e.iter().all(|m| m["healthy"] == true));
+        Ok(strings(&s["voters"]).contains(&"w1".to_string()) && s["witness"]["reachable"] == true && etcd_ok)
+    })
+    .await?;
     Ok(())
 }

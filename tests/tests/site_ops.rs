@@ -186,6 +186,56 @@ async fn drain_moves_every_primary_off_the_node_without_losing_a_write() -> anyh
     Ok(())
 }
 
+/// Issue 7: SIGTERM on a primary's daemon hands its primaries to in-sync
+/// replicas (the `node drain` move) before it exits, so a client sees a
+/// pause, not a failover, and no acknowledged write is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_hands_primaries_off_and_a_client_sees_only_a_pause() -> anyhow::Result<()> {
+    metro_tests::lab::init_tracing();
+    let lab = Lab::up("so-sigterm").await?;
+    lab.ctl(&["volume", "create", "v", "--size", "64MiB", "--site", "dc-a"])?;
+    let (node, _) = primary_of(&lab, "v")?;
+    let d = lab.info.daemon(&node).expect("the primary is a lab daemon").clone();
+    let pid = d.proc.pid.expect("running");
+    let w = lab.writer("v", "w", 0, 15.0, None);
+    lab.wait_for("the writer's first acknowledgements", Duration::from_secs(30), |_| {
+        Ok(read_acks(&lab.dir.join("acks-w.jsonl"))?.len() >= 20)
+    })
+    .await?;
+
+    tracing::info!(%node, pid, "--- SIGTERM the primary");
+    let t0 = Instant::now();
+    let st = Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+    assert!(st.success(), "kill -TERM {pid}");
+    lab.wait_for("the daemon to exit", Duration::from_secs(30), |_| {
+        Ok(!std::path::Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))?.split_whitespace().nth(2) == Some("Z"))
+    })
+    .await?;
+    let stop_ms = t0.elapsed().as_millis();
+    let log = std::fs::read_to_string(&d.proc.log)?;
+    assert!(
+        log.contains("primary handed off"),
+        "{node} handed off v before exiting (log {})",
+        d.proc.log.display()
+    );
+    let (new, new_uri) = primary_of(&lab, "v")?;
+    assert!(!new.is_empty() && new != node, "v moved off {node}, primary now `{new}`");
+
+    let acks = w.finish()?;
+    assert!(acks.iter().any(|a| a.uri == new_uri), "the writer continued on {new}");
+    let gap = max_gap(&acks);
+    println!("MEASURE sigterm hand-off: {node} -> {new}, daemon exited after {stop_ms} ms, writer's largest pause {} ms", gap.as_millis());
+    lab.verify(&new_uri, &[&lab.dir.join("acks-w.jsonl")])?;
+    assert_single_primary(&[&acks])?;
+
+    tracing::info!(%node, "--- restart it: it resyncs and rejoins");
+    lab.start_node(&node).await?;
+    wait_fully_in_sync(&lab, "v").await?;
+    assert!(lab.replicas_identical("v")?, "replicas differ after the hand-off");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flapping_link_causes_a_bounded_number_of_failovers_and_loses_nothing() -> anyhow::Result<()> {
     metro_tests::lab::init_tracing();

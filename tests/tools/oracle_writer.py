@@ -8,12 +8,17 @@ the writer reconnects, to the current primary (asked from `metroctl volume
 show`) or, with --pin, to the same URI forever (to catch a deposed primary
 that still acknowledges: split brain).
 
+--stop-file ends the run early (cleanly) once that file exists.
+
+gaps mode: print the largest gap between consecutive acknowledged writes of
+an ack log, and when it happened: {"acks", "max_gap_s", "at", "uris"}.
+
 verify mode: read back every block named in the ack logs from --uri and
 check it holds the latest acknowledged write for that block, or a later
 write that was attempted (never an older one, never garbage).
 Exit 0 when every acknowledged write is present; 1 otherwise.
 """
-import argparse, hashlib, json, struct, subprocess, sys, time
+import argparse, hashlib, json, os, struct, subprocess, sys, time
 import nbd
 
 BS = 4096
@@ -28,7 +33,9 @@ def pattern(seq, block):
 def primary_uri(args):
     if args.pin:
         return args.pin
-    out = subprocess.run([args.metroctl, "--lab", args.lab, "-o", "json", "volume", "show", args.volume],
+    # Without --lab, metroctl finds the cluster from METRO_ENDPOINTS/METRO_CA/... (a deployed cluster).
+    lab = ["--lab", args.lab] if args.lab else []
+    out = subprocess.run([args.metroctl] + lab + ["-o", "json", "volume", "show", args.volume],
                          capture_output=True, text=True, timeout=15)
     if out.returncode != 0:
         return None
@@ -58,7 +65,7 @@ def write_mode(args):
     uri = None
     out = open(args.out, "a", buffering=1)
     errors = 0
-    while time.time() < deadline:
+    while time.time() < deadline and not (args.stop_file and os.path.exists(args.stop_file)):
         if h is None:
             try:
                 uri = primary_uri(args)
@@ -115,12 +122,23 @@ def verify_mode(args):
     return 1 if bad else 0
 
 
+def gaps_mode(args):
+    acks = [json.loads(line) for line in open(args.acks)]
+    best, at = 0.0, None
+    for a, b in zip(acks, acks[1:]):
+        if b["t"] - a["t"] > best:
+            best, at = b["t"] - a["t"], a["t"]
+    print(json.dumps({"acks": len(acks), "max_gap_s": round(best, 3), "at": at,
+                      "uris": sorted({a["uri"] for a in acks})}))
+    return 0 if acks else 1
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="mode", required=True)
     w = sub.add_parser("write")
     w.add_argument("--volume", required=True)
-    w.add_argument("--lab", required=True)
+    w.add_argument("--lab", help="lab directory; without it metroctl uses METRO_* variables")
     w.add_argument("--metroctl", required=True)
     w.add_argument("--out", required=True)
     w.add_argument("--seconds", type=float, default=10)
@@ -130,10 +148,15 @@ def main():
     w.add_argument("--timeout", type=float, default=3.0)
     w.add_argument("--flush-every", type=int, default=16)
     w.add_argument("--pin")
+    w.add_argument("--stop-file", help="stop (cleanly) as soon as this file exists")
     v = sub.add_parser("verify")
     v.add_argument("--uri", required=True)
     v.add_argument("acks", nargs="+")
+    g = sub.add_parser("gaps")
+    g.add_argument("acks")
     args = p.parse_args()
+    if args.mode == "gaps":
+        return gaps_mode(args)
     if args.mode == "write":
         write_mode(args)
         return 0

@@ -150,7 +150,17 @@ fn print_lab(g: &Global, info: &lab::LabInfo, elapsed: std::time::Duration) {
 
 async fn run_lab(g: &Global, cmd: LabCmd) -> anyhow::Result<()> {
     match cmd {
-        LabCmd::Up { dir, loopback, netns, bin_dir, timeout, loopback_net, daemon_cmd } => {
+        LabCmd::Up {
+            dir,
+            loopback,
+            netns,
+            bin_dir,
+            timeout,
+            loopback_net,
+            external_witness,
+            timing_scale,
+            daemon_cmd,
+        } => {
             let mut opts = lab::LabOptions::new(g.lab_dir(dir.dir.as_ref()));
             if let Some(b) = bin_dir {
                 opts.bin_dir = b;
@@ -164,6 +174,8 @@ async fn run_lab(g: &Global, cmd: LabCmd) -> anyhow::Result<()> {
             };
             opts.health_deadline = std::time::Duration::from_secs(timeout);
             opts.loopback_octet = loopback_net;
+            opts.external_witness = external_witness;
+            opts.timing_scale = timing_scale;
             opts.daemon_override = daemon_cmd.map(|c| c.split_whitespace().map(String::from).collect());
             let t = std::time::Instant::now();
             let info = lab::up(opts).await?;

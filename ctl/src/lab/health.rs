@@ -150,13 +150,26 @@ pub fn runs_metro_daemons(info: &LabInfo) -> bool {
     info.nodes.iter().all(|d| d.proc.command.iter().any(|a| a.ends_with("metro-node")))
 }
 
+/// Who serves the witness site while `up` waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Witness {
+    /// The lab's own w1 and etcd-w.
+    Lab,
+    /// Something outside the lab (the witness VM), started after `up`: wait
+    /// for a leader and the storage nodes only.
+    External,
+}
+
 /// Wait until the cluster itself is healthy: a leader, every daemon
 /// registered and reachable from it, and balanced voters (one per data site
-/// plus the witness).
-pub async fn wait_cluster(info: &LabInfo, deadline: Duration) -> Result<(), LabError> {
+/// plus the witness; with an external witness, the data sites only).
+pub async fn wait_cluster(info: &LabInfo, deadline: Duration, witness: Witness) -> Result<(), LabError> {
     use crate::client::{request, Overrides, Target};
     let start = Instant::now();
-    let expected = info.nodes.len() + 1;
+    let (expected, min_voters) = match witness {
+        Witness::Lab => (info.nodes.len() + 1, 3),
+        Witness::External => (info.nodes.len(), 2),
+    };
     let mut last = String::from("no answer yet");
     while start.elapsed() < deadline {
         let attempt = async {
@@ -167,14 +180,17 @@ pub async fn wait_cluster(info: &LabInfo, deadline: Duration) -> Result<(), LabE
                 .await
                 .map_err(|e| e.message().to_string())?
                 .into_inner();
-            let reachable = s.nodes.iter().filter(|n| n.reachable).count();
+            let reachable = s.nodes.iter().filter(|n| n.reachable && n.role != "witness").count()
+                + usize::from(
+                    witness == Witness::Lab && s.nodes.iter().any(|n| n.reachable && n.role == "witness"),
+                );
             if s.leader.is_empty() {
                 return Err("no leader yet".to_string());
             }
             if s.nodes.len() < expected || reachable < expected {
                 return Err(format!("{reachable}/{expected} daemons registered and reachable"));
             }
-            if s.voters.len() < 3 {
+            if s.voters.len() < min_voters {
                 return Err(format!("voters {:?} (want one per data site plus the witness)", s.voters));
             }
             Ok(())

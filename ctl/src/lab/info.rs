@@ -99,6 +99,10 @@ pub struct LabInfo {
     pub nft_table: String,
     /// Active partitions, as pairs of site names.
     pub partitions: Vec<[String; 2]>,
+    /// Every quorum timing (heartbeat, elections, lease, drift, node loss) is
+    /// multiplied by this (see `LabOptions::timing_scale`); absent means 1.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub timing_scale: u32,
 }
 
 fn default_table() -> String {
@@ -166,4 +170,12 @@ impl LabInfo {
     pub fn daemon(&self, id: &str) -> Option<&DaemonInfo> {
         self.nodes.iter().chain(std::iter::once(&self.witness)).find(|d| d.id == id)
     }
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(v: &u32) -> bool {
+    *v == 1
 }

@@ -67,6 +67,15 @@ pub struct LabOptions {
     /// Loopback mode uses 127.`loopback_octet`.S.H (default 77); another
     /// value lets a second loopback lab (e.g. a test) run beside the default one.
     pub loopback_octet: u8,
+    /// Do not start the witness site's processes (w1 and etcd-w): something
+    /// else serves them on the same addresses (the witness VM image on a tap
+    /// in the witness namespace, `images/test-witness-image --lab`). `up` then
+    /// waits for the data sites only.
+    pub external_witness: bool,
+    /// Multiply every quorum timing by this (1 = DESIGN.md defaults). The
+    /// witness VM under TCG on a busy machine answers raft RPCs in seconds,
+    /// not within a 250 ms heartbeat; its lab test stretches the timings.
+    pub timing_scale: u32,
 }
 
 impl LabOptions {
@@ -79,6 +88,8 @@ impl LabOptions {
             daemon_override: None,
             health_deadline: DEFAULT_HEALTH_DEADLINE,
             loopback_octet: topology::DEFAULT_LOOPBACK_OCTET,
+            external_witness: false,
+            timing_scale: 1,
         }
     }
 }

@@ -134,7 +134,7 @@ pub async fn up(opts: LabOptions) -> Result<LabInfo, LabError> {
     plan::issue_certs(&info)?;
     plan::write_configs(&info)?;
     tracing::info!("lab: {mode:?} mode in {}", dir.display());
-    match start_everything(&mut info, opts.health_deadline).await {
+    match start_everything(&mut info, opts.health_deadline, opts.external_witness).await {
         Ok(()) => {
             info.ready = true;
             info.save()?;
@@ -151,7 +151,11 @@ pub async fn up(opts: LabOptions) -> Result<LabInfo, LabError> {
     }
 }
 
-async fn start_everything(info: &mut LabInfo, deadline: Duration) -> Result<(), LabError> {
+async fn start_everything(
+    info: &mut LabInfo,
+    deadline: Duration,
+    external_witness: bool,
+) -> Result<(), LabError> {
     // Saved before anything is built, so `down` can always clean up.
     info.network = true;
     info.save()?;
@@ -161,15 +165,25 @@ async fn start_everything(info: &mut LabInfo, deadline: Duration) -> Result<(), 
         tracing::info!("lab: network built in {} ms", t.elapsed().as_millis());
     }
     // etcd first, so daemons find it; the order within each group is fixed.
-    let ids: Vec<String> = info.procs_mut().iter().map(|p| p.id.to_string()).collect();
-    for id in ids {
-        start_one(info, &id)?;
+    let ids: Vec<String> = info
+        .procs_mut()
+        .iter()
+        .filter(|p| !(external_witness && p.site == "witness"))
+        .map(|p| p.id.to_string())
+        .collect();
+    for id in &ids {
+        start_one(info, id)?;
     }
-    tracing::info!("lab: all processes started; waiting for health (deadline {} s)", deadline.as_secs());
+    tracing::info!(
+        "lab: {} processes started; waiting for health (deadline {} s)",
+        ids.len(),
+        deadline.as_secs()
+    );
     let t = Instant::now();
-    health::wait_healthy(info, deadline).await?;
+    health::wait_healthy_subset(info, Some(&ids), deadline).await?;
     if health::runs_metro_daemons(info) {
-        health::wait_cluster(info, deadline.saturating_sub(t.elapsed())).await?;
+        let witness = if external_witness { health::Witness::External } else { health::Witness::Lab };
+        health::wait_cluster(info, deadline.saturating_sub(t.elapsed()), witness).await?;
     }
     Ok(())
 }

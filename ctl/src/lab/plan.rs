@@ -193,6 +193,7 @@ pub fn build(opts: &LabOptions, dir: &Path, mode: NetMode) -> LabInfo {
         nft_table: topo::nft_table(mode, opts.loopback_octet),
         switch_netns: (mode == NetMode::Netns).then(|| topo::SWITCH_NS.to_string()),
         partitions: vec![],
+        timing_scale: opts.timing_scale.max(1),
     }
 }
 
@@ -254,7 +255,7 @@ pub fn daemon_config(info: &LabInfo, d: &DaemonInfo) -> Result<DaemonConfig, Lab
             key: None,
         },
         tls: TlsConfig { ca_cert: info.ca_cert.clone(), cert: d.cert.clone(), key: d.key.clone() },
-        quorum: QuorumConfig { preferred_site: Some(PREFERRED_SITE.into()), ..QuorumConfig::default() },
+        quorum: scaled_quorum(info.timing_scale),
         storage: StorageConfig::default(),
     };
     let text = toml::to_string(&cfg).map_err(|e| LabError::Config(e.to_string()))?;
@@ -262,6 +263,23 @@ pub fn daemon_config(info: &LabInfo, d: &DaemonInfo) -> Result<DaemonConfig, Lab
         .map_err(|e| LabError::Config(e.to_string()))?;
     debug_assert_eq!(back, cfg);
     Ok(cfg)
+}
+
+/// The lab's quorum settings: the defaults with every timing times `k`
+/// (which keeps every relation the config check enforces).
+fn scaled_quorum(k: u32) -> QuorumConfig {
+    let d = QuorumConfig::default();
+    let k = u64::from(k.max(1));
+    QuorumConfig {
+        preferred_site: Some(PREFERRED_SITE.into()),
+        heartbeat_ms: d.heartbeat_ms * k,
+        election_timeout_min_ms: d.election_timeout_min_ms * k,
+        election_timeout_max_ms: d.election_timeout_max_ms * k,
+        lease_ms: d.lease_ms * k,
+        drift_margin_ms: d.drift_margin_ms * k,
+        node_loss_ms: d.node_loss_ms * k,
+        ..d
+    }
 }
 
 /// Write every daemon's config file and create the data and log directories.
@@ -286,6 +304,26 @@ pub fn write_configs(info: &LabInfo) -> Result<(), LabError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_timing_scale_stretches_every_quorum_timing_and_still_validates() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = LabOptions::new(dir.path());
+        opts.timing_scale = 4;
+        let info = build(&opts, dir.path(), NetMode::Netns);
+        let cfg = daemon_config(&info, &info.witness).expect("a valid config");
+        let d = QuorumConfig::default();
+        assert_eq!(cfg.quorum.heartbeat_ms, 4 * d.heartbeat_ms);
+        assert_eq!(cfg.quorum.lease_ms, 4 * d.lease_ms);
+        assert_eq!(cfg.quorum.node_loss_ms, 4 * d.node_loss_ms);
+        let json = serde_json::to_value(&info).unwrap();
+        assert_eq!(json["timing_scale"], 4);
+        let plain = build(&LabOptions::new(dir.path()), dir.path(), NetMode::Netns);
+        assert!(
+            serde_json::to_value(&plain).unwrap().get("timing_scale").is_none(),
+            "default lab.json unchanged"
+        );
+    }
 
     #[test]
     fn the_plan_has_every_contract_key_and_configs_validate() {

@@ -18,6 +18,7 @@
 
 pub mod failover;
 pub mod lease;
+pub mod moves;
 pub mod placement;
 pub mod sites;
 pub mod voters;
@@ -29,6 +30,7 @@ mod matrix;
 
 pub use failover::{plan_failover, FailoverPlan};
 pub use lease::{LeaseError, LeaseTable, LeaseTiming};
+pub use moves::{move_target, planned_move, primaries_of};
 pub use placement::{place_volume, PlacementError};
 pub use sites::{arbitrate, SiteTracker};
 pub use voters::{desired_voters, desired_voters_returning, gate_activations, has_quorum, membership_steps};
