@@ -18,6 +18,7 @@
 //! - How a channel is made is behind [`Connector`], so a simulator (turmoil)
 //!   can run the same code over its own sockets.
 
+use crate::incarnation::Incarnation;
 use crate::types::{RaftId, TypeConfig};
 use metro_api::pb::internal::{internal_client::InternalClient, RaftPayload};
 use metro_api::PROTOCOL_VERSION;
@@ -154,11 +155,13 @@ pub(crate) struct Peers {
     connector: Arc<dyn Connector>,
     channels: Mutex<HashMap<String, Channel>>,
     me: String,
+    /// Sent with every request; a higher one in a reply or refusal is reported.
+    pub incarnation: Arc<Incarnation>,
 }
 
 impl Peers {
-    pub fn new(connector: Arc<dyn Connector>, me: String) -> Self {
-        Self { connector, channels: Mutex::new(HashMap::new()), me }
+    pub fn new(connector: Arc<dyn Connector>, me: String, incarnation: Arc<Incarnation>) -> Self {
+        Self { connector, channels: Mutex::new(HashMap::new()), me, incarnation }
     }
 
     fn channel(&self, addr: &str) -> Result<Channel, RpcError> {
@@ -189,8 +192,12 @@ impl Peers {
         let mut client = InternalClient::new(ch)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let mut req =
-            tonic::Request::new(RaftPayload { proto_version: PROTOCOL_VERSION, from: self.me.clone(), data });
+        let mut req = tonic::Request::new(RaftPayload {
+            proto_version: PROTOCOL_VERSION,
+            from: self.me.clone(),
+            data,
+            incarnation: self.incarnation.get(),
+        });
         req.set_timeout(timeout);
         let fut = async {
             match method {
@@ -214,9 +221,20 @@ impl Peers {
                         p.proto_version,
                     )));
                 }
+                self.incarnation.observe(p.incarnation, addr);
                 Ok(p.data)
             }
-            Err(s) => Err(classify(addr, s, ms)),
+            Err(s) => {
+                let theirs = s
+                    .metadata()
+                    .get(crate::incarnation::METADATA_KEY)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                if let Some(g) = theirs {
+                    self.incarnation.observe(g, addr);
+                }
+                Err(classify(addr, s, ms))
+            }
         }
     }
 

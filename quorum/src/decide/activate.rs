@@ -40,6 +40,8 @@ pub enum ActivateRefusal {
     WrongSite { node: NodeId, node_site: String, site: String },
     #[error("node `{node}` is not a voter (voters: {}); its state may lag the lost leader's, so it cannot rebuild the group", .voters.iter().cloned().collect::<Vec<_>>().join(", "))]
     NotAVoter { node: NodeId, voters: BTreeSet<NodeId> },
+    #[error("voter(s) {} still answer: the quorum may not be lost (a leader may be elected without this site)", .0.join(", "))]
+    VotersReachable(Vec<NodeId>),
 }
 
 fn lacking_message(site: &str, volumes: &[(String, Vec<NodeId>)]) -> String {
@@ -90,12 +92,16 @@ pub struct OverridePlan {
 }
 
 /// May `me` (a member without a leader) rebuild the group around itself to
-/// activate `site`? `voters`: the voters of its latest membership, by node id.
+/// activate `site`? `voters`: the voters of its latest membership, by node id;
+/// `reachable`: the other voters that answered a probe just now (any answer:
+/// such a voter may still form a quorum with the rest, so the override is
+/// refused; the operator must stop it first).
 pub fn plan_override(
     state: &ClusterState,
     site: &str,
     me: &str,
     voters: &BTreeSet<NodeId>,
+    reachable: &BTreeSet<NodeId>,
     force: bool,
 ) -> Result<OverridePlan, ActivateRefusal> {
     let lacking = check_activate(state, site, force)?;
@@ -109,6 +115,11 @@ pub fn plan_override(
     }
     if !voters.contains(me) {
         return Err(ActivateRefusal::NotAVoter { node: me.to_string(), voters: voters.clone() });
+    }
+    let answering: Vec<NodeId> =
+        voters.iter().filter(|v| *v != me && reachable.contains(*v)).cloned().collect();
+    if !answering.is_empty() {
+        return Err(ActivateRefusal::VotersReachable(answering));
     }
     let mut commands = vec![Command::SetSiteMode { site: site.to_string(), mode: SiteMode::Active }];
     let fenced: Vec<String> = state.data_sites().filter(|s| s.name != site).map(|s| s.name.clone()).collect();
@@ -148,7 +159,7 @@ mod tests {
     #[test]
     fn a_voter_of_a_site_in_every_in_sync_set_may_override_and_fences_the_other_site() {
         let s = with_volumes(&[("v1", &["a1", "b1"], "a1"), ("v2", &["a2", "b2"], "b2")]);
-        let plan = plan_override(&s, "dc-b", "b1", &set(&["a1", "b1", "w1"]), false).unwrap();
+        let plan = plan_override(&s, "dc-b", "b1", &set(&["a1", "b1", "w1"]), &set(&[]), false).unwrap();
         assert_eq!(plan.fenced, vec!["dc-a".to_string()]);
         assert!(plan.forced.is_empty());
         assert_eq!(
@@ -164,7 +175,7 @@ mod tests {
     fn a_volume_whose_in_sync_lacks_the_site_refuses_the_override_naming_it() {
         let mut s = with_volumes(&[("v1", &["a1", "b1"], "a1"), ("v2", &["a2", "b2"], "a2")]);
         drop_replica(&mut s, "v1", &["a1"]);
-        let err = plan_override(&s, "dc-b", "b1", &set(&["a1", "b1", "w1"]), false).unwrap_err();
+        let err = plan_override(&s, "dc-b", "b1", &set(&["a1", "b1", "w1"]), &set(&[]), false).unwrap_err();
         assert_eq!(
             err,
             ActivateRefusal::MayLackWrites {
@@ -184,7 +195,7 @@ mod tests {
         let mut s = with_volumes(&[("v1", &["a1", "b1"], "a1"), ("v2", &["a2", "b2"], "a2")]);
         drop_replica(&mut s, "v1", &["a1"]);
         let epoch = s.volumes["v1"].epoch;
-        let plan = plan_override(&s, "dc-b", "b1", &set(&["a1", "b1", "w1"]), true).unwrap();
+        let plan = plan_override(&s, "dc-b", "b1", &set(&["a1", "b1", "w1"]), &set(&[]), true).unwrap();
         assert_eq!(plan.forced, vec!["v1".to_string()]);
         assert!(plan.commands.contains(&Command::ForceInSync {
             name: "v1".into(),
@@ -208,13 +219,26 @@ mod tests {
         let s = with_volumes(&[("v1", &["a1", "b1"], "a1")]);
         let voters = set(&["a1", "b1", "w1"]);
         assert!(matches!(
-            plan_override(&s, "dc-b", "b2", &voters, false),
+            plan_override(&s, "dc-b", "b2", &voters, &set(&[]), false),
             Err(ActivateRefusal::NotAVoter { .. })
         ));
         assert!(matches!(
-            plan_override(&s, "dc-b", "a1", &voters, false),
+            plan_override(&s, "dc-b", "a1", &voters, &set(&[]), false),
             Err(ActivateRefusal::WrongSite { .. })
         ));
+    }
+
+    #[test]
+    fn a_voter_that_still_answers_refuses_the_override() {
+        let s = with_volumes(&[("v1", &["a1", "b1"], "a1")]);
+        let voters = set(&["a1", "b1", "w1"]);
+        // The witness answers: dc-a + witness may still have a quorum.
+        assert_eq!(
+            plan_override(&s, "dc-b", "b1", &voters, &set(&["w1", "b2"]), true),
+            Err(ActivateRefusal::VotersReachable(vec!["w1".into()]))
+        );
+        // A learner answering (b2) does not matter.
+        assert!(plan_override(&s, "dc-b", "b1", &voters, &set(&["b2"]), false).is_ok());
     }
 
     #[test]
