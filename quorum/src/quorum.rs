@@ -46,6 +46,9 @@ pub const INIT_DEADLINE: Duration = Duration::from_secs(15);
 pub const JOIN_DEADLINE: Duration = Duration::from_secs(60);
 /// Deadline for building a snapshot in `compact_log` (a JSON dump of the state).
 pub const COMPACT_DEADLINE: Duration = Duration::from_secs(10);
+/// File (under `data_dir/raft`) with the peers a superseded member rejoins through.
+const REJOIN_PEERS: &str = "rejoin-peers";
+const REJOIN_MAGIC: &[u8; 8] = b"METRPEER";
 /// Deadline for probing another voter before the quorum-loss override.
 const OVERRIDE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bound on leader-hint hops per attempt (a stale hint cannot loop forever).
@@ -445,6 +448,11 @@ impl Quorum {
         self.propose_until(cmd, Instant::now() + PROPOSE_DEADLINE).await
     }
 
+    /// As [`Quorum::propose`], giving up after `within`.
+    pub async fn propose_within(&self, cmd: Command, within: Duration) -> Result<CommandResult, QuorumError> {
+        self.propose_until(cmd, Instant::now() + within).await
+    }
+
     pub(crate) async fn propose_until(
         &self,
         cmd: Command,
@@ -541,6 +549,15 @@ impl Quorum {
             }
         }
         s.raft.trigger().purge_log(applied).await.map_err(|e| QuorumError::Stopped(e.to_string()))
+    }
+
+    /// Peers to rejoin through after [`discard_raft_state`] (empty otherwise).
+    pub fn rejoin_peers(&self) -> Vec<String> {
+        let path = self.inner.cfg.data_dir.join("raft").join(REJOIN_PEERS);
+        match crate::durable::read(&path, REJOIN_MAGIC, 1) {
+            Ok(Some(body)) => serde_json::from_slice(&body).unwrap_or_default(),
+            _ => Vec::new(),
+        }
     }
 
     /// This member's quorum group incarnation (0 until a quorum-loss override).
@@ -725,9 +742,18 @@ async fn incarnation_watcher(s: Arc<Shared>) {
 /// Discard the raft state under `data_dir/raft` (log, vote, snapshot) and
 /// store `incarnation`: the member then starts empty and joins as a learner.
 /// Call only with the member stopped ([`Restart::Rejoin`]).
-pub fn discard_raft_state(data_dir: &std::path::Path, incarnation: u64) -> Result<(), QuorumError> {
+/// `peers`: `host:port` of members to rejoin through (kept in
+/// `raft/rejoin-peers`, see [`Quorum::rejoin_peers`]) when etcd is down.
+pub fn discard_raft_state(
+    data_dir: &std::path::Path,
+    incarnation: u64,
+    peers: &[String],
+) -> Result<(), QuorumError> {
     let dir = data_dir.join("raft");
     crate::incarnation::write(&dir, incarnation).map_err(|e| QuorumError::Storage(e.to_string()))?;
+    let body = serde_json::to_vec(peers).expect("strings serialize");
+    crate::durable::write_atomic(&dir.join(REJOIN_PEERS), REJOIN_MAGIC, 1, &body)
+        .map_err(|e| QuorumError::Storage(e.to_string()))?;
     for f in ["log.seg", "log.seg.tmp", "vote", "vote.tmp", "snapshot", "snapshot.tmp"] {
         match std::fs::remove_file(dir.join(f)) {
             Ok(()) => {}

@@ -41,6 +41,13 @@ fn main() -> std::process::ExitCode {
     match rt.block_on(metro_node::daemon::run(cfg, &file)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
+            if let Some(r) = e.downcast_ref::<metro_node::daemon::RestartInPlace>() {
+                tracing::warn!("{r}");
+                rt.shutdown_timeout(std::time::Duration::from_secs(2));
+                let err = metro_node::daemon::reexec();
+                eprintln!("metro-node: cannot restart in place: {err}");
+                return std::process::ExitCode::FAILURE;
+            }
             tracing::error!("fatal: {e:#}");
             eprintln!("metro-node: {e:#}");
             if e.downcast_ref::<metro_node::daemon::JoinRefused>().is_some() {

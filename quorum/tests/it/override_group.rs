@@ -128,12 +128,13 @@ async fn without_a_quorum_a_dc_b_voter_rebuilds_the_group_and_the_old_voters_rej
     assert_eq!(s.volumes["v"].epoch, 2);
     for id in ["a1", "w1"] {
         c.get_mut(id).kill().await;
-        metro_quorum::discard_raft_state(&c.get(id).dir, 1).unwrap();
+        let peers = vec![c.get("b1").addr.clone()];
+        metro_quorum::discard_raft_state(&c.get(id).dir, 1, &peers).unwrap();
         restart(&mut c, id).await;
         let m = c.get(id);
         assert_eq!(m.q.incarnation(), 1);
-        let addr = c.get("b1").addr.clone();
-        m.q.join(m.record(), vec![addr]).await.expect("rejoin through b1");
+        assert_eq!(m.q.rejoin_peers(), peers);
+        m.q.join(m.record(), m.q.rejoin_peers()).await.expect("rejoin through b1");
     }
     for id in ["a1", "w1"] {
         let m = c.get(id);
