@@ -73,6 +73,10 @@ impl From<QuorumError> for ApiError {
                     R::UnknownSite(_) | R::NotADataSite(_) => {
                         (Code::InvalidArgument, "see `metroctl site list`")
                     }
+                    R::LogBehind { .. } => (
+                        Code::Unsafe,
+                        "activate the site while that member's voter is up, or bring the lost site back",
+                    ),
                     R::VotersReachable(_) => (
                         Code::Unsafe,
                         "if that site is really lost, stop those daemons (or cut them off) and retry",

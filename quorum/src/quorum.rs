@@ -602,31 +602,42 @@ impl Quorum {
             state.node_by_raft_id(id).map(|n| n.id.clone()).unwrap_or_else(|| format!("raft-{id}"))
         };
         let voters: BTreeSet<String> = mem.voter_ids().map(name).collect();
-        // Probe the other voters: any answer means they may still form a quorum.
+        // Probe every other member: a voter that answers may still form a
+        // quorum; any member's last log id tells whether ours is behind.
         let mut probes = tokio::task::JoinSet::new();
-        for id in mem.voter_ids().filter(|i| *i != s.raft_id) {
-            let Some(addr) = mem.get_node(&id).map(|n| n.addr.clone()) else { continue };
-            let (peers, who) = (s.peers.clone(), name(id));
+        for n in state.nodes.values().filter(|n| n.id != s.cfg.node_id) {
+            let addr = mem.get_node(&n.raft_id).map(|b| b.addr.clone()).unwrap_or_else(|| n.api.clone());
+            let (peers, who) = (s.peers.clone(), n.id.clone());
             let req = crate::wire::HeartbeatRequest { node_id: s.cfg.node_id.clone(), primaries: Vec::new() };
             probes.spawn(async move {
                 let r: Result<crate::wire::HeartbeatReply, _> =
                     peers.call(&addr, Method::Heartbeat, &req, OVERRIDE_PROBE_TIMEOUT).await;
-                let answered = !matches!(
-                    r,
-                    Err(crate::network::RpcError::Unreachable { .. }
-                        | crate::network::RpcError::Timeout { .. })
-                );
-                (who, answered)
+                let answer = match r {
+                    Ok(crate::wire::HeartbeatReply::NotLeader { last_log, .. }) => Some(last_log),
+                    // A leader answered: its log is as recent as any (treat it as ahead).
+                    Ok(crate::wire::HeartbeatReply::Granted { .. }) => Some(Some((u64::MAX, u64::MAX))),
+                    Err(
+                        crate::network::RpcError::Unreachable { .. }
+                        | crate::network::RpcError::Timeout { .. },
+                    ) => None,
+                    // Any other answer (a refusal) still means it is alive.
+                    Err(_) => Some(None),
+                };
+                (who, answer)
             });
         }
-        let mut reachable = BTreeSet::new();
+        let mut reachable = BTreeMap::new();
         while let Some(r) = probes.join_next().await {
-            if let Ok((who, true)) = r {
-                reachable.insert(who);
+            if let Ok((who, Some(last))) = r {
+                reachable.insert(who, last);
             }
         }
-        let plan = crate::decide::plan_override(&state, site, &s.cfg.node_id, &voters, &reachable, force)?;
-        if let Some(l) = m.current_leader {
+        let my_last = s.log.last_and_vote().0.map(|l| (l.leader_id.term, l.index));
+        let plan =
+            crate::decide::plan_override(&state, site, &s.cfg.node_id, &voters, &reachable, my_last, force)?;
+        // A leader that lost its quorum keeps its role in openraft (and could
+        // not commit: the caller's proposal failed); another leader must not exist.
+        if let Some(l) = m.current_leader.filter(|l| *l != s.raft_id) {
             return Err(QuorumError::Invalid(format!(
                 "this node still follows a leader ({}); the override is only for a lost quorum",
                 name(l)

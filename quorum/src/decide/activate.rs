@@ -22,7 +22,7 @@
 
 use crate::state::{ClusterState, Command, NodeId, SiteMode};
 use metro_api::config::SiteKind;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Why a `site activate` is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -42,6 +42,8 @@ pub enum ActivateRefusal {
     NotAVoter { node: NodeId, voters: BTreeSet<NodeId> },
     #[error("voter(s) {} still answer: the quorum may not be lost (a leader may be elected without this site)", .0.join(", "))]
     VotersReachable(Vec<NodeId>),
+    #[error("node `{node}` has a more recent raft log than `{me}`: `{me}` may have missed committed changes (it was down or cut off), so its state cannot seed the rebuilt group")]
+    LogBehind { me: NodeId, node: NodeId },
 }
 
 fn lacking_message(site: &str, volumes: &[(String, Vec<NodeId>)]) -> String {
@@ -93,15 +95,18 @@ pub struct OverridePlan {
 
 /// May `me` (a member without a leader) rebuild the group around itself to
 /// activate `site`? `voters`: the voters of its latest membership, by node id;
-/// `reachable`: the other voters that answered a probe just now (any answer:
-/// such a voter may still form a quorum with the rest, so the override is
-/// refused; the operator must stop it first).
+/// `reachable`: the other members that answered a probe just now, with their
+/// last log id `(term, index)`; `my_last`: this member's. A voter that answers
+/// may still form a quorum with the rest: refused (the operator must stop it
+/// first). A member whose log is more recent than ours (raft's up-to-date
+/// order) means ours may lack committed entries: refused.
 pub fn plan_override(
     state: &ClusterState,
     site: &str,
     me: &str,
     voters: &BTreeSet<NodeId>,
-    reachable: &BTreeSet<NodeId>,
+    reachable: &BTreeMap<NodeId, Option<(u64, u64)>>,
+    my_last: Option<(u64, u64)>,
     force: bool,
 ) -> Result<OverridePlan, ActivateRefusal> {
     let lacking = check_activate(state, site, force)?;
@@ -117,9 +122,12 @@ pub fn plan_override(
         return Err(ActivateRefusal::NotAVoter { node: me.to_string(), voters: voters.clone() });
     }
     let answering: Vec<NodeId> =
-        voters.iter().filter(|v| *v != me && reachable.contains(*v)).cloned().collect();
+        voters.iter().filter(|v| *v != me && reachable.contains_key(*v)).cloned().collect();
     if !answering.is_empty() {
         return Err(ActivateRefusal::VotersReachable(answering));
+    }
+    if let Some((node, _)) = reachable.iter().find(|(_, last)| **last > my_last) {
+        return Err(ActivateRefusal::LogBehind { me: me.to_string(), node: node.clone() });
     }
     let mut commands = vec![Command::SetSiteMode { site: site.to_string(), mode: SiteMode::Active }];
     let fenced: Vec<String> = state.data_sites().filter(|s| s.name != site).map(|s| s.name.clone()).collect();
@@ -142,6 +150,15 @@ mod tests {
     use super::*;
     use crate::decide::fixture::{ok, set, with_volumes};
 
+    fn none() -> BTreeMap<NodeId, Option<(u64, u64)>> {
+        BTreeMap::new()
+    }
+
+    /// Members that answered, all at term 3, with their last log index.
+    fn answers(a: &[(&str, u64)]) -> BTreeMap<NodeId, Option<(u64, u64)>> {
+        a.iter().map(|(n, i)| (n.to_string(), Some((3, *i)))).collect()
+    }
+
     fn drop_replica(s: &mut ClusterState, vol: &str, keep: &[&str]) {
         let epoch = s.volumes[vol].epoch;
         ok(
@@ -159,7 +176,8 @@ mod tests {
     #[test]
     fn a_voter_of_a_site_in_every_in_sync_set_may_override_and_fences_the_other_site() {
         let s = with_volumes(&[("v1", &["a1", "b1"], "a1"), ("v2", &["a2", "b2"], "b2")]);
-        let plan = plan_override(&s, "dc-b", "b1", &set(&["a1", "b1", "w1"]), &set(&[]), false).unwrap();
+        let plan = plan_override(&s, "dc-b", "b1", &set(&["a1", "b1", "w1"]), &none(), Some((3, 10)), false)
+            .unwrap();
         assert_eq!(plan.fenced, vec!["dc-a".to_string()]);
         assert!(plan.forced.is_empty());
         assert_eq!(
@@ -175,7 +193,8 @@ mod tests {
     fn a_volume_whose_in_sync_lacks_the_site_refuses_the_override_naming_it() {
         let mut s = with_volumes(&[("v1", &["a1", "b1"], "a1"), ("v2", &["a2", "b2"], "a2")]);
         drop_replica(&mut s, "v1", &["a1"]);
-        let err = plan_override(&s, "dc-b", "b1", &set(&["a1", "b1", "w1"]), &set(&[]), false).unwrap_err();
+        let err = plan_override(&s, "dc-b", "b1", &set(&["a1", "b1", "w1"]), &none(), Some((3, 10)), false)
+            .unwrap_err();
         assert_eq!(
             err,
             ActivateRefusal::MayLackWrites {
@@ -195,7 +214,8 @@ mod tests {
         let mut s = with_volumes(&[("v1", &["a1", "b1"], "a1"), ("v2", &["a2", "b2"], "a2")]);
         drop_replica(&mut s, "v1", &["a1"]);
         let epoch = s.volumes["v1"].epoch;
-        let plan = plan_override(&s, "dc-b", "b1", &set(&["a1", "b1", "w1"]), &set(&[]), true).unwrap();
+        let plan =
+            plan_override(&s, "dc-b", "b1", &set(&["a1", "b1", "w1"]), &none(), Some((3, 10)), true).unwrap();
         assert_eq!(plan.forced, vec!["v1".to_string()]);
         assert!(plan.commands.contains(&Command::ForceInSync {
             name: "v1".into(),
@@ -219,11 +239,11 @@ mod tests {
         let s = with_volumes(&[("v1", &["a1", "b1"], "a1")]);
         let voters = set(&["a1", "b1", "w1"]);
         assert!(matches!(
-            plan_override(&s, "dc-b", "b2", &voters, &set(&[]), false),
+            plan_override(&s, "dc-b", "b2", &voters, &none(), Some((3, 10)), false),
             Err(ActivateRefusal::NotAVoter { .. })
         ));
         assert!(matches!(
-            plan_override(&s, "dc-b", "a1", &voters, &set(&[]), false),
+            plan_override(&s, "dc-b", "a1", &voters, &none(), Some((3, 10)), false),
             Err(ActivateRefusal::WrongSite { .. })
         ));
     }
@@ -234,11 +254,35 @@ mod tests {
         let voters = set(&["a1", "b1", "w1"]);
         // The witness answers: dc-a + witness may still have a quorum.
         assert_eq!(
-            plan_override(&s, "dc-b", "b1", &voters, &set(&["w1", "b2"]), true),
+            plan_override(
+                &s,
+                "dc-b",
+                "b1",
+                &voters,
+                &answers(&[("w1", 10), ("b2", 10)]),
+                Some((3, 10)),
+                true
+            ),
             Err(ActivateRefusal::VotersReachable(vec!["w1".into()]))
         );
         // A learner answering (b2) does not matter.
-        assert!(plan_override(&s, "dc-b", "b1", &voters, &set(&["b2"]), false).is_ok());
+        assert!(
+            plan_override(&s, "dc-b", "b1", &voters, &answers(&[("b2", 10)]), Some((3, 10)), false).is_ok()
+        );
+    }
+
+    #[test]
+    fn a_reachable_member_with_a_more_recent_log_refuses_the_override() {
+        // b1 was down while dc-a + the witness committed more; b2 (a learner) got it.
+        let s = with_volumes(&[("v1", &["a1", "b1"], "a1")]);
+        let voters = set(&["a1", "b1", "w1"]);
+        assert_eq!(
+            plan_override(&s, "dc-b", "b1", &voters, &answers(&[("b2", 12)]), Some((3, 10)), false),
+            Err(ActivateRefusal::LogBehind { me: "b1".into(), node: "b2".into() })
+        );
+        // A later term wins over a longer log (raft's up-to-date order).
+        let r = plan_override(&s, "dc-b", "b1", &voters, &answers(&[("b2", 12)]), Some((4, 9)), false);
+        assert!(r.is_ok(), "{r:?}");
     }
 
     #[test]
