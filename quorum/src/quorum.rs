@@ -713,8 +713,10 @@ impl Quorum {
 /// voter stops its raft core and asks for [`Restart::Rejoin`].
 async fn incarnation_watcher(s: Arc<Shared>) {
     let mut rx = s.peers.incarnation.higher();
+    let mut first = true;
     loop {
-        if rx.changed().await.is_err() {
+        // The first round handles a value reported before this task subscribed.
+        if !std::mem::take(&mut first) && rx.changed().await.is_err() {
             return;
         }
         let Some((g, who)) = rx.borrow_and_update().clone() else { continue };

@@ -21,9 +21,9 @@ async fn restart(c: &mut Cluster, id: &str) {
 
 async fn wait_restart(m: &Member, what: &str) -> Restart {
     let mut rx = m.q.restart_requested();
-    let r = tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|r| r.is_some()))
+    let r = tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|r| r.is_some()))
         .await
-        .unwrap_or_else(|_| panic!("{what}: no restart requested within 20 s"))
+        .unwrap_or_else(|_| panic!("{what}: no restart requested within 30 s"))
         .unwrap()
         .clone();
     r.unwrap()
