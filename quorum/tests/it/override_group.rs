@@ -47,7 +47,7 @@ async fn without_a_quorum_a_dc_b_voter_rebuilds_the_group_and_the_old_voters_rej
     }
     for id in ["b1", "b2"] {
         let m = c.get(id);
-        wait_until(Duration::from_secs(10), &format!("{id} sees both volumes"), || {
+        wait_until(Duration::from_secs(20), &format!("{id} sees both volumes"), || {
             let n = m.state().volumes.len();
             async move { n == 2 }
         })
@@ -66,7 +66,7 @@ async fn without_a_quorum_a_dc_b_voter_rebuilds_the_group_and_the_old_voters_rej
     tracing::info!("--- then dc-a is lost: no leader");
     c.get_mut("a1").kill().await;
     let b1 = c.get("b1");
-    wait_until(Duration::from_secs(15), "b1 knows no leader", || {
+    wait_until(Duration::from_secs(30), "b1 knows no leader", || {
         let l = b1.q.status().leader;
         async move { l.is_none() }
     })
@@ -88,7 +88,7 @@ async fn without_a_quorum_a_dc_b_voter_rebuilds_the_group_and_the_old_voters_rej
     restart(&mut c, "b1").await;
     let b1 = c.get("b1");
     assert_eq!(b1.q.incarnation(), 1, "the incarnation is durable");
-    wait_until(Duration::from_secs(15), "b1 leads the rebuilt group with dc-a fenced", || {
+    wait_until(Duration::from_secs(30), "b1 leads the rebuilt group with dc-a fenced", || {
         let (st, state) = (b1.q.status(), b1.state());
         async move {
             st.is_leader
@@ -99,7 +99,7 @@ async fn without_a_quorum_a_dc_b_voter_rebuilds_the_group_and_the_old_voters_rej
     .await;
 
     tracing::info!("--- dc-b's in-sync replicas are promoted, epochs bumped; the learner b2 follows");
-    wait_until(Duration::from_secs(15), "v on b2 and u on b1", || {
+    wait_until(Duration::from_secs(30), "v on b2 and u on b1", || {
         let s = b1.state();
         let ok = s.volumes["v"].primary.as_deref() == Some("b2")
             && s.volumes["u"].primary.as_deref() == Some("b1")
@@ -109,7 +109,7 @@ async fn without_a_quorum_a_dc_b_voter_rebuilds_the_group_and_the_old_voters_rej
     })
     .await;
     let b2 = c.get("b2");
-    wait_until(Duration::from_secs(10), "b2 adopted incarnation 1 and has the new state", || {
+    wait_until(Duration::from_secs(20), "b2 adopted incarnation 1 and has the new state", || {
         let ok = b2.q.incarnation() == 1 && b2.state().volumes["v"].primary.as_deref() == Some("b2");
         async move { ok }
     })
@@ -138,7 +138,7 @@ async fn without_a_quorum_a_dc_b_voter_rebuilds_the_group_and_the_old_voters_rej
     }
     for id in ["a1", "w1"] {
         let m = c.get(id);
-        wait_until(Duration::from_secs(15), &format!("{id} caught up with the rebuilt group"), || {
+        wait_until(Duration::from_secs(30), &format!("{id} caught up with the rebuilt group"), || {
             let s = m.state();
             let ok = s.volumes.get("v").is_some_and(|v| v.primary.as_deref() == Some("b2") && v.epoch == 2);
             async move { ok }
