@@ -29,6 +29,8 @@ pub enum Code {
     NoSpace,
     /// MET-012: a deadline expired.
     Timeout,
+    /// MET-013: this daemon cannot do it; another one can (metroctl tries the next endpoint).
+    WrongNode,
 }
 
 impl Code {
@@ -46,6 +48,7 @@ impl Code {
             Code::Internal => "MET-010",
             Code::NoSpace => "MET-011",
             Code::Timeout => "MET-012",
+            Code::WrongNode => "MET-013",
         }
     }
 
@@ -57,7 +60,7 @@ impl Code {
             Code::PermissionDenied => tonic::Code::PermissionDenied,
             Code::NoQuorum | Code::EtcdUnavailable => tonic::Code::Unavailable,
             Code::Conflict => tonic::Code::Aborted,
-            Code::Unsafe | Code::VersionMismatch => tonic::Code::FailedPrecondition,
+            Code::Unsafe | Code::VersionMismatch | Code::WrongNode => tonic::Code::FailedPrecondition,
             Code::Internal => tonic::Code::Internal,
             Code::NoSpace => tonic::Code::ResourceExhausted,
             Code::Timeout => tonic::Code::DeadlineExceeded,

@@ -148,12 +148,18 @@ impl Target {
 
     /// Connect to the first endpoint that answers the TLS handshake.
     pub async fn connect(&self) -> Result<ControlClient<Channel>, ClientError> {
+        self.connect_from(0).await.map(|(_, c)| c)
+    }
+
+    /// Connect to the first endpoint from index `start` on that answers;
+    /// returns its index too (to go on with the next one).
+    pub async fn connect_from(&self, start: usize) -> Result<(usize, ControlClient<Channel>), ClientError> {
         metro_api::tls::install_crypto_provider();
         let tls =
             TlsFiles::load(&self.ca, &self.cert, &self.key).map_err(|e| ClientError::Tls(e.to_string()))?;
         let _ = CERT_PROBLEM.set(tls.diagnose_client_cert());
         let mut last = String::from("no endpoint tried");
-        for ep in &self.endpoints {
+        for (i, ep) in self.endpoints.iter().enumerate().skip(start) {
             let uri = if ep.starts_with("https://") { ep.clone() } else { format!("https://{ep}") };
             let endpoint = match Channel::from_shared(uri.clone()) {
                 Ok(e) => e,
@@ -167,12 +173,13 @@ impl Target {
                 Err(e) => return Err(ClientError::Tls(e.to_string())),
             };
             match tokio::time::timeout(CONNECT_TIMEOUT * 2, endpoint.connect()).await {
-                Ok(Ok(ch)) => return Ok(ControlClient::new(ch)),
+                Ok(Ok(ch)) => return Ok((i, ControlClient::new(ch))),
                 Ok(Err(e)) => last = format!("{uri}: {}", error_chain(&e)),
                 Err(_) => last = format!("{uri}: connect timeout"),
             }
         }
-        Err(ClientError::Unreachable { tried: self.endpoints.join(", "), last })
+        let tried: Vec<&str> = self.endpoints.iter().skip(start).map(String::as_str).collect();
+        Err(ClientError::Unreachable { tried: tried.join(", "), last })
     }
 }
 

@@ -2,6 +2,7 @@
 //! Each renders a table, or JSON with `-o json` (stable keys, DESIGN.md §8).
 
 use crate::client::{request, Target, READ_DEADLINE, WRITE_DEADLINE};
+use metro_api::error::Code;
 use metro_api::pb::control as pb;
 use serde_json::{json, Value};
 
@@ -385,13 +386,35 @@ pub async fn site_list(t: &Target, json_out: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `site activate|deactivate`. Without a quorum, `activate` must reach a
+/// voter of the site (the quorum-loss override runs there): a daemon that
+/// answers MET-013 (wrong node) is skipped for the next endpoint.
 pub async fn site_set(t: &Target, name: &str, activate: bool, force: bool) -> anyhow::Result<()> {
-    let mut c = t.connect().await?;
-    let req = request(pb::SiteRequest { name: name.to_string(), force }, WRITE_DEADLINE);
-    let r = if activate { c.site_activate(req).await } else { c.site_deactivate(req).await };
-    let s = r.map_err(status_err)?.into_inner();
-    println!("site {} is {}", s.name, s.state);
-    Ok(())
+    let mut start = 0;
+    loop {
+        let (i, mut c) = t.connect_from(start).await?;
+        let req = request(pb::SiteRequest { name: name.to_string(), force }, WRITE_DEADLINE);
+        let r = if activate { c.site_activate(req).await } else { c.site_deactivate(req).await };
+        match r {
+            Ok(s) => {
+                let s = s.into_inner();
+                println!("site {} is {}", s.name, s.state);
+                if !s.note.is_empty() {
+                    println!("{}", s.note);
+                }
+                return Ok(());
+            }
+            Err(e)
+                if activate
+                    && e.message().contains(Code::WrongNode.as_str())
+                    && i + 1 < t.endpoints.len() =>
+            {
+                eprintln!("{}: {}; trying the next endpoint", t.endpoints[i], e.message());
+                start = i + 1;
+            }
+            Err(e) => return Err(status_err(e)),
+        }
+    }
 }
 
 pub struct CreateArgs {

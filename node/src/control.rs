@@ -43,6 +43,11 @@ pub struct ControlService {
 
 /// Quorum errors map through the quorum crate's one `From<QuorumError> for
 /// ApiError`, except that an empty hint gets the generic next step.
+/// `site activate`: how long a leader may take to commit the site change
+/// before the daemon concludes the quorum is lost and tries the override
+/// (a few election timeouts; the override probes the other voters anyway).
+const ACTIVATE_QUORUM_WAIT: Duration = Duration::from_secs(6);
+
 fn quorum_err(e: QuorumError) -> ApiError {
     let mut a = ApiError::from(e);
     if a.hint.is_empty() {
@@ -299,6 +304,7 @@ impl ControlService {
                         SiteKind::Witness => "witness".into(),
                     },
                     state: s.mode.as_str().into(),
+                    note: String::new(),
                 })
                 .collect(),
             nodes,
@@ -596,47 +602,44 @@ impl pb::control_server::Control for ControlService {
     async fn site_activate(&self, req: Request<pb::SiteRequest>) -> Result<Response<pb::SiteStatus>, Status> {
         authorize(&req, Access::Write)?;
         let r = req.into_inner();
-        let state = self.state();
-        let site = state.sites.get(&r.name).ok_or_else(|| {
-            Status::from(ApiError::new(
-                Code::NotFound,
-                format!("no site `{}`", r.name),
-                "see `metroctl site list`",
-            ))
-        })?;
-        if site.kind != SiteKind::Data {
-            return Err(ApiError::new(
-                Code::InvalidArgument,
-                format!("`{}` is a witness site; only data sites can be activated", r.name),
-                "see `metroctl site list`",
-            )
-            .into());
+        // Refuse when the site may lack acknowledged writes (some volume's
+        // latest in_sync has no replica in it), unless --force; the override
+        // checks again on the state its log would commit.
+        metro_quorum::decide::check_activate(&self.state(), &r.name, r.force)
+            .map_err(|e| quorum_err(QuorumError::from(e)))?;
+        let cmd = Command::SetSiteMode { site: r.name.clone(), mode: SiteMode::Active };
+        match self.quorum.propose_within(cmd, ACTIVATE_QUORUM_WAIT).await {
+            Ok(res) => {
+                committed(Ok(res))?;
+                return Ok(Response::new(pb::SiteStatus {
+                    name: r.name,
+                    kind: "data".into(),
+                    state: "active".into(),
+                    note: String::new(),
+                }));
+            }
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(site = %r.name, error = %e, "no quorum leader answered; trying the quorum-loss override");
+            }
+            Err(e) => return Err(quorum_err(e).into()),
         }
-        // Refuse when the site may lack acknowledged writes: some volume's
-        // latest in_sync has no replica in this site.
-        let lacking: Vec<String> = state
-            .volumes
-            .values()
-            .filter(|v| !v.in_sync.iter().any(|n| state.site_of(n) == Some(r.name.as_str())))
-            .map(|v| v.name.clone())
-            .collect();
-        if !lacking.is_empty() && !r.force {
-            return Err(ApiError::new(
-                Code::Unsafe,
-                format!(
-                    "site `{}` is not in the latest in-sync set of {} volume(s) ({}): it may lack acknowledged writes",
-                    r.name,
-                    lacking.len(),
-                    lacking.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
-                ),
-                "bring the other site back if you can; otherwise re-run with --force and accept possible data loss",
-            )
-            .into());
+        // No quorum: the operator override (DESIGN.md §4.5), run by a voter of the site.
+        let rep = self.quorum.force_new_group(&r.name, r.force).await.map_err(quorum_err)?;
+        let mut note = format!(
+            "quorum lost: rebuilt the quorum group around {} (incarnation {}), fenced {}; I/O resumes on {} once the old leases have expired (lease + drift margin); the other nodes rejoin on their own when they return",
+            rep.voter,
+            rep.incarnation,
+            rep.fenced.join(", "),
+            r.name
+        );
+        if !rep.forced.is_empty() {
+            note.push_str(&format!(
+                "; --force: {} lost the writes acknowledged only outside {}",
+                rep.forced.join(", "),
+                r.name
+            ));
         }
-        committed(
-            self.quorum.propose(Command::SetSiteMode { site: r.name.clone(), mode: SiteMode::Active }).await,
-        )?;
-        Ok(Response::new(pb::SiteStatus { name: r.name, kind: "data".into(), state: "active".into() }))
+        Ok(Response::new(pb::SiteStatus { name: r.name, kind: "data".into(), state: "active".into(), note }))
     }
 
     async fn site_deactivate(
@@ -650,7 +653,12 @@ impl pb::control_server::Control for ControlService {
                 .propose(Command::SetSiteMode { site: r.name.clone(), mode: SiteMode::Deactivated })
                 .await,
         )?;
-        Ok(Response::new(pb::SiteStatus { name: r.name, kind: "data".into(), state: "deactivated".into() }))
+        Ok(Response::new(pb::SiteStatus {
+            name: r.name,
+            kind: "data".into(),
+            state: "deactivated".into(),
+            note: String::new(),
+        }))
     }
 
     async fn node_drain(&self, req: Request<pb::NodeRef>) -> Result<Response<pb::Empty>, Status> {

@@ -27,7 +27,7 @@ use metro_api::pb::control::control_server::ControlServer;
 use metro_api::telemetry;
 use metro_api::tls::TlsFiles;
 use metro_quorum::decide::placement::place_volume;
-use metro_quorum::{ClusterState, Command, CommandResult, EngineConfig, NodeRecord, Quorum};
+use metro_quorum::{ClusterState, Command, CommandResult, EngineConfig, NodeRecord, Quorum, Restart};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -226,20 +226,29 @@ pub async fn run(cfg: DaemonConfig, config_path: &str) -> anyhow::Result<()> {
     telemetry::spawn_watchdog(move || q.status().last_applied > 0 || q.status().leader.is_some());
     tracing::info!(node = %cfg.node_id, site = %cfg.site, "daemon ready");
 
-    let refused = tokio::select! {
-        _ = wait_for_signal() => None,
+    let mut restart_rx = quorum.restart_requested();
+    let restart = async move { restart_rx.wait_for(|r| r.is_some()).await.ok().and_then(|r| r.clone()) };
+    tokio::pin!(restart);
+    let outcome = tokio::select! {
+        _ = wait_for_signal() => Outcome::Stop,
+        r = &mut restart => r.map_or(Outcome::Stop, Outcome::Restart),
         r = &mut join => match r {
-            Ok(Err(reason)) => Some(reason),
-            // Joined (or the task ended): keep serving until a signal.
-            _ => { wait_for_signal().await; None }
+            Ok(Err(reason)) => Outcome::Refused(reason),
+            // Joined (or the task ended): keep serving until a signal or a restart.
+            _ => tokio::select! {
+                _ = wait_for_signal() => Outcome::Stop,
+                r = &mut restart => r.map_or(Outcome::Stop, Outcome::Restart),
+            },
         },
     };
-    if let Some(reason) = &refused {
+    if let Outcome::Refused(reason) = &outcome {
         tracing::error!(node = %cfg.node_id, site = %cfg.site, %reason, "the cluster refused this node; stopping");
     }
     tracing::info!("shutting down");
     telemetry::notify_stopping();
-    if refused.is_none() {
+    // Only a requested stop hands primaries off; a refused node has none, and
+    // a restart in place (quorum-loss override) keeps serving its volumes.
+    if matches!(outcome, Outcome::Stop) {
         if let Some(m) = &manager {
             hand_off(&quorum, m).await;
         }
@@ -251,15 +260,40 @@ pub async fn run(cfg: DaemonConfig, config_path: &str) -> anyhow::Result<()> {
     }
     quorum.shutdown().await;
     let _ = tokio::time::timeout(Duration::from_secs(3), grpc).await;
-    match refused {
-        Some(reason) => Err(JoinRefused {
+    match outcome {
+        Outcome::Refused(reason) => Err(JoinRefused {
             node: cfg.node_id.clone(),
             site: cfg.site.clone(),
             reason,
             config: config_path.to_string(),
         }
         .into()),
-        None => Ok(()),
+        Outcome::Restart(r) => {
+            let reason = match r {
+                Restart::Rebuilt { incarnation } => {
+                    format!("this node rebuilt the quorum group (incarnation {incarnation})")
+                }
+                Restart::Rejoin { incarnation } => {
+                    let peers: Vec<String> = quorum
+                        .state()
+                        .borrow()
+                        .nodes
+                        .values()
+                        .filter(|n| n.id != cfg.node_id)
+                        .map(|n| n.api.clone())
+                        .collect();
+                    metro_quorum::discard_raft_state(&cfg.data_dir.join("quorum"), incarnation, &peers)
+                        .context("discarding the superseded raft state")?;
+                    tracing::warn!(
+                        incarnation,
+                        "discarded this node's raft state (superseded quorum group); it rejoins as a learner"
+                    );
+                    format!("rejoining the rebuilt quorum group (incarnation {incarnation}) as a learner")
+                }
+            };
+            Err(RestartInPlace { reason }.into())
+        }
+        Outcome::Stop => Ok(()),
     }
 }
 
@@ -296,6 +330,32 @@ async fn hand_off(quorum: &Quorum, manager: &Arc<VolumeManager>) {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "hand-off done"
     );
+}
+
+enum Outcome {
+    Stop,
+    Refused(String),
+    Restart(Restart),
+}
+
+/// The daemon must start again in place (same pid, same arguments: see
+/// [`reexec`]): its quorum member was rebuilt by the quorum-loss override, or
+/// superseded by a rebuilt group and its raft state discarded. Volume data is
+/// untouched; the restarted daemon resumes from it.
+#[derive(Debug, thiserror::Error)]
+#[error("restarting in place: {reason}")]
+pub struct RestartInPlace {
+    pub reason: String,
+}
+
+/// Replace this process by a fresh copy of the same binary with the same
+/// arguments (same pid, so supervisors and lab.json stay valid). Returns only
+/// on failure.
+pub fn reexec() -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    let mut args = std::env::args_os();
+    let argv0 = args.next().unwrap_or_default();
+    std::process::Command::new("/proc/self/exe").arg0(argv0).args(args).exec()
 }
 
 trait RoleName {
@@ -357,16 +417,24 @@ async fn join_loop(
             tracing::info!(node = %me.id, "member of the cluster");
             return Ok(());
         }
+        // A member that rejoins a rebuilt group (incarnation > 0, raft state
+        // discarded) never bootstraps a group of its own.
+        let may_bootstrap = quorum.incarnation() == 0;
         let result = match registry.claim_bootstrap(&me.id).await {
-            Ok(winner) if winner == me.id => quorum
+            Ok(winner) if winner == me.id && may_bootstrap => quorum
                 .initialize(sites.clone(), cfg.quorum.preferred_site.clone(), me.clone())
                 .await
                 .map_err(JoinError::from),
             Ok(_) => {
-                let peers: Vec<String> = match registry.nodes().await {
+                let mut peers: Vec<String> = match registry.nodes().await {
                     Ok(nodes) => nodes.into_iter().filter(|n| n.id != me.id).map(|n| n.api).collect(),
                     Err(_) => Vec::new(),
                 };
+                for p in quorum.rejoin_peers() {
+                    if !peers.contains(&p) {
+                        peers.push(p);
+                    }
+                }
                 join_bounded(&quorum, &me, peers).await
             }
             // etcd is down: only a node that already knows its cluster can rejoin it.
@@ -379,6 +447,7 @@ async fn join_loop(
                     .filter(|n| n.id != me.id)
                     .map(|n| n.api.clone())
                     .collect();
+                let peers = if peers.is_empty() { quorum.rejoin_peers() } else { peers };
                 if peers.is_empty() {
                     Err(JoinError::Retry(format!("cannot reach etcd to find the cluster: {e}")))
                 } else {

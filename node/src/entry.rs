@@ -2,7 +2,8 @@
 //! their flags: load and validate the configuration (exit 2 on a bad one, so
 //! systemd's `RestartPreventExitStatus` stops a restart loop), or only check
 //! it (`--check`), or run the daemon and map its end to an exit code (3 when
-//! the cluster refused the node).
+//! the cluster refused the node), or re-exec itself in place when the daemon
+//! asks to (after a quorum-loss override rebuilt or superseded its group).
 
 use metro_api::config::{ConfigError, DaemonConfig};
 use std::future::Future;
@@ -59,6 +60,13 @@ impl Daemon<'_> {
         match rt.block_on(run(cfg, file)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
+                if let Some(r) = e.downcast_ref::<crate::daemon::RestartInPlace>() {
+                    tracing::warn!("{r}");
+                    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+                    let err = crate::daemon::reexec();
+                    eprintln!("{program}: cannot restart in place: {err}");
+                    return ExitCode::FAILURE;
+                }
                 tracing::error!("fatal: {e:#}");
                 eprintln!("{program}: {e:#}");
                 if e.downcast_ref::<crate::daemon::JoinRefused>().is_some() {

@@ -236,7 +236,10 @@ async fn reconcile_membership(
     let matched: BTreeMap<RaftId, u64> = m
         .replication
         .as_ref()
-        .map(|r| r.iter().map(|(k, v)| (*k, v.map(|l| l.index).unwrap_or(0))).collect())
+        // A learner that never acknowledged an append (None) is not caught up,
+        // however short the log: it may be dead (a new leader counts every
+        // node alive for its first `node_loss_ms`).
+        .map(|r| r.iter().filter_map(|(k, v)| v.map(|l| (*k, l.index))).collect())
         .unwrap_or_default();
     let mut ids = BTreeSet::new();
     for name in &next {

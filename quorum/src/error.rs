@@ -26,6 +26,9 @@ pub enum QuorumError {
     /// Invalid configuration or use of the API.
     #[error("invalid: {0}")]
     Invalid(String),
+    /// `site activate` refused (see `decide::activate`).
+    #[error("{0}")]
+    Activate(#[from] crate::decide::ActivateRefusal),
     /// The raft core stopped (shutdown or a fatal storage error).
     #[error("the quorum engine stopped: {0}")]
     Stopped(String),
@@ -56,6 +59,30 @@ impl From<QuorumError> for ApiError {
                 (Code::PermissionDenied, "check the node certificates (CN node:<id> or witness)")
             }
             QuorumError::Invalid(_) => (Code::InvalidArgument, ""),
+            QuorumError::Activate(r) => {
+                use crate::decide::ActivateRefusal as R;
+                match r {
+                    R::MayLackWrites { .. } => (
+                        Code::Unsafe,
+                        "bring the other site back if you can; otherwise add --force to accept losing them",
+                    ),
+                    R::WrongSite { .. } | R::NotAVoter { .. } => (
+                        Code::WrongNode,
+                        "run it against a voter of that site (metroctl tries every endpoint)",
+                    ),
+                    R::UnknownSite(_) | R::NotADataSite(_) => {
+                        (Code::InvalidArgument, "see `metroctl site list`")
+                    }
+                    R::LogBehind { .. } => (
+                        Code::Unsafe,
+                        "activate the site while that member's voter is up, or bring the lost site back",
+                    ),
+                    R::VotersReachable(_) => (
+                        Code::Unsafe,
+                        "if that site is really lost, stop those daemons (or cut them off) and retry",
+                    ),
+                }
+            }
             QuorumError::Storage(_) | QuorumError::Stopped(_) => (Code::Internal, "see the daemon's log"),
         };
         ApiError::new(code, e.to_string(), hint)

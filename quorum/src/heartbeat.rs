@@ -40,7 +40,10 @@ fn heartbeat_timeout(s: &Shared) -> Duration {
 
 /// Leader side: record liveness, confirm leadership, grant leases.
 pub(crate) async fn handle_heartbeat(s: &Shared, req: HeartbeatRequest) -> HeartbeatReply {
-    let not_leader = || HeartbeatReply::NotLeader { leader: s.leader_addr().map(|(_, a)| a) };
+    let not_leader = || HeartbeatReply::NotLeader {
+        leader: s.leader_addr().map(|(_, a)| a),
+        last_log: s.log.last_and_vote().0.map(|l| (l.leader_id.term, l.index)),
+    };
     if !s.is_leader() {
         return not_leader();
     }

@@ -11,6 +11,7 @@ pub mod decide;
 pub mod durable;
 pub mod error;
 mod heartbeat;
+pub mod incarnation;
 mod liveness;
 pub(crate) mod log_store;
 pub mod network;
@@ -26,6 +27,8 @@ mod wire;
 pub use cluster_config::{ClusterConfig, ClusterConfigError};
 pub use error::QuorumError;
 pub use network::{Connector, TcpConnector};
-pub use quorum::{EngineConfig, HeldLease, Quorum, QuorumStatus};
+pub use quorum::{
+    discard_raft_state, EngineConfig, HeldLease, OverrideReport, Quorum, QuorumStatus, Restart,
+};
 pub use rtt::RttEstimate;
 pub use state::{ClusterState, Command, CommandResult, LeasePolicy, NodeRecord, SiteMode, VolumeRecord};

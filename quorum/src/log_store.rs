@@ -285,6 +285,41 @@ impl LogStore {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Entries with an index above `index` (all of them for None).
+    pub(crate) fn entries_after(&self, index: Option<u64>) -> Vec<Entry> {
+        let g = self.lock();
+        match index {
+            Some(i) => g.entries.range(i + 1..).map(|(_, e)| e.clone()).collect(),
+            None => g.entries.values().cloned().collect(),
+        }
+    }
+
+    /// The last log id (an entry's, else the last purged one) and the vote.
+    pub(crate) fn last_and_vote(&self) -> (Option<LogId>, Option<Vote>) {
+        let g = self.lock();
+        (g.entries.values().next_back().map(|e| *e.get_log_id()).or(g.last_purged), g.vote)
+    }
+
+    /// Quorum-loss override only, with the raft core stopped: store `vote`,
+    /// then append `entries` (fsynced), as if this member had been elected.
+    pub(crate) fn force_append(&self, vote: Vote, entries: Vec<Entry>) -> Result<(), LogFileError> {
+        let mut g = self.lock();
+        let body = serde_json::to_vec(&vote).expect("votes serialize");
+        durable::write_atomic(&g.vote_path, VOTE_MAGIC, VOTE_VERSION, &body)?;
+        g.vote = Some(vote);
+        let recs: Vec<Record> = entries.into_iter().map(Record::Entry).collect();
+        let mut bytes = Vec::new();
+        for r in &recs {
+            bytes.extend(frame(r));
+        }
+        let path = g.path.clone();
+        g.write(&bytes, true).map_err(|source| LogFileError::Io { path, source })?;
+        for r in recs {
+            g.replay(r);
+        }
+        Ok(())
+    }
+
     #[allow(clippy::result_large_err)] // openraft's error type, returned as is
     fn mutate(&self, rec: Record, sync: bool, verb: ErrorVerb) -> Result<(), StorageError> {
         let mut g = self.lock();

@@ -18,6 +18,7 @@
 //! - How a channel is made is behind [`Connector`], so a simulator (turmoil)
 //!   can run the same code over its own sockets.
 
+use crate::incarnation::Incarnation;
 use crate::rtt::RttTable;
 use crate::types::{RaftId, TypeConfig};
 use metro_api::pb::internal::{internal_client::InternalClient, RaftPayload};
@@ -157,11 +158,13 @@ pub(crate) struct Peers {
     me: String,
     /// Round trips of entry-less appends (raft heartbeats), per address.
     pub rtt: RttTable,
+    /// Sent with every request; a higher one in a reply or refusal is reported.
+    pub incarnation: Arc<Incarnation>,
 }
 
 impl Peers {
-    pub fn new(connector: Arc<dyn Connector>, me: String) -> Self {
-        Self { connector, channels: Mutex::new(HashMap::new()), me, rtt: RttTable::default() }
+    pub fn new(connector: Arc<dyn Connector>, me: String, incarnation: Arc<Incarnation>) -> Self {
+        Self { connector, channels: Mutex::new(HashMap::new()), me, rtt: RttTable::default(), incarnation }
     }
 
     fn channel(&self, addr: &str) -> Result<Channel, RpcError> {
@@ -192,8 +195,12 @@ impl Peers {
         let mut client = InternalClient::new(ch)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let mut req =
-            tonic::Request::new(RaftPayload { proto_version: PROTOCOL_VERSION, from: self.me.clone(), data });
+        let mut req = tonic::Request::new(RaftPayload {
+            proto_version: PROTOCOL_VERSION,
+            from: self.me.clone(),
+            data,
+            incarnation: self.incarnation.get(),
+        });
         req.set_timeout(timeout);
         let fut = async {
             match method {
@@ -217,9 +224,20 @@ impl Peers {
                         p.proto_version,
                     )));
                 }
+                self.incarnation.observe(p.incarnation, addr);
                 Ok(p.data)
             }
-            Err(s) => Err(classify(addr, s, ms)),
+            Err(s) => {
+                let theirs = s
+                    .metadata()
+                    .get(crate::incarnation::METADATA_KEY)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                if let Some(g) = theirs {
+                    self.incarnation.observe(g, addr);
+                }
+                Err(classify(addr, s, ms))
+            }
         }
     }
 

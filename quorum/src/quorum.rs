@@ -17,6 +17,7 @@
 //!   `leader_since + lease_ms + drift_margin_ms` (see `decide::lease`).
 
 use crate::error::QuorumError;
+use crate::incarnation::Incarnation;
 use crate::log_store::LogStore;
 use crate::network::{
     Connector, Method, NetworkFactory, Peers, TcpConnector, PROPOSE_TIMEOUT, SNAPSHOT_CHUNK_BYTES,
@@ -28,7 +29,7 @@ use crate::types::{Raft, RaftId};
 use crate::wire::ProposeReply;
 use metro_api::config::{QuorumConfig, Role, SiteKind};
 use openraft::error::{ClientWriteError, RaftError};
-use openraft::{BasicNode, ServerState};
+use openraft::{BasicNode, CommittedLeaderId, EntryPayload, LogId, Membership, ServerState, Vote};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -45,6 +46,11 @@ pub const INIT_DEADLINE: Duration = Duration::from_secs(15);
 pub const JOIN_DEADLINE: Duration = Duration::from_secs(60);
 /// Deadline for building a snapshot in `compact_log` (a JSON dump of the state).
 pub const COMPACT_DEADLINE: Duration = Duration::from_secs(10);
+/// File (under `data_dir/raft`) with the peers a superseded member rejoins through.
+const REJOIN_PEERS: &str = "rejoin-peers";
+const REJOIN_MAGIC: &[u8; 8] = b"METRPEER";
+/// Deadline for probing another voter before the quorum-loss override.
+const OVERRIDE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bound on leader-hint hops per attempt (a stale hint cannot loop forever).
 const MAX_HOPS: usize = 4;
 /// Backoff between attempts while no leader is known.
@@ -104,11 +110,38 @@ pub(crate) struct Handover {
     pub started_ms: u64,
 }
 
+/// Why the daemon must restart this member's raft core (see [`Quorum::restart_requested`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Restart {
+    /// This member rebuilt the group (`force_new_group`): start again from the rewritten log.
+    Rebuilt { incarnation: u64 },
+    /// A newer incarnation superseded this voter: discard the raft state
+    /// ([`discard_raft_state`]), then start again and rejoin as a learner.
+    Rejoin { incarnation: u64 },
+}
+
+/// What [`Quorum::force_new_group`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverrideReport {
+    pub incarnation: u64,
+    /// The only voter of the rebuilt group (this node).
+    pub voter: String,
+    /// Nodes of the site kept as learners of the rebuilt group.
+    pub learners: Vec<String>,
+    pub fenced: Vec<String>,
+    /// Volumes reset to the site's replicas (`--force`): writes acknowledged elsewhere are lost.
+    pub forced: Vec<String>,
+}
+
 pub(crate) struct Shared {
     pub cfg: EngineConfig,
     pub raft_id: RaftId,
     pub raft: Raft,
     pub sm: StateMachine,
+    /// A handle on the log (the raft core owns another): read and rewritten
+    /// only by the quorum-loss override, with the core stopped.
+    pub log: LogStore,
+    pub restart: watch::Sender<Option<Restart>>,
     pub peers: Arc<Peers>,
     pub tls_enabled: bool,
     /// Origin of the `*_ms` clock used by the decision functions.
@@ -234,20 +267,24 @@ impl Quorum {
         let dir = cfg.data_dir.join("raft");
         let log = LogStore::open(&dir).map_err(|e| QuorumError::Storage(e.to_string()))?;
         let sm = StateMachine::open(&dir).map_err(|e| QuorumError::Storage(e.to_string()))?;
+        let incarnation = Arc::new(Incarnation::open(&dir).map_err(|e| QuorumError::Storage(e.to_string()))?);
         let raft_id = crate::state::raft_id_of(&cfg.node_id);
-        let peers = Arc::new(Peers::new(connector, cfg.node_id.clone()));
+        let peers = Arc::new(Peers::new(connector, cfg.node_id.clone(), incarnation));
         let net = NetworkFactory { peers: peers.clone() };
-        let raft = Raft::new(raft_id, Arc::new(raft_config), net, log, sm.clone())
+        let raft = Raft::new(raft_id, Arc::new(raft_config), net, log.clone(), sm.clone())
             .await
             .map_err(|e| QuorumError::Storage(e.to_string()))?;
         let (leases, _) = watch::channel(Arc::new(BTreeMap::new()));
         let (stop, _) = watch::channel(false);
+        let (restart, _) = watch::channel(None);
         let shared = Arc::new(Shared {
             tls_enabled: cfg.tls.is_some(),
             cfg,
             raft_id,
             raft,
             sm,
+            log,
+            restart,
             peers,
             t0: Instant::now(),
             leader: Mutex::new(None),
@@ -260,7 +297,14 @@ impl Quorum {
         let q = Quorum { inner: shared };
         q.spawn(crate::control::role_watcher(q.inner.clone()));
         q.spawn(crate::control::control_loop(q.inner.clone()));
-        tracing::info!(node = %q.inner.cfg.node_id, raft_id, addr = %q.inner.cfg.api_addr, "quorum member started");
+        q.spawn(incarnation_watcher(q.inner.clone()));
+        tracing::info!(
+            node = %q.inner.cfg.node_id,
+            raft_id,
+            addr = %q.inner.cfg.api_addr,
+            incarnation = q.inner.peers.incarnation.get(),
+            "quorum member started"
+        );
         Ok(q)
     }
 
@@ -409,6 +453,11 @@ impl Quorum {
         self.propose_until(cmd, Instant::now() + PROPOSE_DEADLINE).await
     }
 
+    /// As [`Quorum::propose`], giving up after `within`.
+    pub async fn propose_within(&self, cmd: Command, within: Duration) -> Result<CommandResult, QuorumError> {
+        self.propose_until(cmd, Instant::now() + within).await
+    }
+
     pub(crate) async fn propose_until(
         &self,
         cmd: Command,
@@ -507,6 +556,149 @@ impl Quorum {
         s.raft.trigger().purge_log(applied).await.map_err(|e| QuorumError::Stopped(e.to_string()))
     }
 
+    /// Peers to rejoin through after [`discard_raft_state`] (empty otherwise).
+    pub fn rejoin_peers(&self) -> Vec<String> {
+        let path = self.inner.cfg.data_dir.join("raft").join(REJOIN_PEERS);
+        match crate::durable::read(&path, REJOIN_MAGIC, 1) {
+            Ok(Some(body)) => serde_json::from_slice(&body).unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// This member's quorum group incarnation (0 until a quorum-loss override).
+    pub fn incarnation(&self) -> u64 {
+        self.inner.peers.incarnation.get()
+    }
+
+    /// Set (once) when the daemon must restart this member: after
+    /// [`Quorum::force_new_group`], or when a newer incarnation superseded it.
+    /// The raft core is already stopped then.
+    pub fn restart_requested(&self) -> watch::Receiver<Option<Restart>> {
+        self.inner.restart.subscribe()
+    }
+
+    /// The quorum-loss override (DESIGN.md §4.5, `metroctl site activate`
+    /// without a leader): rebuild the group around this member, a voter of
+    /// `site`, from its own log.
+    ///
+    /// 1. The state it would commit (applied state + its log's uncommitted
+    ///    tail) and the latest membership must pass `decide::plan_override`.
+    /// 2. The incarnation is bumped and persisted: from now on, members of
+    ///    the old group are refused (and rejoin as learners on their own).
+    /// 3. The raft core stops; the log gets, as if this member had been
+    ///    elected at a new term, a membership entry (this node the only voter,
+    ///    the other nodes of the site learners) and one batch entry (site
+    ///    modes, `ForceInSync` for `--force`d volumes).
+    /// 4. [`Restart::Rebuilt`] asks the daemon to restart the member: it elects
+    ///    itself and commits everything. Its control loop then waits one lease
+    ///    period plus the drift margin (it is a new leader) before it promotes
+    ///    the site's in-sync replicas; the epoch bumps fence the other site.
+    pub async fn force_new_group(&self, site: &str, force: bool) -> Result<OverrideReport, QuorumError> {
+        let s = &self.inner;
+        let m = s.raft.metrics().borrow().clone();
+        let (mut state, applied) = s.sm.applied();
+        for e in s.log.entries_after(applied.map(|l| l.index)) {
+            if let EntryPayload::Normal(cmd) = &e.payload {
+                state.apply(cmd);
+            }
+        }
+        let mem = m.membership_config.membership().clone();
+        let name = |id: RaftId| {
+            state.node_by_raft_id(id).map(|n| n.id.clone()).unwrap_or_else(|| format!("raft-{id}"))
+        };
+        let voters: BTreeSet<String> = mem.voter_ids().map(name).collect();
+        // Probe every other member: a voter that answers may still form a
+        // quorum; any member's last log id tells whether ours is behind.
+        let mut probes = tokio::task::JoinSet::new();
+        for n in state.nodes.values().filter(|n| n.id != s.cfg.node_id) {
+            let addr = mem.get_node(&n.raft_id).map(|b| b.addr.clone()).unwrap_or_else(|| n.api.clone());
+            let (peers, who) = (s.peers.clone(), n.id.clone());
+            let req = crate::wire::HeartbeatRequest { node_id: s.cfg.node_id.clone(), primaries: Vec::new() };
+            probes.spawn(async move {
+                let r: Result<crate::wire::HeartbeatReply, _> =
+                    peers.call(&addr, Method::Heartbeat, &req, OVERRIDE_PROBE_TIMEOUT).await;
+                let answer = match r {
+                    Ok(crate::wire::HeartbeatReply::NotLeader { last_log, .. }) => Some(last_log),
+                    // A leader answered: its log is as recent as any (treat it as ahead).
+                    Ok(crate::wire::HeartbeatReply::Granted { .. }) => Some(Some((u64::MAX, u64::MAX))),
+                    Err(
+                        crate::network::RpcError::Unreachable { .. }
+                        | crate::network::RpcError::Timeout { .. },
+                    ) => None,
+                    // Any other answer (a refusal) still means it is alive.
+                    Err(_) => Some(None),
+                };
+                (who, answer)
+            });
+        }
+        let mut reachable = BTreeMap::new();
+        while let Some(r) = probes.join_next().await {
+            if let Ok((who, Some(last))) = r {
+                reachable.insert(who, last);
+            }
+        }
+        let my_last = s.log.last_and_vote().0.map(|l| (l.leader_id.term, l.index));
+        let plan =
+            crate::decide::plan_override(&state, site, &s.cfg.node_id, &voters, &reachable, my_last, force)?;
+        // A leader that lost its quorum keeps its role in openraft (and could
+        // not commit: the caller's proposal failed); another leader must not exist.
+        if let Some(l) = m.current_leader.filter(|l| *l != s.raft_id) {
+            return Err(QuorumError::Invalid(format!(
+                "this node still follows a leader ({}); the override is only for a lost quorum",
+                name(l)
+            )));
+        }
+
+        let g = s.peers.incarnation.get() + 1;
+        s.peers.incarnation.set(g).map_err(|e| QuorumError::Storage(e.to_string()))?;
+        tracing::warn!(node = %s.cfg.node_id, %site, incarnation = g, "quorum-loss override: rebuilding the quorum group around this node");
+        if let Err(e) = s.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown before the override");
+        }
+        let (last, vote) = s.log.last_and_vote();
+        let term =
+            last.map(|l| l.leader_id.term).unwrap_or(0).max(vote.map(|v| v.leader_id.term).unwrap_or(0)) + 1;
+        let leader = CommittedLeaderId::new(term, s.raft_id);
+        let mut nodes = BTreeMap::from([(s.raft_id, BasicNode { addr: s.cfg.api_addr.clone() })]);
+        let mut learners = Vec::new();
+        for n in state.nodes.values().filter(|n| n.site == site && n.id != s.cfg.node_id) {
+            nodes.insert(n.raft_id, BasicNode { addr: n.api.clone() });
+            learners.push(n.id.clone());
+        }
+        let membership = Membership::new(vec![BTreeSet::from([s.raft_id])], nodes);
+        let next = last.map(|l| l.index + 1).unwrap_or(0);
+        let entries = vec![
+            crate::types::Entry {
+                log_id: LogId::new(leader, next),
+                payload: EntryPayload::Membership(membership),
+            },
+            crate::types::Entry {
+                log_id: LogId::new(leader, next + 1),
+                payload: EntryPayload::Normal(Command::Batch(plan.commands.clone())),
+            },
+        ];
+        let res = s.log.force_append(Vote::new(term, s.raft_id), entries);
+        // Restart in every case: the raft core is stopped.
+        s.restart.send_replace(Some(Restart::Rebuilt { incarnation: g }));
+        res.map_err(|e| QuorumError::Storage(e.to_string()))?;
+        tracing::warn!(
+            node = %s.cfg.node_id,
+            incarnation = g,
+            term,
+            fenced = ?plan.fenced,
+            forced = ?plan.forced,
+            ?learners,
+            "quorum-loss override written; restarting the quorum member"
+        );
+        Ok(OverrideReport {
+            incarnation: g,
+            voter: s.cfg.node_id.clone(),
+            learners,
+            fenced: plan.fenced,
+            forced: plan.forced,
+        })
+    }
+
     /// Stop the raft core and every background task of this member.
     pub async fn shutdown(&self) {
         let _ = self.inner.stop.send(true);
@@ -519,4 +711,73 @@ impl Quorum {
         }
         *self.inner.leader_state() = None;
     }
+}
+
+/// React to a higher incarnation seen on the wire: a learner adopts it (its
+/// log never decided a commit, the new leader overwrites what differs); a
+/// voter stops its raft core and asks for [`Restart::Rejoin`].
+async fn incarnation_watcher(s: Arc<Shared>) {
+    let mut rx = s.peers.incarnation.higher();
+    let mut first = true;
+    loop {
+        // The first round handles a value reported before this task subscribed.
+        if !std::mem::take(&mut first) && rx.changed().await.is_err() {
+            return;
+        }
+        let Some((g, who)) = rx.borrow_and_update().clone() else { continue };
+        let mine = s.peers.incarnation.get();
+        if g <= mine {
+            continue;
+        }
+        let voter = {
+            let m = s.raft.metrics();
+            let m = m.borrow();
+            let is_voter = m.membership_config.membership().voter_ids().any(|i| i == s.raft_id);
+            is_voter
+        };
+        if !voter {
+            match s.peers.incarnation.set(g) {
+                Ok(()) => tracing::warn!(
+                    node = %s.cfg.node_id, from = %who, incarnation = g, previous = mine,
+                    "the quorum group was rebuilt (site activate without a quorum); this learner follows the new group"
+                ),
+                Err(e) => tracing::error!(error = %e, "cannot store the new quorum incarnation"),
+            }
+            continue;
+        }
+        tracing::error!(
+            node = %s.cfg.node_id, from = %who, incarnation = g, previous = mine,
+            "the quorum group was rebuilt without this voter (site activate without a quorum); discarding this node's raft state and rejoining as a learner"
+        );
+        if let Err(e) = s.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+        s.restart.send_replace(Some(Restart::Rejoin { incarnation: g }));
+        return;
+    }
+}
+
+/// Discard the raft state under `data_dir/raft` (log, vote, snapshot) and
+/// store `incarnation`: the member then starts empty and joins as a learner.
+/// Call only with the member stopped ([`Restart::Rejoin`]).
+/// `peers`: `host:port` of members to rejoin through (kept in
+/// `raft/rejoin-peers`, see [`Quorum::rejoin_peers`]) when etcd is down.
+pub fn discard_raft_state(
+    data_dir: &std::path::Path,
+    incarnation: u64,
+    peers: &[String],
+) -> Result<(), QuorumError> {
+    let dir = data_dir.join("raft");
+    crate::incarnation::write(&dir, incarnation).map_err(|e| QuorumError::Storage(e.to_string()))?;
+    let body = serde_json::to_vec(peers).expect("strings serialize");
+    crate::durable::write_atomic(&dir.join(REJOIN_PEERS), REJOIN_MAGIC, 1, &body)
+        .map_err(|e| QuorumError::Storage(e.to_string()))?;
+    for f in ["log.seg", "log.seg.tmp", "vote", "vote.tmp", "snapshot", "snapshot.tmp"] {
+        match std::fs::remove_file(dir.join(f)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(QuorumError::Storage(format!("removing {}: {e}", dir.join(f).display()))),
+        }
+    }
+    crate::durable::fsync_dir(&dir).map_err(|e| QuorumError::Storage(e.to_string()))
 }

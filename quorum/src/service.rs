@@ -47,16 +47,39 @@ impl InternalService {
             )
             .into());
         }
+        let mine = self.shared.peers.incarnation.get();
+        let who = if p.from.is_empty() { "the caller".to_string() } else { format!("node `{}`", p.from) };
+        if p.incarnation < mine {
+            let mut status: Status =
+                ApiError::new(Code::Unsafe, crate::incarnation::stale_message(&who, p.incarnation, mine), "")
+                    .into();
+            if let Ok(v) = mine.to_string().parse() {
+                status.metadata_mut().insert(crate::incarnation::METADATA_KEY, v);
+            }
+            return Err(status);
+        }
+        if p.incarnation > mine {
+            self.shared.peers.incarnation.observe(p.incarnation, &p.from);
+            return Err(Status::unavailable(format!(
+                "this node is moving from quorum group incarnation {mine} to {} (seen from {who}); retry",
+                p.incarnation
+            )));
+        }
         let v = serde_json::from_slice(&p.data).map_err(|e| {
             Status::from(ApiError::new(Code::InvalidArgument, format!("cannot decode the payload: {e}"), ""))
         })?;
         Ok((p.from, v))
     }
 
-    fn reply<T: Serialize>(v: &T) -> Result<Response<RaftPayload>, Status> {
+    fn reply<T: Serialize>(&self, v: &T) -> Result<Response<RaftPayload>, Status> {
         let data = serde_json::to_vec(v)
             .map_err(|e| Status::from(ApiError::new(Code::Internal, format!("encode reply: {e}"), "")))?;
-        Ok(Response::new(RaftPayload { proto_version: PROTOCOL_VERSION, from: String::new(), data }))
+        Ok(Response::new(RaftPayload {
+            proto_version: PROTOCOL_VERSION,
+            from: String::new(),
+            data,
+            incarnation: self.shared.peers.incarnation.get(),
+        }))
     }
 }
 
@@ -64,24 +87,24 @@ impl InternalService {
 impl Internal for InternalService {
     async fn raft_append(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let (_, req): (_, AppendEntriesRequest<TypeConfig>) = self.open(request)?;
-        Self::reply(&self.shared.raft.append_entries(req).await)
+        self.reply(&self.shared.raft.append_entries(req).await)
     }
 
     async fn raft_vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let (_, req): (_, VoteRequest<u64>) = self.open(request)?;
-        Self::reply(&self.shared.raft.vote(req).await)
+        self.reply(&self.shared.raft.vote(req).await)
     }
 
     async fn raft_snapshot(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let (_, req): (_, InstallSnapshotRequest<TypeConfig>) = self.open(request)?;
-        Self::reply(&self.shared.raft.install_snapshot(req).await)
+        self.reply(&self.shared.raft.install_snapshot(req).await)
     }
 
     async fn propose(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let (from, cmd): (_, Command) = self.open(request)?;
         let s = &self.shared;
         if !s.is_leader() {
-            return Self::reply(&ProposeReply::NotLeader { leader: s.leader_addr().map(|(_, a)| a) });
+            return self.reply(&ProposeReply::NotLeader { leader: s.leader_addr().map(|(_, a)| a) });
         }
         let reply = match s.write_local(cmd.clone()).await {
             Ok(r) => {
@@ -96,11 +119,11 @@ impl Internal for InternalService {
                 ProposeReply::Failed(e.to_string())
             }
         };
-        Self::reply(&reply)
+        self.reply(&reply)
     }
 
     async fn heartbeat(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let (_, req): (_, HeartbeatRequest) = self.open(request)?;
-        Self::reply(&crate::heartbeat::handle_heartbeat(&self.shared, req).await)
+        self.reply(&crate::heartbeat::handle_heartbeat(&self.shared, req).await)
     }
 }

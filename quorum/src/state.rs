@@ -146,6 +146,16 @@ pub enum Command {
         site: String,
         mode: SiteMode,
     },
+    /// Operator override only (`site activate --force` without a quorum):
+    /// reset `in_sync` to `in_sync` (replicas of the activated site, possibly
+    /// outside the current `in_sync`), clear the primary and bump the epoch.
+    /// Writes acknowledged only by the dropped replicas are lost; this is the
+    /// one exception to invariant 4 and is never emitted by the leader.
+    ForceInSync {
+        name: String,
+        expected_epoch: u64,
+        in_sync: Vec<NodeId>,
+    },
     SetPreferredSite {
         site: Option<String>,
     },
@@ -378,6 +388,30 @@ impl ClusterState {
                 }
                 v.in_sync = in_sync.clone();
                 v.primary = primary.clone();
+                v.epoch += 1;
+                CommandResult::Ok { epoch: v.epoch }
+            }
+            Command::ForceInSync { name, expected_epoch, in_sync } => {
+                let Some(v) = self.volumes.get_mut(name) else {
+                    return reject(Rejection::NotFound, format!("no volume `{name}`"));
+                };
+                if v.epoch != *expected_epoch {
+                    return reject(
+                        Rejection::EpochMismatch,
+                        format!("volume `{name}` is at epoch {}, not {expected_epoch}", v.epoch),
+                    );
+                }
+                if in_sync.is_empty() || in_sync.iter().any(|n| !v.replicas.contains(n)) {
+                    return reject(Rejection::Invalid, "in_sync must be a non-empty set of replicas");
+                }
+                let mut dedup = in_sync.clone();
+                dedup.sort();
+                dedup.dedup();
+                if dedup.len() != in_sync.len() {
+                    return reject(Rejection::Invalid, "in_sync lists a replica twice");
+                }
+                v.in_sync = in_sync.clone();
+                v.primary = None;
                 v.epoch += 1;
                 CommandResult::Ok { epoch: v.epoch }
             }

@@ -94,6 +94,12 @@ impl StateMachine {
         self.tx.subscribe()
     }
 
+    /// The applied state and the id of the last entry applied to it (read together).
+    pub fn applied(&self) -> (ClusterState, Option<LogId>) {
+        let g = self.lock();
+        (g.data.state.clone(), g.data.last_applied)
+    }
+
     /// The current state.
     pub fn current(&self) -> Arc<ClusterState> {
         self.tx.borrow().clone()

@@ -44,5 +44,10 @@ pub enum HeartbeatReply {
     },
     NotLeader {
         leader: Option<String>,
+        /// The answering member's last log id as `(term, index)`: the
+        /// quorum-loss override refuses to run on a member whose log is behind
+        /// a member it can reach.
+        #[serde(default)]
+        last_log: Option<(u64, u64)>,
     },
 }

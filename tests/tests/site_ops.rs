@@ -308,12 +308,9 @@ async fn without_a_quorum_no_site_acknowledges_writes() -> anyhow::Result<()> {
     lab.kill_site("dc-a")?;
     tokio::time::sleep(Duration::from_secs(12)).await;
 
-    tracing::info!("--- no leader, no promotion; site activate cannot commit without a quorum");
+    tracing::info!("--- no leader, no promotion (the operator override is tests/tests/quorum_override.rs)");
     let v = lab.volume("v")?;
     assert!(v["primary"].as_str().unwrap_or("").starts_with('a'), "nobody was promoted: {v}");
-    let activate = lab.ctl(&["site", "activate", "dc-b"]);
-    tracing::info!(?activate, "site activate dc-b without a quorum");
-    assert!(activate.is_err(), "activate must not report success without a committed change");
 
     tracing::info!("--- the witness and dc-a return: the quorum is back, I/O resumes");
     let restart_at = now_s();

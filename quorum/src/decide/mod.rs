@@ -16,6 +16,7 @@
 //! Time: a `u64` of milliseconds on a monotonic clock (`now_ms`), the same
 //! unit everywhere in this module, so the simulator can drive it directly.
 
+pub mod activate;
 pub mod failover;
 pub mod lease;
 pub mod moves;
@@ -28,6 +29,7 @@ mod fixture;
 #[cfg(test)]
 mod matrix;
 
+pub use activate::{check_activate, plan_override, ActivateRefusal, OverridePlan};
 pub use failover::{plan_failover, FailoverPlan};
 pub use lease::{LeaseError, LeaseTable, LeaseTiming};
 pub use moves::{move_target, planned_move, primaries_of};

@@ -1,6 +1,7 @@
 //! Integration tests of the quorum engine: real members, real tonic, 127.0.0.1.
 //! One binary for the crate (`cargo test -p metro-quorum --test it`).
 
+mod override_group;
 mod support;
 
 use metro_quorum::{Command, CommandResult, LeasePolicy};
@@ -229,7 +230,12 @@ type Payload = metro_api::pb::internal::RaftPayload;
 
 impl FutureVersionPeer {
     fn answer(_: tonic::Request<Payload>) -> Result<tonic::Response<Payload>, tonic::Status> {
-        Ok(tonic::Response::new(Payload { proto_version: 99, from: "x9".into(), data: b"{}".to_vec() }))
+        Ok(tonic::Response::new(Payload {
+            proto_version: 99,
+            from: "x9".into(),
+            data: b"{}".to_vec(),
+            incarnation: 0,
+        }))
     }
 }
 
@@ -245,7 +251,7 @@ async fn a_peer_speaking_another_protocol_version_is_refused_with_both_versions_
     .await
     .unwrap();
     let status = client
-        .propose(Payload { proto_version: 99, from: "x9".into(), data: b"{}".to_vec() })
+        .propose(Payload { proto_version: 99, from: "x9".into(), data: b"{}".to_vec(), incarnation: 0 })
         .await
         .expect_err("must be refused");
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
@@ -296,6 +302,7 @@ async fn members_talk_over_mutual_tls_and_a_viewer_certificate_is_refused() {
             proto_version: metro_api::PROTOCOL_VERSION,
             from: "grafana".into(),
             data: serde_json::to_vec(&Command::SetPreferredSite { site: None }).unwrap(),
+            incarnation: 0,
         })
         .await
         .expect_err("viewer refused");
