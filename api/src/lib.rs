@@ -12,7 +12,11 @@ pub mod tls;
 
 /// Version of the node-to-node protocols (raft RPCs, replication links).
 /// A peer that speaks another version is refused with a clear message.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// 2: raft log entries `SetClusterConfig` and `ForceInSync`, and the group
+/// incarnation on every raft RPC (a version-1 peer could neither read those
+/// entries nor refuse a superseded group).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Generated protobuf/tonic code.
 pub mod pb {
