@@ -40,6 +40,10 @@ struct Args {
     /// Volumes for the witness/scale sections.
     #[arg(long)]
     volumes: Option<usize>,
+    /// Appended to the results file name (`<date>-<host>-<tag>`), e.g. to
+    /// keep an earlier run of the same day for comparison.
+    #[arg(long)]
+    tag: Option<String>,
     /// Seconds per fio job.
     #[arg(long)]
     fio_seconds: Option<u64>,
@@ -147,7 +151,10 @@ async fn main() -> anyhow::Result<()> {
     let window = Duration::from_secs(if a.quick { 5 } else { 10 });
     let started = Instant::now();
     std::fs::create_dir_all(&a.out)?;
-    let stem = a.out.join(format!("{}-{}", today(), hostname()));
+    let stem = a.out.join(match &a.tag {
+        Some(t) => format!("{}-{}-{t}", today(), hostname()),
+        None => format!("{}-{}", today(), hostname()),
+    });
 
     let mut sections: Vec<(&str, Section)> = Vec::new();
     let mut points = Vec::new();
