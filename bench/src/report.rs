@@ -13,11 +13,20 @@ pub struct Target {
     pub target: String,
     pub measured: String,
     pub met: bool,
+    /// An extra, informative goal the bench set itself (not from the issue).
+    #[serde(default)]
+    pub ours: bool,
 }
 
 impl Target {
+    /// A target as the issue states it.
     pub fn new(section: &str, what: &str, target: String, measured: String, met: bool) -> Target {
-        Target { section: section.into(), what: what.into(), target, measured, met }
+        Target { section: section.into(), what: what.into(), target, measured, met, ours: false }
+    }
+
+    /// An informative goal proposed by the bench, marked as such in the table.
+    pub fn ours(section: &str, what: &str, target: String, measured: String, met: bool) -> Target {
+        Target { ours: true, ..Target::new(section, what, target, measured, met) }
     }
 }
 
@@ -38,17 +47,20 @@ pub struct LatencyPoint {
     pub limit_ms: f64,
 }
 
-/// Markdown table of targets.
+/// Markdown table of targets: the issue's first, then the bench's own
+/// (informative) goals, each row saying which it is.
 pub fn targets_markdown(ts: &[Target]) -> String {
-    let mut s = String::from("| section | target | goal | measured | result |\n|---|---|---|---|---|\n");
-    for t in ts {
+    let mut s =
+        String::from("| section | target | goal | measured | result | source |\n|---|---|---|---|---|---|\n");
+    for t in ts.iter().filter(|t| !t.ours).chain(ts.iter().filter(|t| t.ours)) {
         s += &format!(
-            "| {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} |\n",
             t.section,
             t.what,
             t.target,
             t.measured,
-            if t.met { "met" } else { "**missed**" }
+            if t.met { "met" } else { "**missed**" },
+            if t.ours { "ours (informative)" } else { "issue" }
         );
     }
     s

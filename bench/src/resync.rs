@@ -181,14 +181,14 @@ pub async fn run(lab: &BenchLab, write_bytes: u64, link_bytes: u64) -> anyhow::R
         amplification,
     );
     let targets = vec![
-        Target::new(
+        Target::ours(
             "resync",
             "resync copy rate vs plain TCP link",
             format!("≥ {:.0}% of link", LINK_FRACTION * 100.0),
             format!("{:.1}% ({:.1} of {:.0} MiB/s)", copy_rate / link * 100.0, mib(copy_rate), mib(link)),
             copy_rate >= link * LINK_FRACTION,
         ),
-        Target::new(
+        Target::ours(
             "resync",
             "bytes moved vs dirty bytes",
             format!("≤ {MAX_AMPLIFICATION}×"),

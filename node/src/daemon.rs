@@ -33,8 +33,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// How often the leader reconciles volume specs from etcd.
+/// How often the leader reconciles volume specs from etcd in any case.
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+/// How often the leader checks whether any spec changed (a keys-only,
+/// one-key etcd read), so a new volume is placed within this, not within
+/// RECONCILE_EVERY (which made every create take up to a second).
+const SPECS_POLL: Duration = Duration::from_millis(50);
 /// How often the leader publishes the status summary to etcd.
 const PUBLISH_EVERY: Duration = Duration::from_secs(5);
 /// Retry period for joining the cluster.
@@ -513,15 +517,20 @@ impl From<metro_quorum::QuorumError> for JoinError {
 
 /// Leader-only duties: seed and reconcile the cluster config and the volume
 /// specs from etcd into committed state, and publish a status summary for
-/// outside observers.
+/// outside observers. Specs are reconciled as soon as their version key in
+/// etcd changes (polled every `SPECS_POLL`), and at least every
+/// `RECONCILE_EVERY`; the cluster config every `RECONCILE_EVERY`.
 async fn leader_loop(
     cfg: Arc<DaemonConfig>,
     quorum: Quorum,
     registry: Arc<dyn Registry>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut tick = tokio::time::interval(RECONCILE_EVERY);
+    let mut tick = tokio::time::interval(SPECS_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_publish = tokio::time::Instant::now() - PUBLISH_EVERY;
+    let mut last_reconcile = tokio::time::Instant::now() - RECONCILE_EVERY;
+    let mut seen_version = None;
     let mut warned_generation = 0;
     loop {
         tokio::select! {
@@ -529,15 +538,26 @@ async fn leader_loop(
             _ = tick.tick() => {}
         }
         if !quorum.status().is_leader {
+            seen_version = None;
             continue;
         }
-        if let Err(e) = reconcile_config(&cfg, &quorum, registry.as_ref(), &mut warned_generation).await {
-            tracing::warn!(error = %e, "reconciling the cluster config");
+        let due = last_reconcile.elapsed() >= RECONCILE_EVERY;
+        if due {
+            if let Err(e) = reconcile_config(&cfg, &quorum, registry.as_ref(), &mut warned_generation).await {
+                tracing::warn!(error = %e, "reconciling the cluster config");
+            }
         }
+        // Read the version before the specs: a change after it is seen next poll.
+        let version = registry.specs_version().await.ok();
+        if version.is_some() && version == seen_version && !due {
+            continue;
+        }
+        last_reconcile = tokio::time::Instant::now();
         let Ok(specs) = registry.specs().await else { continue };
         let state = quorum.state().borrow().clone();
-        if let Err(e) = reconcile_specs(&quorum, registry.as_ref(), &state, specs).await {
-            tracing::warn!(error = %e, "reconciling volume specs");
+        match reconcile_specs(&quorum, registry.as_ref(), &state, specs).await {
+            Ok(()) => seen_version = version,
+            Err(e) => tracing::warn!(error = %e, "reconciling volume specs"),
         }
         if last_publish.elapsed() >= PUBLISH_EVERY {
             last_publish = tokio::time::Instant::now();

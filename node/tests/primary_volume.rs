@@ -129,3 +129,109 @@ async fn the_volume_iops_limit_paces_requests() {
     // 50 IOPS with a 100 ms burst: 60 reads need at least ~1.1 s of virtual time.
     assert!(took >= Duration::from_millis(1000), "60 reads at 50 IOPS took {took:?}");
 }
+
+/// A device that logs local operations and holds writes whose first byte
+/// is 1 for 300 ms (virtual time), to make the order of local I/O visible.
+struct Recording {
+    inner: MemVolume,
+    log: Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl BlockDevice for Recording {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    async fn read(&self, offset: u64, len: u32) -> metro_node::block::BlockResult<Bytes> {
+        self.inner.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> metro_node::block::BlockResult<()> {
+        let tag = data[0];
+        self.log.lock().unwrap().push(format!("begin {tag}"));
+        if tag == 1 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let r = self.inner.write(offset, data, fua).await;
+        self.log.lock().unwrap().push(format!("end {tag}"));
+        r
+    }
+    async fn flush(&self) -> metro_node::block::BlockResult<()> {
+        self.log.lock().unwrap().push("flush".into());
+        self.inner.flush().await
+    }
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> metro_node::block::BlockResult<()> {
+        self.inner.trim(offset, len, fua).await
+    }
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+        may_punch: bool,
+    ) -> metro_node::block::BlockResult<()> {
+        self.inner.write_zeroes(offset, len, fua, may_punch).await
+    }
+}
+
+fn unreplicated(dev: Arc<Recording>) -> Arc<PrimaryVolume> {
+    let s = Arc::new(Script::default());
+    *s.lease.lock().unwrap() = true;
+    *s.primary.lock().unwrap() = true;
+    Arc::new(PrimaryVolume::new(
+        "v".into(),
+        1 << 20,
+        dev,
+        "a1".into(),
+        ReplState { epoch: 1, in_sync_peers: vec![], stale_peers: vec![], catching_up: vec![] },
+        s,
+        Duration::from_millis(200),
+        LeasePolicy::Suspend,
+    ))
+}
+
+/// Wait (virtual time) until the device log holds `entry`.
+async fn logged(dev: &Recording, entry: &str) {
+    for _ in 0..1000 {
+        if dev.log.lock().unwrap().iter().any(|e| e == entry) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("`{entry}` never logged: {:?}", dev.log.lock().unwrap());
+}
+
+#[tokio::test(start_paused = true)]
+async fn overlapping_writes_land_locally_in_order_while_disjoint_ones_do_not_wait() {
+    let dev = Arc::new(Recording { inner: MemVolume::new(1 << 20), log: Mutex::default() });
+    let p = unreplicated(dev.clone());
+    let (p1, p2, p3) = (p.clone(), p.clone(), p.clone());
+    let w1 = tokio::spawn(async move { p1.write(0, Bytes::from(vec![1u8; 8192]), false).await });
+    logged(&dev, "begin 1").await;
+    // Overlaps the second half of w1: must wait for it locally.
+    let w2 = tokio::spawn(async move { p2.write(4096, Bytes::from(vec![2u8; 4096]), false).await });
+    // Disjoint from both: runs at once.
+    let w3 = tokio::spawn(async move { p3.write(65536, Bytes::from(vec![3u8; 4096]), false).await });
+    w3.await.unwrap().unwrap();
+    w2.await.unwrap().unwrap();
+    w1.await.unwrap().unwrap();
+    let log = dev.log.lock().unwrap().clone();
+    let at = |e: &str| log.iter().position(|x| x == e).unwrap_or_else(|| panic!("{e} missing: {log:?}"));
+    assert!(at("end 1") < at("begin 2"), "the later overlapping write waited: {log:?}");
+    assert!(at("end 3") < at("end 1"), "the disjoint write did not wait: {log:?}");
+    assert_eq!(&p.read(0, 4096).await.unwrap()[..], &[1u8; 4096][..]);
+    assert_eq!(&p.read(4096, 4096).await.unwrap()[..], &[2u8; 4096][..], "the later write wins");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_flush_covers_every_write_ordered_before_it() {
+    let dev = Arc::new(Recording { inner: MemVolume::new(1 << 20), log: Mutex::default() });
+    let p = unreplicated(dev.clone());
+    let p1 = p.clone();
+    let w1 = tokio::spawn(async move { p1.write(0, Bytes::from(vec![1u8; 4096]), false).await });
+    logged(&dev, "begin 1").await;
+    p.flush().await.unwrap();
+    let log = dev.log.lock().unwrap().clone();
+    let at = |e: &str| log.iter().position(|x| x == e).unwrap_or_else(|| panic!("{e} missing: {log:?}"));
+    assert!(at("end 1") < at("flush"), "the flush waited for the earlier write: {log:?}");
+    w1.await.unwrap().unwrap();
+}

@@ -47,12 +47,15 @@ fn a_full_hot_set_evicts_only_flushed_extents_least_recently_used_first() {
     log.begin_write(EXT, 1).unwrap(); // extent 1
     let s = log.begin_write(2 * EXT, 1).unwrap(); // extent 2
     log.begin_write(0, 1).unwrap(); // touch extent 0 again (now newest)
-                                    // Nothing flushed yet: a fourth extent is refused.
+                                    // Nothing flushed yet: a fourth extent is refused, and that is predicted.
+    assert!(!log.would_be_full(EXT, 1), "a hot extent always fits");
+    assert!(log.would_be_full(3 * EXT, 1));
     let err = log.begin_write(3 * EXT, 1).unwrap_err();
     assert!(matches!(err, StoreError::ActivityLogFull { hot: 3 }), "{err:?}");
     // Flush covering writes up to extent 2's: extents 1 and 2 may cool, but
     // extent 0 was written after the flush point.
     log.mark_flushed(s);
+    assert!(!log.would_be_full(3 * EXT, 1), "a flushed extent can be evicted");
     log.begin_write(3 * EXT, 1).unwrap();
     let hot = log.hot_extents();
     assert_eq!(hot, vec![(0, EXT), (2 * EXT, 2 * EXT)], "LRU flushed extent 1 should go first");

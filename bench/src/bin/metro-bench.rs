@@ -15,9 +15,10 @@ struct Args {
     /// Short runs: 3 s fio jobs, 3 RTO trials per kind, 128 MiB resync, 100 volumes.
     #[arg(long)]
     quick: bool,
-    /// Run one section only.
-    #[arg(long, value_parser = ["io", "rto", "resync", "witness", "scale"])]
-    only: Option<String>,
+    /// Run only these sections (comma-separated, e.g. `io,resync`); the other
+    /// sections of today's results file are kept.
+    #[arg(long, value_delimiter = ',', value_parser = ["io", "rto", "resync", "witness", "scale"])]
+    only: Vec<String>,
     /// Directory with metro-node, metro-witness, metroctl and metro-delay.
     #[arg(long, default_value = "target/release")]
     bin_dir: PathBuf,
@@ -42,6 +43,10 @@ struct Args {
     /// Volumes for the witness/scale sections.
     #[arg(long)]
     volumes: Option<usize>,
+    /// Appended to the results file name (`<date>-<host>-<tag>`), e.g. to
+    /// keep an earlier run of the same day for comparison.
+    #[arg(long)]
+    tag: Option<String>,
     /// Seconds per fio job.
     #[arg(long)]
     fio_seconds: Option<u64>,
@@ -75,7 +80,7 @@ fn write_results(
     let mut json_of: serde_json::Map<String, serde_json::Value> =
         sections.iter().map(|(n, s)| (n.to_string(), s.json.clone())).collect();
     // `--only X` keeps the other sections of today's results file.
-    if a.only.is_some() {
+    if !a.only.is_empty() {
         if let Ok(old) = std::fs::read_to_string(stem.with_extension("json")) {
             let old: serde_json::Value = serde_json::from_str(&old)?;
             for (name, md) in old["markdown"].as_object().into_iter().flatten() {
@@ -94,8 +99,9 @@ fn write_results(
     let mode = "loopback (127.N.x.y in the root namespace; delays via iptables NFQUEUE + metro-delay)";
     let machine = json!({"host": hostname(), "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "loadavg_at_end": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()});
+    let ran: Vec<&str> = sections.iter().map(|(n, _)| *n).collect();
     let mut doc = json!({"date": today(), "quick": a.quick, "lab_mode": mode, "machine": machine,
-        "elapsed_s": started.elapsed().as_secs_f64(), "targets": targets});
+        "elapsed_s": started.elapsed().as_secs_f64(), "sections_run": ran, "targets": targets});
     for (name, j) in &json_of {
         doc[name] = j.clone();
     }
@@ -103,13 +109,15 @@ fn write_results(
     std::fs::write(stem.with_extension("json"), serde_json::to_string_pretty(&doc)? + "\n")?;
 
     let mut md = format!(
-        "# metro benchmark results {}\n\nhost `{}` ({} CPUs, load at end {}), lab mode: {mode}, {}run took {:.0} s.\n\n## Targets\n\n{}\n",
+        "# metro benchmark results {}\n\nhost `{}` ({} CPUs, load at end {}), lab mode: {mode}, {}run took {:.0} s, sections run: {}{}.\n\n## Targets\n\n{}\n",
         today(),
         hostname(),
         doc["machine"]["cpus"],
         doc["machine"]["loadavg_at_end"].as_str().unwrap_or(""),
         if a.quick { "--quick, " } else { "" },
         started.elapsed().as_secs_f64(),
+        ran.join(", "),
+        if md_of.len() > ran.len() { " (other sections kept from an earlier run of the day)" } else { "" },
         report::targets_markdown(&targets)
     );
     for name in SECTIONS {
@@ -132,7 +140,7 @@ fn write_results(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let want = |s: &str| a.only.as_deref().is_none_or(|o| o == s);
+    let want = |s: &str| a.only.is_empty() || a.only.iter().any(|o| o == s);
     let spec = LabSpec {
         dir: a.lab_dir.clone(),
         bin_dir: a.bin_dir.canonicalize().context("bin dir")?,
@@ -146,7 +154,10 @@ async fn main() -> anyhow::Result<()> {
     let window = Duration::from_secs(if a.quick { 5 } else { 10 });
     let started = Instant::now();
     std::fs::create_dir_all(&a.out)?;
-    let stem = a.out.join(format!("{}-{}", today(), hostname()));
+    let stem = a.out.join(match &a.tag {
+        Some(t) => format!("{}-{}-{t}", today(), hostname()),
+        None => format!("{}-{}", today(), hostname()),
+    });
 
     let mut sections: Vec<(&str, Section)> = Vec::new();
     let mut points = Vec::new();

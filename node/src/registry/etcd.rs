@@ -9,7 +9,9 @@
 
 use super::{Registry, RegistryError, VolumeSpec};
 use async_trait::async_trait;
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
+};
 use metro_quorum::{ClusterConfig, NodeRecord};
 use std::time::Duration;
 use tokio::sync::Mutex;
@@ -227,6 +229,19 @@ impl Registry for EtcdRegistry {
 
     async fn specs(&self) -> Result<Vec<VolumeSpec>, RegistryError> {
         self.list("volumes/").await
+    }
+
+    async fn specs_version(&self) -> Result<(i64, i64), RegistryError> {
+        // The newest spec's mod revision (puts) and the number of specs
+        // (removals): keys only, one key returned.
+        let mut c = self.client().await?;
+        let opts = GetOptions::new()
+            .with_prefix()
+            .with_keys_only()
+            .with_sort(SortTarget::Mod, SortOrder::Descend)
+            .with_limit(1);
+        let resp = self.with_deadline(c.get(format!("{}volumes/", self.prefix), Some(opts))).await?;
+        Ok((resp.kvs().first().map_or(0, |kv| kv.mod_revision()), resp.count()))
     }
 
     async fn put_status(&self, json: &str) -> Result<(), RegistryError> {

@@ -19,6 +19,8 @@ struct Inner {
     status: Option<String>,
     config: Option<(ClusterConfig, i64)>,
     revision: i64,
+    /// Bumped on every spec put or removal.
+    specs_version: i64,
     down: bool,
 }
 
@@ -55,11 +57,19 @@ impl Registry for MemoryRegistry {
             return Err(RegistryError::AlreadyExists(spec.name.clone()));
         }
         g.specs.insert(spec.name.clone(), spec.clone());
+        g.specs_version += 1;
         Ok(())
     }
     async fn remove_spec(&self, name: &str) -> Result<(), RegistryError> {
-        self.guard()?.specs.remove(name);
+        let mut g = self.guard()?;
+        if g.specs.remove(name).is_some() {
+            g.specs_version += 1;
+        }
         Ok(())
+    }
+    async fn specs_version(&self) -> Result<(i64, i64), RegistryError> {
+        let g = self.guard()?;
+        Ok((g.specs_version, g.specs.len() as i64))
     }
     async fn specs(&self) -> Result<Vec<VolumeSpec>, RegistryError> {
         Ok(self.guard()?.specs.values().cloned().collect())

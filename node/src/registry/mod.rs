@@ -61,6 +61,9 @@ pub trait Registry: Send + Sync + 'static {
     async fn put_spec(&self, spec: &VolumeSpec, create_only: bool) -> Result<(), RegistryError>;
     async fn remove_spec(&self, name: &str) -> Result<(), RegistryError>;
     async fn specs(&self) -> Result<Vec<VolumeSpec>, RegistryError>;
+    /// A cheap token that changes whenever a spec is put or removed, so the
+    /// leader can poll it often and list every spec only when it changed.
+    async fn specs_version(&self) -> Result<(i64, i64), RegistryError>;
     async fn put_status(&self, json: &str) -> Result<(), RegistryError>;
     /// The status summary last published (None before the first).
     async fn status(&self) -> Result<Option<String>, RegistryError>;
@@ -106,12 +109,19 @@ pub async fn conformance(reg: &dyn Registry) {
         primary_site: None,
         deleted: false,
     };
+    let v0 = reg.specs_version().await.expect("specs version");
     reg.put_spec(&spec, true).await.expect("create spec");
+    let v1 = reg.specs_version().await.unwrap();
+    assert_ne!(v1, v0, "a new spec changes the version");
     assert_eq!(reg.put_spec(&spec, true).await, Err(RegistryError::AlreadyExists("v1".into())));
+    assert_eq!(reg.specs_version().await.unwrap(), v1, "a refused create changes nothing");
     let tomb = VolumeSpec { deleted: true, ..spec.clone() };
     reg.put_spec(&tomb, false).await.expect("overwrite spec");
+    let v2 = reg.specs_version().await.unwrap();
+    assert_ne!(v2, v1, "an overwrite changes the version");
     assert_eq!(reg.specs().await.unwrap(), vec![tomb]);
     reg.remove_spec("v1").await.unwrap();
+    assert_ne!(reg.specs_version().await.unwrap(), v2, "a removal changes the version");
     assert!(reg.specs().await.unwrap().is_empty());
     assert_eq!(reg.status().await.unwrap(), None);
     reg.put_status("{\"ok\":true}").await.unwrap();

@@ -218,6 +218,25 @@ impl ActivityLog {
         Ok(noted.seq)
     }
 
+    /// Would a write to `[offset, offset+len)` be refused with
+    /// [`StoreError::ActivityLogFull`] right now (no flushed extent to evict)?
+    pub fn would_be_full(&self, offset: u64, len: u64) -> bool {
+        let range = self.extents_of(offset, len);
+        let new = range.clone().filter(|e| !self.hot.contains_key(e)).count();
+        let need = (self.hot.len() + new).saturating_sub(self.max_hot);
+        need > 0
+            && self
+                .hot
+                .iter()
+                .filter(|(idx, e)| {
+                    e.last_write_seq <= self.flushed_upto
+                        && e.added_version <= self.durable_version
+                        && !range.contains(*idx)
+                })
+                .count()
+                < need
+    }
+
     /// The in-memory half of [`begin_write`](Self::begin_write): make the
     /// extents hot (evicting flushed ones if the set is full) without
     /// writing the file. The write may be issued only once the file holds

@@ -16,6 +16,12 @@ pub trait VolumeControl: Send + Sync + 'static {
     fn link(&self, peer: &str) -> Option<Arc<Link>>;
     /// Durably record that the extent holding `[offset, offset+len)` is hot.
     fn touch_extent(&self, volume: &str, offset: u64, len: u64) -> std::io::Result<()>;
+    /// Would [`touch_extent`](Self::touch_extent) have to flush the local
+    /// copy first (activity log full)? The primary then lets every earlier
+    /// local write finish before touching, so that flush covers them.
+    fn touch_would_flush(&self, _volume: &str, _offset: u64, _len: u64) -> bool {
+        false
+    }
     /// Activity-log hooks around a flush (see `VolumeStorage::flush_begin`).
     fn flush_begin(&self, volume: &str) -> u64;
     fn flush_done(&self, volume: &str, seq: u64);

@@ -118,8 +118,9 @@ impl VolumeStorage for FileStorage {
             Ok(_) => Ok(()),
             Err(StoreError::ActivityLogFull { hot }) => {
                 // Every hot extent was written since the last flush: make the
-                // local copy durable (the caller holds the order lock, so all
-                // earlier writes completed) and let extents cool.
+                // local copy durable (the primary asked `touch_would_flush`
+                // and let every earlier local write finish, holding the order
+                // lock) and let extents cool.
                 tracing::info!(volume = %name, hot, "activity log full: flushing to cool extents");
                 futures::executor::block_on(v.dev.flush())
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -129,6 +130,10 @@ impl VolumeStorage for FileStorage {
             }
             Err(e) => Err(io(e)),
         }
+    }
+
+    fn touch_would_flush(&self, name: &str, offset: u64, len: u64) -> bool {
+        self.vol(name).is_ok_and(|v| v.al.lock().expect("poisoned").would_be_full(offset, len))
     }
 
     fn clear_hot(&self, name: &str) -> std::io::Result<()> {
@@ -176,6 +181,17 @@ impl VolumeStorage for FileStorage {
             b.clear(r);
             b.persist().map_err(io)
         })?
+    }
+
+    fn clear_dirty_in_memory(&self, name: &str, peer: &str, offset: u64, len: u64) -> std::io::Result<()> {
+        self.bitmap(name, peer, |b| {
+            let r = b.regions_of(offset, len);
+            b.clear(r);
+        })
+    }
+
+    fn persist_dirty(&self, name: &str, peer: &str) -> std::io::Result<()> {
+        self.bitmap(name, peer, |b| b.persist().map_err(io))?
     }
 
     fn dirty_regions(&self, name: &str, peer: &str) -> Vec<(u64, u64)> {

@@ -12,7 +12,7 @@
 //! the replication server and [`VolumeControl`] for its primaries.
 
 use super::control::VolumeControl;
-use super::primary::{PrimaryVolume, ReplState};
+use super::primary::{PendingCopy, PrimaryVolume, ReplState};
 use super::storage::VolumeStorage;
 use crate::block::{BlockDevice, ExportError, ExportRegistry};
 use crate::repl::link::{Dialer, Link};
@@ -20,13 +20,20 @@ use crate::repl::replica::{Floor, ReplicaVolume};
 use crate::repl::server::ReplicaSink;
 use async_trait::async_trait;
 use metro_quorum::{ClusterState, Command, CommandResult};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
-/// Largest chunk a resync copies in one op.
+/// Largest chunk a resync reads and queues under the order lock at once.
 const RESYNC_CHUNK: u64 = 1024 * 1024;
+/// Resync chunks in flight to the peer at once (bounded; ≤ 8 MiB of data).
+const RESYNC_WINDOW: usize = 8;
+/// Copied bytes between two writes of the dirty bitmap during a resync. The
+/// bitmap is the resume cursor: clearing it lazily only means a crash copies
+/// up to this much again, while one atomic write (two fsyncs) per chunk was
+/// what limited the copy rate.
+const RESYNC_PERSIST_EVERY: u64 = 64 * 1024 * 1024;
 /// How often the manager looks for replicas to resync.
 const RESYNC_SCAN: Duration = Duration::from_millis(500);
 
@@ -342,36 +349,69 @@ impl VolumeManager {
                     break;
                 }
                 let total_left: u64 = regions.iter().map(|r| r.1).sum();
-                for (off, len) in regions {
-                    let mut pos = off;
-                    while pos < off + len {
-                        let chunk = RESYNC_CHUNK.min(off + len - pos);
-                        self.storage.clear_dirty(&p.name, peer, pos, chunk).map_err(|e| e.to_string())?;
-                        let storage = self.storage.clone();
-                        let name = p.name.clone();
-                        let ranges = move |o: u64, l: u64| storage.data_ranges(&name, o, l);
-                        match p.copy_to_peer(peer, pos, chunk, ranges).await.map_err(|e| e.to_string())? {
-                            Some(bytes) => sent += bytes,
-                            None => {
-                                let _ = self.storage.mark_dirty(&p.name, peer, pos, chunk);
-                                return Err(format!("{peer} did not acknowledge a resync write"));
-                            }
+                // Chunks queued to the peer, oldest first: (offset, len, copy).
+                let mut window: VecDeque<(u64, u64, PendingCopy)> = VecDeque::new();
+                let mut unpersisted: u64 = 0;
+                let chunks = regions.into_iter().flat_map(|(off, len)| {
+                    (off..off + len)
+                        .step_by(RESYNC_CHUNK as usize)
+                        .map(move |pos| (pos, RESYNC_CHUNK.min(off + len - pos)))
+                });
+                for (pos, chunk) in chunks {
+                    // Clear before copying: a live write that fails on the
+                    // peer during the copy marks the region dirty again.
+                    self.storage
+                        .clear_dirty_in_memory(&p.name, peer, pos, chunk)
+                        .map_err(|e| e.to_string())?;
+                    let storage = self.storage.clone();
+                    let name = p.name.clone();
+                    let ranges = move |o: u64, l: u64| storage.data_ranges(&name, o, l);
+                    let copy = match p.send_copy(peer, pos, chunk, ranges).await {
+                        Ok(Some(c)) => c,
+                        other => {
+                            let _ = self.storage.mark_dirty(&p.name, peer, pos, chunk);
+                            self.redirty(&p.name, peer, &window);
+                            return Err(match other {
+                                Err(e) => e.to_string(),
+                                _ => format!("no link to {peer}"),
+                            });
                         }
-                        pos += chunk;
-                        done += chunk;
-                        let secs = started.elapsed().as_secs_f64().max(0.001);
-                        let mut inner = self.inner.lock().expect("poisoned");
-                        inner.progress.insert(
-                            key.clone(),
-                            ResyncProgress {
-                                bytes_left: total_left.saturating_sub(done),
-                                bytes_done: done,
-                                rate_bps: (done as f64 / secs) as u64,
-                                running: true,
-                            },
-                        );
+                    };
+                    window.push_back((pos, chunk, copy));
+                    // Keep at most RESYNC_WINDOW chunks in flight; at a persist
+                    // point, wait for all of them so the bitmap written only
+                    // clears what the peer acknowledged.
+                    let persist_now = unpersisted + chunk >= RESYNC_PERSIST_EVERY;
+                    while window.len() > RESYNC_WINDOW || (persist_now && !window.is_empty()) {
+                        let (c_pos, c_len, c) = window.pop_front().expect("non-empty");
+                        let bytes = c.bytes;
+                        if !c.acked().await {
+                            let _ = self.storage.mark_dirty(&p.name, peer, c_pos, c_len);
+                            self.redirty(&p.name, peer, &window);
+                            return Err(format!("{peer} did not acknowledge a resync write"));
+                        }
+                        sent += bytes;
+                        done += c_len;
+                        unpersisted += c_len;
+                        self.note_progress(&key, total_left, done, started);
+                    }
+                    if persist_now {
+                        self.storage.persist_dirty(&p.name, peer).map_err(|e| e.to_string())?;
+                        unpersisted = 0;
                     }
                 }
+                while let Some((c_pos, c_len, c)) = window.pop_front() {
+                    let bytes = c.bytes;
+                    if !c.acked().await {
+                        let _ = self.storage.mark_dirty(&p.name, peer, c_pos, c_len);
+                        self.redirty(&p.name, peer, &window);
+                        return Err(format!("{peer} did not acknowledge a resync write"));
+                    }
+                    sent += bytes;
+                    done += c_len;
+                    self.note_progress(&key, total_left, done, started);
+                }
+                self.storage.persist_dirty(&p.name, peer).map_err(|e| e.to_string())?;
             }
             p.rejoin(peer).await
         }
@@ -381,6 +421,26 @@ impl VolumeManager {
         }
         tracing::info!(volume = %p.name, %peer, dirty_bytes = done, data_bytes_sent = sent, ms = started.elapsed().as_millis() as u64, ok = result.is_ok(), "resync pass");
         result
+    }
+
+    /// A resync pass failed: the chunks still in flight are dirty again.
+    fn redirty(&self, volume: &str, peer: &str, window: &VecDeque<(u64, u64, PendingCopy)>) {
+        for (pos, len, _) in window {
+            let _ = self.storage.mark_dirty(volume, peer, *pos, *len);
+        }
+    }
+
+    fn note_progress(&self, key: &(String, String), total_left: u64, done: u64, started: Instant) {
+        let secs = started.elapsed().as_secs_f64().max(0.001);
+        self.inner.lock().expect("poisoned").progress.insert(
+            key.clone(),
+            ResyncProgress {
+                bytes_left: total_left.saturating_sub(done),
+                bytes_done: done,
+                rate_bps: (done as f64 / secs) as u64,
+                running: true,
+            },
+        );
     }
 
     fn state_now(&self) -> Arc<ClusterState> {
@@ -495,6 +555,10 @@ impl VolumeControl for CtlRef {
             Some(m) => m.storage.touch_extent(volume, offset, len),
             None => Ok(()),
         }
+    }
+
+    fn touch_would_flush(&self, volume: &str, offset: u64, len: u64) -> bool {
+        self.0.upgrade().is_some_and(|m| m.storage.touch_would_flush(volume, offset, len))
     }
 
     fn flush_begin(&self, volume: &str) -> u64 {

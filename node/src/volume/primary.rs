@@ -2,17 +2,27 @@
 //! every in-sync replica, with the acknowledgement rules of DESIGN.md §3.
 //!
 //! ```text
-//!  write ─► lease gate ─► order lock { activity log; enqueue to in-sync links;
-//!                                      mark dirty for out-of-sync replicas; local write }
+//!  write ─► lease gate ─► order lock { activity log; mark dirty for out-of-sync replicas;
+//!                                      enqueue to in-sync links; register in flight }
+//!        ─► local write (after earlier overlapping ops; a FLUSH after every earlier op)
+//!           ∥ replicas apply in link order
 //!        ─► await every in-sync ack (≤ ack timeout)
 //!        ─► any replica failed? ─► commit "remove from in_sync" (epoch+1), mark dirty
 //!        ─► acknowledge
 //! ```
+//! The order lock only sequences: the local write (and a FLUSH's local
+//! fdatasync) runs outside it, concurrently with the replicas, so
+//! non-overlapping requests no longer queue behind each other's disk I/O.
 //! Invariants kept here:
 //! - RPO 0: a write is acknowledged only when every replica in `in_sync` at
 //!   that moment holds it (FUA/FLUSH: fdatasync'ed), or after a committed
 //!   change removed the replica and its region was durably marked dirty.
-//! - The order lock fixes one order for a volume's ops, on every copy.
+//! - The order lock fixes one order for a volume's ops, on every copy: the
+//!   links carry ops in lock order, and locally an op waits for every earlier
+//!   op it overlaps ([`InFlight`]), so overlapping writes land in the same
+//!   order everywhere. A FLUSH waits for every earlier op before its local
+//!   fdatasync, so it covers everything ordered before it (and the activity
+//!   log may cool what it covers).
 //! - A stale-epoch answer means this node was deposed: it stops serving.
 
 use super::control::VolumeControl;
@@ -25,7 +35,7 @@ use metro_quorum::LeasePolicy;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{oneshot, Mutex};
+use tokio::sync::{oneshot, watch, Mutex};
 
 /// How often a suspended request re-checks its lease.
 const SUSPEND_POLL: Duration = Duration::from_millis(50);
@@ -45,18 +55,81 @@ pub struct ReplState {
     pub catching_up: Vec<String>,
 }
 
+/// One registered local op: id, byte range (None: a FLUSH), done signal.
+type InFlightOp = (u64, Option<(u64, u64)>, watch::Receiver<bool>);
+
+/// Local operations ordered under the order lock but not finished yet.
+/// Registering happens under the order lock, so "earlier" is lock order.
+#[derive(Default)]
+struct InFlight {
+    next_id: u64,
+    /// `(id, byte range or None for a FLUSH, done signal)`.
+    ops: Vec<InFlightOp>,
+}
+
+/// Marks a registered local op finished when dropped (also on cancellation).
+struct InFlightGuard<'a> {
+    table: &'a std::sync::Mutex<InFlight>,
+    id: u64,
+    done: watch::Sender<bool>,
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        self.table.lock().expect("poisoned").ops.retain(|(id, _, _)| *id != self.id);
+        let _ = self.done.send(true);
+    }
+}
+
+fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 < b.0.saturating_add(b.1) && b.0 < a.0.saturating_add(a.1)
+}
+
+/// Wait until every op in `deps` has finished locally.
+async fn wait_all(deps: Vec<watch::Receiver<bool>>) {
+    for mut rx in deps {
+        // Err: the guard is gone, which also means the op is over.
+        let _ = rx.wait_for(|done| *done).await;
+    }
+}
+
 pub struct PrimaryVolume {
     pub name: String,
     size: u64,
     pub local: Arc<dyn BlockDevice>,
     me: String,
     state: Mutex<ReplState>,
+    /// Local ops sequenced but not yet finished (see [`InFlight`]).
+    inflight: std::sync::Mutex<InFlight>,
     ctl: Arc<dyn VolumeControl>,
     ack_timeout: Duration,
     policy: LeasePolicy,
     deposed: AtomicBool,
     /// Per-volume IOPS and bandwidth limits from the volume spec (0 = none).
     limiter: crate::store::rate_limiter::RateLimiter,
+}
+
+/// A resync copy queued to a peer and not yet acknowledged.
+pub struct PendingCopy {
+    waits: Vec<AckRx>,
+    /// Bytes of data (not holes) it carries.
+    pub bytes: u64,
+    timeout: Duration,
+}
+
+impl PendingCopy {
+    /// Did the peer acknowledge every op of the copy (each within the deadline)?
+    pub async fn acked(self) -> bool {
+        for rx in self.waits {
+            if !matches!(
+                tokio::time::timeout(self.timeout, rx).await,
+                Ok(Ok(Ok(Ack { status: AckStatus::Ok, .. })))
+            ) {
+                return false;
+            }
+        }
+        true
+    }
 }
 
 enum Outcome {
@@ -83,6 +156,7 @@ impl PrimaryVolume {
             local,
             me,
             state: Mutex::new(repl),
+            inflight: std::sync::Mutex::default(),
             ctl,
             ack_timeout,
             policy,
@@ -155,15 +229,58 @@ impl PrimaryVolume {
         Ok(())
     }
 
+    /// Register a local op (call under the order lock). Returns the ops it
+    /// must wait for: earlier overlapping ones, or every earlier op for a
+    /// FLUSH (`region` None).
+    fn register(&self, region: Option<(u64, u64)>) -> (InFlightGuard<'_>, Vec<watch::Receiver<bool>>) {
+        let mut t = self.inflight.lock().expect("poisoned");
+        let deps = t
+            .ops
+            .iter()
+            .filter(|(_, r, _)| match (region, r) {
+                (None, _) => true,
+                (Some(mine), Some(theirs)) => overlaps(mine, *theirs),
+                (Some(_), None) => false,
+            })
+            .map(|(_, _, rx)| rx.clone())
+            .collect();
+        t.next_id += 1;
+        let id = t.next_id;
+        let (done, rx) = watch::channel(false);
+        t.ops.push((id, region, rx));
+        (InFlightGuard { table: &self.inflight, id, done }, deps)
+    }
+
+    /// Receivers of every registered op overlapping `[offset, offset+len)`
+    /// (call under the order lock, then await them before reading it).
+    fn overlapping(&self, offset: u64, len: u64) -> Vec<watch::Receiver<bool>> {
+        let t = self.inflight.lock().expect("poisoned");
+        t.ops
+            .iter()
+            .filter(|(_, r, _)| r.is_some_and(|r| overlaps(r, (offset, len))))
+            .map(|(_, _, rx)| rx.clone())
+            .collect()
+    }
+
+    /// Receivers of every registered op (call under the order lock).
+    fn all_inflight(&self) -> Vec<watch::Receiver<bool>> {
+        self.inflight.lock().expect("poisoned").ops.iter().map(|(_, _, rx)| rx.clone()).collect()
+    }
+
     /// The mirrored mutation path shared by write, zero and flush.
     async fn mutate(&self, op: OpKind, fua: bool, region: Option<(u64, u64)>) -> BlockResult<()> {
         self.gate().await?;
         self.limiter.acquire(region.map(|r| r.1).unwrap_or(0)).await;
         let is_flush = matches!(op, OpKind::Flush);
-        let (epoch, waits, local, flush_seq) = {
+        let (epoch, waits, guard, deps, flush_seq) = {
             let s = self.state.lock().await;
             let flush_seq = if is_flush { self.ctl.flush_begin(&self.name) } else { 0 };
             if let Some((off, len)) = region {
+                if self.ctl.touch_would_flush(&self.name, off, len) {
+                    // The activity log is full and will flush locally to cool
+                    // extents: that flush must cover every earlier write.
+                    wait_all(self.all_inflight()).await;
+                }
                 self.ctl.touch_extent(&self.name, off, len).map_err(BlockError::Io)?;
                 for p in s.stale_peers.iter().filter(|p| !s.catching_up.contains(p)) {
                     self.ctl.mark_dirty(&self.name, p, off, len).map_err(BlockError::Io)?;
@@ -191,15 +308,17 @@ impl PrimaryVolume {
                 };
                 waits.push((peer.clone(), gating, rx));
             }
-            let local = match &op {
-                OpKind::Write { offset, data } => self.local.write(*offset, data.clone(), fua).await,
-                OpKind::Zero { offset, len, punch } => {
-                    self.local.write_zeroes(*offset, *len, fua, *punch).await
-                }
-                OpKind::Flush => self.local.flush().await,
-            };
-            (s.epoch, waits, local, flush_seq)
+            let (guard, deps) = self.register(region);
+            (s.epoch, waits, guard, deps, flush_seq)
         };
+        // Outside the order lock: the replicas apply the op meanwhile.
+        wait_all(deps).await;
+        let local = match &op {
+            OpKind::Write { offset, data } => self.local.write(*offset, data.clone(), fua).await,
+            OpKind::Zero { offset, len, punch } => self.local.write_zeroes(*offset, *len, fua, *punch).await,
+            OpKind::Flush => self.local.flush().await,
+        };
+        drop(guard);
         let mut failed = Vec::new();
         for (peer, gating, rx) in waits {
             let outcome = match tokio::time::timeout(self.ack_timeout, rx).await {
@@ -304,46 +423,60 @@ impl PrimaryVolume {
         len: u64,
         data_ranges: impl Fn(u64, u64) -> Vec<(u64, u64)>,
     ) -> BlockResult<Option<u64>> {
+        match self.send_copy(peer, offset, len, data_ranges).await? {
+            Some(c) => {
+                let bytes = c.bytes;
+                Ok(c.acked().await.then_some(bytes))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The first half of [`copy_to_peer`](Self::copy_to_peer): read and
+    /// queue the copy under the order lock and return without waiting for
+    /// the peer, so a resync can keep several chunks in flight. None if
+    /// there is no link to `peer`.
+    pub async fn send_copy(
+        &self,
+        peer: &str,
+        offset: u64,
+        len: u64,
+        data_ranges: impl Fn(u64, u64) -> Vec<(u64, u64)>,
+    ) -> BlockResult<Option<PendingCopy>> {
         let mut waits = Vec::new();
         let mut sent = 0u64;
-        {
-            let s = self.state.lock().await;
-            let Some(link) = self.ctl.link(peer) else { return Ok(None) };
-            let mut pos = offset;
-            let mut ops = Vec::new();
-            for (d_off, d_len) in data_ranges(offset, len) {
-                if d_off > pos {
-                    ops.push(OpKind::Zero { offset: pos, len: (d_off - pos) as u32, punch: true });
-                }
-                let data = self.local.read(d_off, d_len as u32).await?;
-                sent += d_len;
-                ops.push(OpKind::Write { offset: d_off, data });
-                pos = d_off + d_len;
+        let s = self.state.lock().await;
+        let Some(link) = self.ctl.link(peer) else { return Ok(None) };
+        // Writes ordered before this copy were already sent to the peer;
+        // their local write must land before we read, or the copy would
+        // overwrite them on the peer with older data.
+        wait_all(self.overlapping(offset, len)).await;
+        let mut pos = offset;
+        let mut ops = Vec::new();
+        for (d_off, d_len) in data_ranges(offset, len) {
+            if d_off > pos {
+                ops.push(OpKind::Zero { offset: pos, len: (d_off - pos) as u32, punch: true });
             }
-            if pos < offset + len {
-                ops.push(OpKind::Zero { offset: pos, len: (offset + len - pos) as u32, punch: true });
-            }
-            for op in ops {
-                let out = OutOp {
-                    volume: self.name.clone(),
-                    epoch: s.epoch,
-                    size: self.size,
-                    fua: false,
-                    resync: true,
-                    op,
-                };
-                waits.push(link.enqueue(out).await);
-            }
+            let data = self.local.read(d_off, d_len as u32).await?;
+            sent += d_len;
+            ops.push(OpKind::Write { offset: d_off, data });
+            pos = d_off + d_len;
         }
-        for rx in waits {
-            if !matches!(
-                tokio::time::timeout(self.ack_timeout * 5, rx).await,
-                Ok(Ok(Ok(Ack { status: AckStatus::Ok, .. })))
-            ) {
-                return Ok(None);
-            }
+        if pos < offset + len {
+            ops.push(OpKind::Zero { offset: pos, len: (offset + len - pos) as u32, punch: true });
         }
-        Ok(Some(sent))
+        for op in ops {
+            let out = OutOp {
+                volume: self.name.clone(),
+                epoch: s.epoch,
+                size: self.size,
+                fua: false,
+                resync: true,
+                op,
+            };
+            waits.push(link.enqueue(out).await);
+        }
+        Ok(Some(PendingCopy { waits, bytes: sent, timeout: self.ack_timeout * 5 }))
     }
 
     /// Start mirroring live writes to a stale peer (before copying).

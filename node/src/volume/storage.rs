@@ -15,8 +15,13 @@ pub trait VolumeStorage: Send + Sync + 'static {
     fn persist_epoch(&self, name: &str, epoch: u64) -> std::io::Result<()>;
     /// Activity log: durably mark the extents covering a range hot.
     fn touch_extent(&self, name: &str, offset: u64, len: u64) -> std::io::Result<()>;
-    /// Activity-log sequence before a flush is issued (every write up to it
-    /// has completed locally: callers hold the volume's order lock).
+    /// Would `touch_extent` flush the local copy to make room (log full)?
+    fn touch_would_flush(&self, _name: &str, _offset: u64, _len: u64) -> bool {
+        false
+    }
+    /// Activity-log sequence when a flush is ordered (under the volume's
+    /// order lock; the flush's local fdatasync waits for every write ordered
+    /// before it, so it covers every write up to this sequence).
     fn flush_begin(&self, _name: &str) -> u64 {
         0
     }
@@ -34,6 +39,11 @@ pub trait VolumeStorage: Send + Sync + 'static {
     /// Mark the whole volume dirty for `peer` (full resync; counted).
     fn mark_all_dirty(&self, name: &str, peer: &str) -> std::io::Result<()>;
     fn clear_dirty(&self, name: &str, peer: &str, offset: u64, len: u64) -> std::io::Result<()>;
+    /// Clear in memory only; [`persist_dirty`](Self::persist_dirty) makes it
+    /// durable later (a crash before that only means copying again).
+    fn clear_dirty_in_memory(&self, name: &str, peer: &str, offset: u64, len: u64) -> std::io::Result<()>;
+    /// Write the bitmap for `peer` if it changed since it was last written.
+    fn persist_dirty(&self, name: &str, peer: &str) -> std::io::Result<()>;
     /// Dirty regions for `peer`, coalesced, in offset order.
     fn dirty_regions(&self, name: &str, peer: &str) -> Vec<(u64, u64)>;
     fn dirty_bytes(&self, name: &str, peer: &str) -> u64;
