@@ -244,3 +244,53 @@ async fn concurrent_first_touches_share_persists_and_all_are_durable_on_return()
     assert_eq!(shared.dirty_bytes(), (WRITERS - 1) * REGION);
     eprintln!("group commit: {WRITERS} concurrent first touches, {persists} persists");
 }
+
+/// A resync copy in flight never reaches the file as clean: a persist
+/// forced by anything else (a failed live write's mark, another chunk's
+/// persist point) still writes the region dirty, so a crash before the
+/// peer acknowledged the copy copies it again.
+#[test]
+fn a_region_being_copied_is_written_dirty_until_the_copy_is_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d");
+    let size = 8 * REGION;
+    let mut b = DirtyBitmap::create(&path, size, REGION).unwrap();
+    b.mark_durable(0, 4 * REGION).unwrap();
+    b.begin_copy(0, 2 * REGION);
+    let in_memory: Vec<_> = b.dirty_regions().collect();
+    assert_eq!(in_memory, vec![(2 * REGION, 2 * REGION)], "being copied reads clean in memory");
+    // A live write to region 3 fails on the peer: its mark persists the bitmap.
+    b.mark_durable(3 * REGION, 1).unwrap();
+    b.persist().unwrap();
+    let (crashed, _) = DirtyBitmap::load(&path, size, REGION).unwrap();
+    assert_eq!(
+        crashed.dirty_regions().collect::<Vec<_>>(),
+        vec![(0, 4 * REGION)],
+        "a crash before the ack finds the copied regions dirty"
+    );
+    // The peer acknowledges region 0; the copy of region 1 fails.
+    b.end_copy(0, REGION, true);
+    b.end_copy(REGION, REGION, false);
+    b.persist().unwrap();
+    let (reloaded, _) = DirtyBitmap::load(&path, size, REGION).unwrap();
+    assert_eq!(reloaded.dirty_regions().collect::<Vec<_>>(), vec![(REGION, 3 * REGION)]);
+    assert_eq!(b.dirty_regions().collect::<Vec<_>>(), vec![(REGION, 3 * REGION)]);
+}
+
+/// A write that fails on the peer while its region is being copied keeps
+/// the region dirty even after that copy is acknowledged (the copy may
+/// have read the old data).
+#[test]
+fn a_mark_during_a_copy_survives_the_copy_acknowledgement() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d");
+    let mut b = DirtyBitmap::create(&path, 4 * REGION, REGION).unwrap();
+    b.mark_durable(REGION, REGION).unwrap();
+    b.begin_copy(REGION, REGION);
+    b.mark_durable(REGION + 10, 10).unwrap();
+    b.end_copy(REGION, REGION, true);
+    b.persist().unwrap();
+    assert_eq!(b.dirty_regions().collect::<Vec<_>>(), vec![(REGION, REGION)]);
+    let (reloaded, _) = DirtyBitmap::load(&path, 4 * REGION, REGION).unwrap();
+    assert_eq!(reloaded.dirty_regions().collect::<Vec<_>>(), vec![(REGION, REGION)]);
+}

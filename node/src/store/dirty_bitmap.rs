@@ -54,6 +54,11 @@ pub struct DirtyBitmap {
     region_size: u64,
     regions: u64,
     words: Vec<u64>,
+    /// Regions being copied to the peer: clear in `words` (a write that fails
+    /// on the peer meanwhile sets them again there) but still written as
+    /// dirty to the file until the copy is acknowledged, so a crash during a
+    /// resync never persists a region as clean before the peer has it.
+    copying: Vec<u64>,
     dirty_regions: u64,
     /// Memory differs from disk.
     unpersisted: bool,
@@ -80,6 +85,7 @@ impl DirtyBitmap {
             region_size,
             regions,
             words: vec![0; regions.div_ceil(64) as usize],
+            copying: vec![0; regions.div_ceil(64) as usize],
             dirty_regions: 0,
             unpersisted: true,
             pending_sets: false,
@@ -161,8 +167,8 @@ impl DirtyBitmap {
     fn encode(&self) -> Vec<u8> {
         let mut e = Enc::default();
         e.u64(self.volume_size).u64(self.region_size).u64(self.regions);
-        for w in &self.words {
-            e.u64(*w);
+        for (w, c) in self.words.iter().zip(&self.copying) {
+            e.u64(*w | *c);
         }
         envelope::encode(BITMAP_MAGIC, BITMAP_VERSION, &e.0)
     }
@@ -251,6 +257,41 @@ impl DirtyBitmap {
                 *w &= !bit;
                 self.dirty_regions -= 1;
                 self.unpersisted = true;
+            }
+        }
+    }
+
+    /// A copy of the regions touched by `[offset, offset+len)` to the peer
+    /// starts: they read as clean in memory (so a write that fails on the
+    /// peer meanwhile marks them dirty again, and that survives the copy),
+    /// but stay dirty in the file until [`end_copy`](Self::end_copy).
+    pub fn begin_copy(&mut self, offset: u64, len: u64) {
+        for r in self.regions_of(offset, len) {
+            let i = (r / 64) as usize;
+            let bit = 1u64 << (r % 64);
+            if self.words[i] & bit != 0 {
+                self.words[i] &= !bit;
+                self.dirty_regions -= 1;
+                self.copying[i] |= bit;
+            }
+        }
+    }
+
+    /// The copy begun by [`begin_copy`](Self::begin_copy) ended: when the
+    /// peer acknowledged it (`copied`) the regions may be written as clean
+    /// at the next persist; otherwise they are dirty again.
+    pub fn end_copy(&mut self, offset: u64, len: u64, copied: bool) {
+        for r in self.regions_of(offset, len) {
+            let i = (r / 64) as usize;
+            let bit = 1u64 << (r % 64);
+            if self.copying[i] & bit == 0 {
+                continue;
+            }
+            self.copying[i] &= !bit;
+            if copied {
+                self.unpersisted = true;
+            } else {
+                self.set(r);
             }
         }
     }

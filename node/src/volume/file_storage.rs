@@ -183,11 +183,12 @@ impl VolumeStorage for FileStorage {
         })?
     }
 
-    fn clear_dirty_in_memory(&self, name: &str, peer: &str, offset: u64, len: u64) -> std::io::Result<()> {
-        self.bitmap(name, peer, |b| {
-            let r = b.regions_of(offset, len);
-            b.clear(r);
-        })
+    fn begin_copy(&self, name: &str, peer: &str, offset: u64, len: u64) -> std::io::Result<()> {
+        self.bitmap(name, peer, |b| b.begin_copy(offset, len))
+    }
+
+    fn end_copy(&self, name: &str, peer: &str, offset: u64, len: u64, copied: bool) -> std::io::Result<()> {
+        self.bitmap(name, peer, |b| b.end_copy(offset, len, copied))
     }
 
     fn persist_dirty(&self, name: &str, peer: &str) -> std::io::Result<()> {

@@ -342,15 +342,17 @@ impl VolumeManager {
         let started = Instant::now();
         let mut done: u64 = 0;
         let mut sent: u64 = 0;
-        let result = async {
+        // Chunks queued to the peer, oldest first: (offset, len, copy). Each
+        // is "being copied" in the bitmap (clean in memory, dirty on disk)
+        // until its acknowledgement ends the copy.
+        let mut window: VecDeque<(u64, u64, PendingCopy)> = VecDeque::new();
+        let copied = async {
             loop {
                 let regions = self.storage.dirty_regions(&p.name, peer);
                 if regions.is_empty() {
                     break;
                 }
                 let total_left: u64 = regions.iter().map(|r| r.1).sum();
-                // Chunks queued to the peer, oldest first: (offset, len, copy).
-                let mut window: VecDeque<(u64, u64, PendingCopy)> = VecDeque::new();
                 let mut unpersisted: u64 = 0;
                 let chunks = regions.into_iter().flat_map(|(off, len)| {
                     (off..off + len)
@@ -358,19 +360,14 @@ impl VolumeManager {
                         .map(move |pos| (pos, RESYNC_CHUNK.min(off + len - pos)))
                 });
                 for (pos, chunk) in chunks {
-                    // Clear before copying: a live write that fails on the
-                    // peer during the copy marks the region dirty again.
-                    self.storage
-                        .clear_dirty_in_memory(&p.name, peer, pos, chunk)
-                        .map_err(|e| e.to_string())?;
+                    self.storage.begin_copy(&p.name, peer, pos, chunk).map_err(|e| e.to_string())?;
                     let storage = self.storage.clone();
                     let name = p.name.clone();
                     let ranges = move |o: u64, l: u64| storage.data_ranges(&name, o, l);
                     let copy = match p.send_copy(peer, pos, chunk, ranges).await {
                         Ok(Some(c)) => c,
                         other => {
-                            let _ = self.storage.mark_dirty(&p.name, peer, pos, chunk);
-                            self.redirty(&p.name, peer, &window);
+                            let _ = self.storage.end_copy(&p.name, peer, pos, chunk, false);
                             return Err(match other {
                                 Err(e) => e.to_string(),
                                 _ => format!("no link to {peer}"),
@@ -383,16 +380,10 @@ impl VolumeManager {
                     // clears what the peer acknowledged.
                     let persist_now = unpersisted + chunk >= RESYNC_PERSIST_EVERY;
                     while window.len() > RESYNC_WINDOW || (persist_now && !window.is_empty()) {
-                        let (c_pos, c_len, c) = window.pop_front().expect("non-empty");
-                        let bytes = c.bytes;
-                        if !c.acked().await {
-                            let _ = self.storage.mark_dirty(&p.name, peer, c_pos, c_len);
-                            self.redirty(&p.name, peer, &window);
-                            return Err(format!("{peer} did not acknowledge a resync write"));
-                        }
-                        sent += bytes;
-                        done += c_len;
-                        unpersisted += c_len;
+                        let c_len = self.await_copy(p, peer, &mut window).await?;
+                        done += c_len.0;
+                        sent += c_len.1;
+                        unpersisted += c_len.0;
                         self.note_progress(&key, total_left, done, started);
                     }
                     if persist_now {
@@ -400,22 +391,25 @@ impl VolumeManager {
                         unpersisted = 0;
                     }
                 }
-                while let Some((c_pos, c_len, c)) = window.pop_front() {
-                    let bytes = c.bytes;
-                    if !c.acked().await {
-                        let _ = self.storage.mark_dirty(&p.name, peer, c_pos, c_len);
-                        self.redirty(&p.name, peer, &window);
-                        return Err(format!("{peer} did not acknowledge a resync write"));
-                    }
-                    sent += bytes;
-                    done += c_len;
+                while !window.is_empty() {
+                    let c_len = self.await_copy(p, peer, &mut window).await?;
+                    done += c_len.0;
+                    sent += c_len.1;
                     self.note_progress(&key, total_left, done, started);
                 }
                 self.storage.persist_dirty(&p.name, peer).map_err(|e| e.to_string())?;
             }
-            p.rejoin(peer).await
+            Ok(())
         }
         .await;
+        // Whatever is still in flight after a failure is dirty again.
+        for (pos, len, _) in window.drain(..) {
+            let _ = self.storage.end_copy(&p.name, peer, pos, len, false);
+        }
+        let result = match copied {
+            Ok(()) => p.rejoin(peer).await,
+            Err(e) => Err(e),
+        };
         if result.is_err() {
             p.abort_catch_up(peer).await;
         }
@@ -423,10 +417,23 @@ impl VolumeManager {
         result
     }
 
-    /// A resync pass failed: the chunks still in flight are dirty again.
-    fn redirty(&self, volume: &str, peer: &str, window: &VecDeque<(u64, u64, PendingCopy)>) {
-        for (pos, len, _) in window {
-            let _ = self.storage.mark_dirty(volume, peer, *pos, *len);
+    /// Wait for the oldest copy in `window` and end it: `(dirty bytes, data
+    /// bytes sent)` when the peer acknowledged it, else an error (the copy
+    /// is dirty again; the rest of the window is the caller's to end).
+    async fn await_copy(
+        &self,
+        p: &PrimaryVolume,
+        peer: &str,
+        window: &mut VecDeque<(u64, u64, PendingCopy)>,
+    ) -> Result<(u64, u64), String> {
+        let (pos, len, c) = window.pop_front().expect("non-empty window");
+        let bytes = c.bytes;
+        let acked = c.acked().await;
+        self.storage.end_copy(&p.name, peer, pos, len, acked).map_err(|e| e.to_string())?;
+        if acked {
+            Ok((len, bytes))
+        } else {
+            Err(format!("{peer} did not acknowledge a resync write"))
         }
     }
 

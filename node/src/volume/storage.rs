@@ -39,9 +39,13 @@ pub trait VolumeStorage: Send + Sync + 'static {
     /// Mark the whole volume dirty for `peer` (full resync; counted).
     fn mark_all_dirty(&self, name: &str, peer: &str) -> std::io::Result<()>;
     fn clear_dirty(&self, name: &str, peer: &str, offset: u64, len: u64) -> std::io::Result<()>;
-    /// Clear in memory only; [`persist_dirty`](Self::persist_dirty) makes it
-    /// durable later (a crash before that only means copying again).
-    fn clear_dirty_in_memory(&self, name: &str, peer: &str, offset: u64, len: u64) -> std::io::Result<()>;
+    /// A resync copy of `[offset, offset+len)` to `peer` starts: clean in
+    /// memory (a failed live write marks it dirty again), still dirty on
+    /// disk until [`end_copy`](Self::end_copy) and a later persist.
+    fn begin_copy(&self, name: &str, peer: &str, offset: u64, len: u64) -> std::io::Result<()>;
+    /// That copy ended: acknowledged by the peer (`copied`, clean from the
+    /// next [`persist_dirty`](Self::persist_dirty) on) or not (dirty again).
+    fn end_copy(&self, name: &str, peer: &str, offset: u64, len: u64, copied: bool) -> std::io::Result<()>;
     /// Write the bitmap for `peer` if it changed since it was last written.
     fn persist_dirty(&self, name: &str, peer: &str) -> std::io::Result<()>;
     /// Dirty regions for `peer`, coalesced, in offset order.
