@@ -11,6 +11,9 @@
 //! may serve when its state names it primary and it holds a lease for the
 //! current epoch, which is what the data path asks `lease_valid_until`).
 //!
+//! Each host's clock drifts (a rate within ±2 % drawn from the seed, see
+//! [`drifted_timings`]).
+//!
 //! Bit-reproducible from the seed: the fault schedule and turmoil's network
 //! are seeded, and openraft draws its election timeouts from
 //! [`metro_quorum::runtime`]'s per-thread generator, seeded here (turmoil
@@ -118,12 +121,48 @@ pub fn timings() -> QuorumConfig {
     QuorumConfig { preferred_site: Some("dc-a".into()), ..QuorumConfig::default() }
 }
 
+/// The timings of a host whose clock runs `rate_ppm` fast (negative: slow).
+/// turmoil gives every host the same clock, so a drifting clock is modelled
+/// by its effect: a duration the host sets (a lease, a timeout, a loss
+/// threshold) elapses after `d / (1 + ρ)` of real time, and an interval it
+/// measures is compared against that scaled threshold.
+pub fn drifted_timings(rate_ppm: i64) -> QuorumConfig {
+    let t = timings();
+    let scale = |ms: u64| ((ms as f64) / (1.0 + rate_ppm as f64 / 1e6)).round() as u64;
+    QuorumConfig {
+        heartbeat_ms: scale(t.heartbeat_ms),
+        election_timeout_min_ms: scale(t.election_timeout_min_ms),
+        election_timeout_max_ms: scale(t.election_timeout_max_ms),
+        lease_ms: scale(t.lease_ms),
+        node_loss_ms: scale(t.node_loss_ms),
+        site_stable_ms: scale(t.site_stable_ms),
+        // The margin is a configured duration too: it drifts with the clock.
+        drift_margin_ms: scale(t.drift_margin_ms),
+        ..t
+    }
+}
+
+/// A host's clock rate for a run: drawn from the seed, within the bound
+/// the model simulator uses ([`super::clock::MAX_DRIFT_PPM`]).
+pub fn drift_ppm_of(seed: u64, id: &str) -> i64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    (seed, id).hash(&mut h);
+    let span = 2 * super::clock::MAX_DRIFT_PPM + 1;
+    (h.finish() % span as u64) as i64 - super::clock::MAX_DRIFT_PPM
+}
+
 fn sim_now_ms() -> u64 {
     turmoil::sim_elapsed().unwrap_or_default().as_millis() as u64
 }
 
 /// The software of one host: start the member, serve, join, heartbeat, report.
-pub async fn engine_host(id: String, dir: PathBuf, oracle: Arc<Mutex<EngineOracle>>) -> turmoil::Result {
+pub async fn engine_host(
+    id: String,
+    dir: PathBuf,
+    oracle: Arc<Mutex<EngineOracle>>,
+    drift_ppm: i64,
+) -> turmoil::Result {
     let (site, role) = site_of(&id);
     let cfg = EngineConfig {
         node_id: id.clone(),
@@ -131,7 +170,7 @@ pub async fn engine_host(id: String, dir: PathBuf, oracle: Arc<Mutex<EngineOracl
         role,
         api_addr: format!("{id}:{ENGINE_PORT}"),
         data_dir: dir,
-        timings: timings(),
+        timings: drifted_timings(drift_ppm),
         tls: None,
     };
     // A restarted host rejoins; only the very first start of a1 bootstraps.
@@ -396,7 +435,8 @@ fn boot(seed: u64, total_ms: u64) -> (tempfile::TempDir, Arc<Mutex<EngineOracle>
     for id in ["a1", "a2", "b1", "b2", "w1"] {
         let dir = root.path().join(id);
         let o = oracle.clone();
-        sim.host(id, move || engine_host(id.to_string(), dir.clone(), o.clone()));
+        let drift = drift_ppm_of(seed, id);
+        sim.host(id, move || engine_host(id.to_string(), dir.clone(), o.clone(), drift));
     }
     (root, oracle, sim)
 }
