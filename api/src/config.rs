@@ -116,13 +116,17 @@ impl Default for QuorumConfig {
         Self {
             voters_per_site: 1,
             preferred_site: None,
-            // Tuned for RTO (docs/benchmarks.md, rto): an openraft follower
-            // campaigns only after election_timeout_max (its leader lease) plus
-            // a random election timeout, so losing the leader's site costs
-            // 1.5-2 s of election with these values (3-4 s with 1000/2000),
+            // openraft 0.9 uses heartbeat_ms as the deadline of every
+            // AppendEntries, so it must exceed the worst round trip to the
+            // witness (200 ms supported, tests/tests/witness_latency.rs);
+            // with less, a far witness never acknowledges an entry and a
+            // site loss cannot commit a failover. Elections are tuned for
+            // RTO (docs/benchmarks.md, rto): an openraft follower campaigns
+            // only after election_timeout_max (its leader lease) plus a
+            // random election timeout, ~1.9 s here (3-4 s with 1000/2000),
             // before the new leader waits lease_ms + drift_margin_ms.
-            heartbeat_ms: 150,
-            election_timeout_min_ms: 500,
+            heartbeat_ms: 250,
+            election_timeout_min_ms: 750,
             election_timeout_max_ms: 1000,
             lease_ms: 2000,
             drift_margin_ms: 500,
