@@ -118,8 +118,12 @@ fn create_volumes(lab: &BenchLab, from: usize, to: usize) -> anyhow::Result<f64>
                             return None;
                         }
                         let name = format!("s{i:04}");
+                        // Small volumes: placement reserves a thin volume's full
+                        // size against each node's free disk, and the lab's
+                        // nodes share one filesystem; the size does not change
+                        // what this section measures.
                         if let Err(e) =
-                            lab.ctl.run(&["volume", "create", &name, "--size", "64MiB", "--site", "dc-a"])
+                            lab.ctl.run(&["volume", "create", &name, "--size", "16MiB", "--site", "dc-a"])
                         {
                             return Some(e.to_string());
                         }
