@@ -60,6 +60,9 @@ pub struct EtcdRegistry {
     keepalive: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
+/// Pause before retrying a write a member refused to connect for.
+const CONNECT_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
 fn unavailable(e: impl std::fmt::Display) -> RegistryError {
     RegistryError::Unavailable(e.to_string())
 }
@@ -113,6 +116,33 @@ impl EtcdRegistry {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(unavailable(e)),
             Err(_) => Err(unavailable(format!("no answer within {:?}", self.timeout))),
+        }
+    }
+
+    /// Run a write whose request may be repeated when it provably never
+    /// reached etcd: the balanced channel can hand the first request to a
+    /// member it could not connect to ("tcp connect error") although others
+    /// answer. Such a failure is retried on the next member until the
+    /// deadline; any other error, or a timeout, is returned at once (an
+    /// ambiguous write is never repeated).
+    async fn write<T, F, Fut>(&self, op: F) -> Result<T, RegistryError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            let c = self.client().await?;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(left, op(c)).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if e.to_string().contains("tcp connect error") && left > CONNECT_RETRY_PAUSE => {
+                    tracing::debug!(error = %e, "etcd member refused the connection; trying the next one");
+                    tokio::time::sleep(CONNECT_RETRY_PAUSE).await;
+                }
+                Ok(Err(e)) => return Err(unavailable(e)),
+                Err(_) => return Err(unavailable(format!("no answer within {:?}", self.timeout))),
+            }
         }
     }
 
@@ -205,25 +235,36 @@ impl Registry for EtcdRegistry {
     }
 
     async fn put_spec(&self, spec: &VolumeSpec, create_only: bool) -> Result<(), RegistryError> {
-        let mut c = self.client().await?;
         let key = format!("{}volumes/{}", self.prefix, spec.name);
         let value = serde_json::to_string(spec).expect("serializable");
         if create_only {
             let txn = Txn::new()
                 .when(vec![Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
                 .and_then(vec![TxnOp::put(key, value, None)]);
-            if !self.with_deadline(c.txn(txn)).await?.succeeded() {
+            let r = self.write(|mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            });
+            if !r.await?.succeeded() {
                 return Err(RegistryError::AlreadyExists(spec.name.clone()));
             }
         } else {
-            self.with_deadline(c.put(key, value, None)).await?;
+            self.write(|mut c| {
+                let (k, v) = (key.clone(), value.clone());
+                async move { c.put(k, v, None).await }
+            })
+            .await?;
         }
         Ok(())
     }
 
     async fn remove_spec(&self, name: &str) -> Result<(), RegistryError> {
-        let mut c = self.client().await?;
-        self.with_deadline(c.delete(format!("{}volumes/{name}", self.prefix), None)).await?;
+        let key = format!("{}volumes/{name}", self.prefix);
+        self.write(|mut c| {
+            let k = key.clone();
+            async move { c.delete(k, None).await }
+        })
+        .await?;
         Ok(())
     }
 
