@@ -105,6 +105,7 @@ pub fn status_json(t: &Target, s: &pb::ClusterStatus) -> Value {
         "etcd": s.etcd.iter().map(|e| json!({"name": t.etcd_name(&e.endpoint), "healthy": e.healthy, "endpoint": e.endpoint})).collect::<Vec<_>>(),
         "alerts": s.alerts,
         "answered_by": s.answered_by,
+        "stale": s.stale,
     })
 }
 
@@ -159,6 +160,7 @@ pub fn volume_json(v: &pb::VolumeStatus) -> Value {
         "state": v.state,
         "lease_policy": v.lease_policy,
         "nbd": if v.primary_nbd.is_empty() { Value::Null } else { json!(format!("nbd://{}/{}", v.primary_nbd, v.name)) },
+        "stale": v.stale,
         "replica_status": v.replica_status.iter().map(|r| json!({
             "node": r.node, "in_sync": r.in_sync, "dirty_bytes": r.dirty_bytes,
             "resync_bytes_left": r.resync_bytes_left, "resync_rate_bps": r.resync_rate_bps, "full_resyncs": r.full_resyncs,
@@ -170,9 +172,87 @@ fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).expect("json"));
 }
 
+/// A read that wants the quorum leader's view. A node that cannot confirm
+/// its answer with the leader (it is cut off, or just restarted) marks it
+/// stale; then the next endpoints are asked, and the stale answer is used only
+/// when none of them has a confirmed one, with a warning on stderr.
+async fn confirmed_read<T, F, Fut>(
+    t: &Target,
+    stale: impl Fn(&T) -> Option<String>,
+    call: F,
+) -> anyhow::Result<T>
+where
+    F: Fn(pb::control_client::ControlClient<tonic::transport::Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let mut fallback: Option<(T, String)> = None;
+    let mut start = 0;
+    loop {
+        let (i, c) = match t.connect_from(start).await {
+            Ok(x) => x,
+            Err(e) => match fallback {
+                Some(_) => break,
+                None => return Err(e.into()),
+            },
+        };
+        match call(c).await {
+            Ok(r) => match stale(&r) {
+                None => return Ok(r),
+                Some(who) => {
+                    if fallback.is_none() {
+                        fallback = Some((r, who));
+                    }
+                }
+            },
+            // The first answer that is an error is the answer (as before).
+            Err(e) if fallback.is_none() => return Err(status_err(e)),
+            Err(_) => {}
+        }
+        start = i + 1;
+        if start >= t.endpoints.len() {
+            break;
+        }
+    }
+    let (r, who) = fallback.expect("set before leaving the loop");
+    eprintln!(
+        "warning: no node could confirm this with the quorum leader; showing {who}'s own view, which may be out of date (check `metroctl status` alerts)"
+    );
+    Ok(r)
+}
+
 pub async fn get_status(t: &Target) -> anyhow::Result<pb::ClusterStatus> {
-    let mut c = t.connect().await?;
-    Ok(c.get_status(request(pb::GetStatusRequest {}, READ_DEADLINE)).await.map_err(status_err)?.into_inner())
+    confirmed_read(
+        t,
+        |s: &pb::ClusterStatus| s.stale.then(|| s.answered_by.clone()),
+        |mut c| async move {
+            c.get_status(request(pb::GetStatusRequest {}, READ_DEADLINE)).await.map(|r| r.into_inner())
+        },
+    )
+    .await
+}
+
+async fn get_volume(t: &Target, name: &str) -> anyhow::Result<pb::VolumeStatus> {
+    confirmed_read(
+        t,
+        |v: &pb::VolumeStatus| v.stale.then(|| v.answered_by.clone()),
+        |mut c| async move {
+            c.get_volume(request(pb::VolumeRef { name: name.to_string() }, READ_DEADLINE))
+                .await
+                .map(|r| r.into_inner())
+        },
+    )
+    .await
+}
+
+async fn list_volumes(t: &Target) -> anyhow::Result<pb::ListVolumesResponse> {
+    confirmed_read(
+        t,
+        |v: &pb::ListVolumesResponse| v.stale.then(|| v.answered_by.clone()),
+        |mut c| async move {
+            c.list_volumes(request(pb::ListVolumesRequest {}, READ_DEADLINE)).await.map(|r| r.into_inner())
+        },
+    )
+    .await
 }
 
 pub async fn status(t: &Target, json_out: bool) -> anyhow::Result<()> {
@@ -225,12 +305,7 @@ pub async fn status(t: &Target, json_out: bool) -> anyhow::Result<()> {
         })
         .collect();
     println!("{}", table(&["ETCD", "ENDPOINT", "HEALTH"], &rows));
-    let mut c = t.connect().await?;
-    let vols = c
-        .list_volumes(request(pb::ListVolumesRequest {}, READ_DEADLINE))
-        .await
-        .map_err(status_err)?
-        .into_inner();
+    let vols = list_volumes(t).await?;
     if !vols.volumes.is_empty() {
         println!();
         print_volume_table(&vols.volumes);
@@ -477,23 +552,13 @@ fn print_volume(v: &pb::VolumeStatus, json_out: bool) {
 }
 
 pub async fn volume_show(t: &Target, name: &str, json_out: bool) -> anyhow::Result<()> {
-    let mut c = t.connect().await?;
-    let v = c
-        .get_volume(request(pb::VolumeRef { name: name.to_string() }, READ_DEADLINE))
-        .await
-        .map_err(status_err)?
-        .into_inner();
+    let v = get_volume(t, name).await?;
     print_volume(&v, json_out);
     Ok(())
 }
 
 pub async fn volume_list(t: &Target, json_out: bool) -> anyhow::Result<()> {
-    let mut c = t.connect().await?;
-    let vols = c
-        .list_volumes(request(pb::ListVolumesRequest {}, READ_DEADLINE))
-        .await
-        .map_err(status_err)?
-        .into_inner();
+    let vols = list_volumes(t).await?;
     if json_out {
         print_json(&Value::Array(vols.volumes.iter().map(volume_json).collect()));
     } else {

@@ -28,6 +28,8 @@ use tonic::{Request, Response, Status};
 const FORWARDED: &str = "x-metro-forwarded";
 /// Deadline for a forwarded call to the leader or a primary.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a read waits for a quorum to confirm this node still leads.
+const LEADER_CONFIRM: Duration = Duration::from_secs(1);
 /// How long create/delete wait for the leader to reconcile the spec.
 const RECONCILE_WAIT: Duration = Duration::from_secs(20);
 /// Largest volume metro creates (64 TiB).
@@ -167,16 +169,27 @@ impl ControlService {
             },
             state: state_str.into(),
             primary_nbd,
+            stale: false,
+            answered_by: self.cfg.node_id.clone(),
         }
     }
 
-    /// Volume status as the leader knows it (a restarted node's local state
-    /// may be stale), with resync figures from the primary. `hop` says how
-    /// far the request has been forwarded: none, `leader`, or `final`.
+    /// Whether reads answered here are authoritative: this node leads and a
+    /// quorum confirmed it just now (see [`metro_quorum::Quorum::confirm_leader`]).
+    async fn confirmed_leader(&self) -> bool {
+        self.quorum.confirm_leader(LEADER_CONFIRM).await
+    }
+
+    /// Volume status as the leader knows it, with resync figures from the
+    /// primary. `hop` says how far the request has been forwarded: none,
+    /// `leader`, or `final`. An answer nobody could confirm with the leader
+    /// (no leader known, or it is unreachable) comes from this node's own view
+    /// and says so with `stale`.
     async fn volume_status_full(&self, name: &str, hop: Option<&str>) -> Result<pb::VolumeStatus, Status> {
-        let st = self.quorum.status();
-        if hop.is_none() && !st.is_leader {
-            if let Some(r) = self.forward_volume(st.leader.as_deref(), name, "leader").await {
+        let leading = hop != Some("final") && self.confirmed_leader().await;
+        if hop.is_none() && !leading {
+            let leader = self.quorum.status().leader;
+            if let Some(r) = self.forward_volume(leader.as_deref(), name, "leader").await {
                 return Ok(r);
             }
         }
@@ -188,12 +201,23 @@ impl ControlService {
                 "list volumes with `metroctl volume list`",
             ))
         })?;
-        if hop != Some("final") && v.primary.as_deref().is_some_and(|p| p != self.cfg.node_id) {
+        let mut mine = self.volume_status(&state, v);
+        // `final`: the leader asked us, its primary, for the resync figures.
+        mine.stale = hop != Some("final") && !leading;
+        if leading && v.primary.as_deref().is_some_and(|p| p != self.cfg.node_id) {
             if let Some(r) = self.forward_volume(v.primary.as_deref(), name, "final").await {
-                return Ok(r);
+                // The leader's record wins; the primary adds what only it knows.
+                for rs in &mut mine.replica_status {
+                    if let Some(theirs) = r.replica_status.iter().find(|x| x.node == rs.node) {
+                        rs.dirty_bytes = theirs.dirty_bytes;
+                        rs.resync_bytes_left = theirs.resync_bytes_left;
+                        rs.resync_rate_bps = theirs.resync_rate_bps;
+                        rs.full_resyncs = theirs.full_resyncs;
+                    }
+                }
             }
         }
-        Ok(self.volume_status(&state, v))
+        Ok(mine)
     }
 
     async fn forward_volume(&self, to: Option<&str>, name: &str, hop: &str) -> Option<pb::VolumeStatus> {
@@ -202,6 +226,13 @@ impl ControlService {
         let mut req = Request::new(pb::VolumeRef { name: name.to_string() });
         req.metadata_mut().insert(FORWARDED, hop.parse().ok()?);
         c.get_volume(req).await.ok().map(|r| r.into_inner())
+    }
+
+    /// A client for the leader as this node knows it (None: unknown or unreachable).
+    async fn leader_client(&self) -> Option<ControlClient<tonic::transport::Channel>> {
+        let leader = self.quorum.status().leader?;
+        let api = self.state().nodes.get(&leader)?.api.clone();
+        self.client_for(&api).await.ok()
     }
 
     async fn wait_for<F: Fn(&ClusterState) -> bool>(&self, what: &str, f: F) -> Result<(), ApiError> {
@@ -313,6 +344,7 @@ impl ControlService {
             alerts,
             answered_by: self.cfg.node_id.clone(),
             preferred_site: state.preferred_site.clone().unwrap_or_default(),
+            stale: false,
         }
     }
 
@@ -439,21 +471,19 @@ impl pb::control_server::Control for ControlService {
     ) -> Result<Response<pb::ClusterStatus>, Status> {
         authorize(&req, Access::Read)?;
         let forwarded = req.metadata().get(FORWARDED).is_some();
-        let st = self.quorum.status();
-        if !forwarded && !st.is_leader {
-            let leader_api =
-                st.leader.as_ref().and_then(|l| self.state().nodes.get(l).map(|n| n.api.clone()));
-            if let Some(api) = leader_api {
-                if let Ok(mut c) = self.client_for(&api).await {
-                    let mut r = Request::new(pb::GetStatusRequest {});
-                    r.metadata_mut().insert(FORWARDED, "1".parse().expect("static"));
-                    if let Ok(resp) = c.get_status(r).await {
-                        return Ok(resp);
-                    }
+        let leading = self.confirmed_leader().await;
+        if !forwarded && !leading {
+            if let Some(mut c) = self.leader_client().await {
+                let mut r = Request::new(pb::GetStatusRequest {});
+                r.metadata_mut().insert(FORWARDED, "1".parse().expect("static"));
+                if let Ok(resp) = c.get_status(r).await {
+                    return Ok(resp);
                 }
             }
         }
-        Ok(Response::new(self.build_status().await))
+        let mut status = self.build_status().await;
+        status.stale = !leading;
+        Ok(Response::new(status))
     }
 
     async fn list_volumes(
@@ -461,22 +491,27 @@ impl pb::control_server::Control for ControlService {
         req: Request<pb::ListVolumesRequest>,
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
         authorize(&req, Access::Read)?;
-        let st = self.quorum.status();
-        if req.metadata().get(FORWARDED).is_none() && !st.is_leader {
-            let api = st.leader.as_ref().and_then(|l| self.state().nodes.get(l).map(|n| n.api.clone()));
-            if let Some(api) = api {
-                if let Ok(mut c) = self.client_for(&api).await {
-                    let mut r = Request::new(pb::ListVolumesRequest {});
-                    r.metadata_mut().insert(FORWARDED, "final".parse().expect("static"));
-                    if let Ok(resp) = c.list_volumes(r).await {
-                        return Ok(resp);
-                    }
+        let leading = self.confirmed_leader().await;
+        if req.metadata().get(FORWARDED).is_none() && !leading {
+            if let Some(mut c) = self.leader_client().await {
+                let mut r = Request::new(pb::ListVolumesRequest {});
+                r.metadata_mut().insert(FORWARDED, "final".parse().expect("static"));
+                if let Ok(resp) = c.list_volumes(r).await {
+                    return Ok(resp);
                 }
             }
         }
         let state = self.state();
-        let volumes = state.volumes.values().map(|v| self.volume_status(&state, v)).collect();
-        Ok(Response::new(pb::ListVolumesResponse { volumes }))
+        let volumes = state
+            .volumes
+            .values()
+            .map(|v| pb::VolumeStatus { stale: !leading, ..self.volume_status(&state, v) })
+            .collect();
+        Ok(Response::new(pb::ListVolumesResponse {
+            volumes,
+            stale: !leading,
+            answered_by: self.cfg.node_id.clone(),
+        }))
     }
 
     async fn get_volume(&self, req: Request<pb::VolumeRef>) -> Result<Response<pb::VolumeStatus>, Status> {

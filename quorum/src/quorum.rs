@@ -495,6 +495,18 @@ impl Quorum {
         self.inner.sm.subscribe()
     }
 
+    /// Whether this member is the leader *and* a quorum still follows it (a
+    /// read-index round trip, bounded by `deadline`). A restarted member may
+    /// believe for a moment that it still leads its old term (openraft
+    /// restores a committed vote of its own as leadership); its state is then
+    /// stale, and only this confirmation tells the two apart.
+    pub async fn confirm_leader(&self, deadline: std::time::Duration) -> bool {
+        if !self.inner.is_leader() {
+            return false;
+        }
+        matches!(tokio::time::timeout(deadline, self.inner.raft.ensure_linearizable()).await, Ok(Ok(_)))
+    }
+
     /// Raft view in node names.
     pub fn status(&self) -> QuorumStatus {
         let s = &self.inner;

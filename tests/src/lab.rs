@@ -14,6 +14,24 @@ use std::time::{Duration, Instant};
 static LAB_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Workspace root (for binaries and tools).
+/// `text` without ANSI colour escapes.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
@@ -139,7 +157,32 @@ impl Lab {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        bail!("timed out after {timeout:?} waiting for {what} (last error: {last})")
+        bail!("timed out after {timeout:?} waiting for {what} (last error: {last})\n{}", self.diagnostics())
+    }
+
+    /// What a failed wait prints: the cluster as metroctl sees it, and the
+    /// last warnings of every daemon (the whole logs are kept in
+    /// `target/lab-logs/`, see `Drop`).
+    pub fn diagnostics(&self) -> String {
+        let mut out = String::from("--- diagnostics\n");
+        match self.ctl(&["status"]) {
+            Ok(s) => out.push_str(&s),
+            Err(e) => out.push_str(&format!("metroctl status: {e}\n")),
+        }
+        for d in self.info.nodes.iter().chain(std::iter::once(&self.info.witness)) {
+            let text = std::fs::read_to_string(&d.proc.log).unwrap_or_default();
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| l.contains(" WARN ") || l.contains(" ERROR ") || l.contains("panicked"))
+                .collect();
+            out.push_str(&format!("--- {} ({}), last warnings:\n", d.id, d.proc.log.display()));
+            for l in &lines[lines.len().saturating_sub(12)..] {
+                let l: String = strip_ansi(l).chars().take(240).collect();
+                out.push_str(&l);
+                out.push('\n');
+            }
+        }
+        out
     }
 
     pub fn kill_site(&self, site: &str) -> anyhow::Result<()> {
@@ -235,7 +278,7 @@ impl Lab {
             .filter_map(|n| self.info.daemon(n).map(|d| d.data_dir.join("volumes").join(volume).join("data")))
             .collect();
         if files.len() < 2 {
-            bail!("only {} in-sync replica files for {volume}", files.len());
+            bail!("only {} in-sync replica files for {volume}: {v}\n{}", files.len(), self.diagnostics());
         }
         let first = std::fs::read(&files[0])?;
         for f in &files[1..] {
@@ -249,9 +292,24 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        if std::env::var_os("METRO_KEEP_LAB").is_some() && std::thread::panicking() {
+        // METRO_KEEP_LAB=1 keeps a failed test's lab (a panic); =always keeps
+        // every lab (a test that returned an error does not panic).
+        let keep = std::env::var("METRO_KEEP_LAB").ok();
+        if keep.as_deref() == Some("always") || (keep.is_some() && std::thread::panicking()) {
             eprintln!("keeping lab in {}", self.dir.display());
             return;
+        }
+        // Keep the daemons' logs of the last lab of each name for a post-mortem.
+        let name = self.dir.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let name = name.rsplit_once('-').map_or(name.as_str(), |(n, _pid)| n).to_string();
+        let keep = bin_dir().parent().map(|t| t.join("lab-logs").join(name));
+        if let Some(keep) = keep {
+            let _ = std::fs::remove_dir_all(&keep);
+            if std::fs::create_dir_all(&keep).is_ok() {
+                for e in std::fs::read_dir(self.dir.join("logs")).into_iter().flatten().flatten() {
+                    let _ = std::fs::copy(e.path(), keep.join(e.file_name()));
+                }
+            }
         }
         if let Err(e) = metroctl::lab::down(&self.dir, true) {
             eprintln!("lab down {}: {e}", self.dir.display());

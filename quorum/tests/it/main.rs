@@ -93,6 +93,57 @@ async fn a_new_leader_is_elected_when_the_leader_dies_and_proposals_work_again()
     c.shutdown().await;
 }
 
+/// A member restarted after it led believes for a moment that it still
+/// leads its old term (openraft restores its own committed vote as
+/// leadership). Reads that need the leader's view must not trust that:
+/// `confirm_leader` holds only once a quorum follows it, and then its state
+/// includes everything committed while it was down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_former_leader_confirms_no_leadership_until_a_quorum_follows_it() {
+    let mut c = Cluster::start(&["a1", "b1", "w1"]).await;
+    c.wait_voters(&["a1", "b1", "w1"]).await;
+    let old = c.leader().expect("a leader");
+    assert!(c.get(&old).q.confirm_leader(Duration::from_secs(2)).await, "a live leader confirms");
+
+    tracing::info!("--- kill the leader {old}; the survivors commit a volume without it");
+    c.get_mut(&old).kill().await;
+    let survivors: Vec<String> = c.members.iter().map(|m| m.id.clone()).filter(|id| *id != old).collect();
+    wait_until(Duration::from_secs(10), "a survivor leads", || {
+        let led = survivors.iter().any(|id| c.get(id).q.status().is_leader);
+        async move { led }
+    })
+    .await;
+    let r = c.get(&survivors[0]).q.propose(create_volume("while-down", &["a1", "b1"], "b1")).await.unwrap();
+    assert!(r.is_ok(), "{r:?}");
+
+    tracing::info!("--- restart {old}: its own view is stale until it catches up");
+    restart(&mut c, &old).await;
+    let m = c.get(&old);
+    assert!(!m.state().volumes.contains_key("while-down"), "restarted with its old state");
+    let (mut believed, mut confirmed) = (0, 0);
+    let until = tokio::time::Instant::now() + Duration::from_secs(4);
+    while tokio::time::Instant::now() < until {
+        let thinks = m.q.status().is_leader;
+        believed += thinks as u32;
+        if m.q.confirm_leader(Duration::from_millis(500)).await {
+            confirmed += 1;
+            assert!(
+                m.state().volumes.contains_key("while-down"),
+                "{old} confirmed its leadership while its state lacked a committed volume"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tracing::info!(believed, confirmed, "samples where {old} thought it led / confirmed it");
+    assert!(
+        c.get(&survivors[0]).q.confirm_leader(Duration::from_secs(2)).await
+            || c.get(&survivors[1]).q.confirm_leader(Duration::from_secs(2)).await
+            || m.q.confirm_leader(Duration::from_secs(2)).await,
+        "someone leads"
+    );
+    c.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_primary_fails_over_to_the_in_sync_replica_in_the_other_site_after_its_lease() {
     let mut c = Cluster::start(&["a1", "b1", "w1"]).await;

@@ -7,18 +7,6 @@ use metro_quorum::decide::ActivateRefusal;
 use metro_quorum::{Command, QuorumError, Restart, SiteMode};
 use std::time::Duration;
 
-fn port_of(m: &Member) -> u16 {
-    m.addr.rsplit(':').next().unwrap().parse().unwrap()
-}
-
-/// Restart `id` on its address from its data dir (after `kill`).
-async fn restart(c: &mut Cluster, id: &str) {
-    let (dir, port) = (c.get(id).dir.clone(), port_of(c.get(id)));
-    let m = start_member(id, &dir, port, None).await;
-    m.heartbeat_as_primary();
-    *c.get_mut(id) = m;
-}
-
 async fn wait_restart(m: &Member, what: &str) -> Restart {
     let mut rx = m.q.restart_requested();
     let r = tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|r| r.is_some()))

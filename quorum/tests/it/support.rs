@@ -135,6 +135,18 @@ pub async fn start_member(id: &str, dir: &Path, port: u16, tls: Option<metro_api
     Member { id: id.into(), addr, dir: dir.to_path_buf(), q, server: Some((tx, h)) }
 }
 
+pub fn port_of(m: &Member) -> u16 {
+    m.addr.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// Restart `id` on its address from its data dir (after `kill`).
+pub async fn restart(c: &mut Cluster, id: &str) {
+    let (dir, port) = (c.get(id).dir.clone(), port_of(c.get(id)));
+    let m = start_member(id, &dir, port, None).await;
+    m.heartbeat_as_primary();
+    *c.get_mut(id) = m;
+}
+
 /// Poll `f` until it returns true or `timeout` passes (then panic with `what`).
 pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut f: F)
 where
