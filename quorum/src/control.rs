@@ -15,9 +15,9 @@
 //!   (a new leader first waits `lease_ms + drift_margin_ms`, see `decide::lease`).
 //! - At most one membership change is in flight; the leader never removes itself.
 
-use crate::decide::{self, LeaseTable, LeaseTiming, SiteTracker};
+use crate::decide::{self, LeaseTable, LeaseTiming, Liveness, SiteTracker};
 use crate::quorum::{Handover, LeaderState, Shared};
-use crate::state::{ClusterState, Command, NodeId, SiteMode};
+use crate::state::{ClusterState, Command, NodeId};
 use crate::types::RaftId;
 use openraft::{BasicNode, ChangeMembers, ServerState};
 use std::collections::{BTreeMap, BTreeSet};
@@ -52,8 +52,7 @@ pub(crate) async fn role_watcher(s: Arc<Shared>) {
                     tracing::info!(node = %s.cfg.node_id, term, "became leader; waiting one lease period before any promotion");
                     *g = Some(LeaderState {
                         term,
-                        since_ms: now,
-                        last_seen_ms: BTreeMap::new(),
+                        liveness: Liveness::new(now),
                         leases: LeaseTable::new(now, timing),
                         sites: SiteTracker::new(t.site_stable_ms),
                     });
@@ -70,18 +69,7 @@ pub(crate) async fn role_watcher(s: Arc<Shared>) {
 
 /// The nodes the leader considers alive now (itself included).
 pub(crate) fn alive_set(s: &Shared, ls: &LeaderState, state: &ClusterState, now_ms: u64) -> BTreeSet<NodeId> {
-    let loss = s.node_loss_ms();
-    let mut alive: BTreeSet<NodeId> = state
-        .nodes
-        .keys()
-        .filter(|id| {
-            let last = ls.last_seen_ms.get(*id).copied().unwrap_or(ls.since_ms);
-            now_ms.saturating_sub(last) <= loss
-        })
-        .cloned()
-        .collect();
-    alive.insert(s.cfg.node_id.clone());
-    alive
+    ls.liveness.alive(state, &s.cfg.node_id, now_ms, s.node_loss_ms())
 }
 
 pub(crate) async fn control_loop(s: Arc<Shared>) {
@@ -102,6 +90,7 @@ async fn control_round(s: &Shared) {
     let (alive, leases, site_cmds) = {
         let mut g = s.leader_state();
         let Some(ls) = g.as_mut() else { return };
+        ls.liveness.observe(&state, now);
         let alive = alive_set(s, ls, &state, now);
         if let Some(c) = &state.config {
             ls.sites.set_stable_ms(c.site_stable_ms);
@@ -279,42 +268,41 @@ pub(crate) fn hold_elections_for(s: &Shared, requester: &str) -> u64 {
     end - now
 }
 
-/// Leader side of the preferred-site rule: tell `requester` to take over when
-/// the leader is outside the preferred site, the group is healthy, and
-/// `requester` is a caught-up voter inside it. The leader pauses its
-/// heartbeats and the other members hold their elections, so the target's
-/// campaign (started once the followers' openraft lease lapsed) wins.
-/// At most one hand-over per `10 × election_timeout_max` (no storms when the
-/// target cannot win).
+/// Leader side of leadership placement ([`decide::hand_over_wanted`]): tell
+/// `requester` to take over when leadership belongs in its site (the
+/// preferred site, or any active data site rather than the witness), the
+/// group is healthy, and `requester` is a caught-up voter. The leader pauses
+/// its heartbeats and the other members hold their elections, so the
+/// target's campaign (started once the followers' openraft lease lapsed)
+/// wins. At most one hand-over per `10 × election_timeout_max` (no storms
+/// when the target cannot win).
 pub(crate) fn should_hand_over(s: &Shared, requester: &str, state: &ClusterState) -> bool {
-    let Some(pref) = state.preferred_site.as_deref() else { return false };
-    if s.cfg.site == pref || requester == s.cfg.node_id {
+    if requester == s.cfg.node_id {
         return false;
     }
     let Some(rec) = state.nodes.get(requester) else { return false };
-    if rec.site != pref || state.sites.get(pref).is_none_or(|p| p.mode != SiteMode::Active) {
-        return false;
-    }
     let m = s.raft.metrics().borrow().clone();
-    if !m.membership_config.membership().voter_ids().any(|v| v == rec.raft_id) {
-        return false;
-    }
-    if m.membership_config.membership().get_joint_config().len() != 1 {
+    let membership = m.membership_config.membership();
+    if !membership.voter_ids().any(|v| v == rec.raft_id) || membership.get_joint_config().len() != 1 {
         return false;
     }
     let last = m.last_log_index.unwrap_or(0);
     let matched =
         |id: RaftId| m.replication.as_ref().and_then(|r| r.get(&id).cloned().flatten()).map(|l| l.index);
-    let caught_up = matched(rec.raft_id).is_some_and(|i| i + 1 >= last);
+    let caught_up = |id: RaftId| matched(id).is_some_and(|i| i + 1 >= last);
+    let preferred_ready = state.preferred_site.as_deref().is_some_and(|p| {
+        membership.voter_ids().any(|v| state.node_by_raft_id(v).is_some_and(|n| n.site == p) && caught_up(v))
+    });
+    if !decide::hand_over_wanted(state, &s.cfg.site, &rec.site, preferred_ready) || !caught_up(rec.raft_id) {
+        return false;
+    }
     // Only a healthy group hands over: every voter caught up, so the pause in
     // heartbeats cannot cost the group its majority.
-    let healthy = m
-        .membership_config
-        .membership()
+    let healthy = membership
         .voter_ids()
         .filter(|v| *v != s.raft_id)
         .all(|v| matched(v).is_some_and(|i| i + MAX_VOTER_LAG >= last));
-    if !caught_up || !healthy {
+    if !healthy {
         return false;
     }
     let now = s.now_ms();
@@ -326,7 +314,7 @@ pub(crate) fn should_hand_over(s: &Shared, requester: &str, state: &ClusterState
         }
         *g = Some(Handover { target: requester.to_string(), started_ms: now });
     }
-    tracing::info!(to = %requester, site = %pref, "handing leadership to the preferred site");
+    tracing::info!(to = %requester, site = %rec.site, "handing leadership over");
     s.raft.runtime_config().heartbeat(false);
     let raft = s.raft.clone();
     let pause = Duration::from_millis(handover_pause_ms(s));

@@ -52,7 +52,7 @@ pub(crate) async fn handle_heartbeat(s: &Shared, req: HeartbeatRequest) -> Heart
         let mut g = s.leader_state();
         match g.as_mut() {
             Some(ls) => {
-                ls.last_seen_ms.insert(req.node_id.clone(), now);
+                ls.liveness.heard(&req.node_id, now);
             }
             None => return not_leader(),
         }

@@ -12,7 +12,7 @@ impl Quorum {
         let now = self.inner.now_ms();
         let g = self.inner.leader_state();
         let ls = g.as_ref()?;
-        Some(ls.last_seen_ms.iter().map(|(n, t)| (n.clone(), now.saturating_sub(*t))).collect())
+        Some(ls.liveness.last_seen_ms().iter().map(|(n, t)| (n.clone(), now.saturating_sub(*t))).collect())
     }
 
     /// Node-loss detection threshold in ms: the committed cluster config's

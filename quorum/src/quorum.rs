@@ -96,9 +96,8 @@ pub struct HeldLease {
 /// The leader-only, in-memory part (never logged).
 pub(crate) struct LeaderState {
     pub term: u64,
-    pub since_ms: u64,
-    /// node id → last heartbeat, ms on the member's monotonic clock.
-    pub last_seen_ms: BTreeMap<String, u64>,
+    /// Heartbeats and first sightings, ms on the member's monotonic clock.
+    pub liveness: crate::decide::Liveness,
     pub leases: crate::decide::LeaseTable,
     pub sites: crate::decide::SiteTracker,
 }

@@ -187,6 +187,9 @@ pub async fn wait_cluster(info: &LabInfo, deadline: Duration, witness: Witness) 
             if s.leader.is_empty() {
                 return Err("no leader yet".to_string());
             }
+            if s.stale {
+                return Err(format!("{} could not confirm its view with a leader yet", s.answered_by));
+            }
             if s.nodes.len() < expected || reachable < expected {
                 return Err(format!("{reachable}/{expected} daemons registered and reachable"));
             }

@@ -19,6 +19,7 @@
 pub mod activate;
 pub mod failover;
 pub mod lease;
+pub mod liveness;
 pub mod moves;
 pub mod placement;
 pub mod sites;
@@ -32,7 +33,8 @@ mod matrix;
 pub use activate::{check_activate, plan_override, ActivateRefusal, OverridePlan};
 pub use failover::{plan_failover, FailoverPlan};
 pub use lease::{LeaseError, LeaseTable, LeaseTiming};
+pub use liveness::Liveness;
 pub use moves::{move_target, planned_move, primaries_of};
 pub use placement::{place_volume, PlacementError};
-pub use sites::{arbitrate, SiteTracker};
+pub use sites::{arbitrate, hand_over_wanted, SiteTracker};
 pub use voters::{desired_voters, desired_voters_returning, gate_activations, has_quorum, membership_steps};

@@ -106,6 +106,34 @@ pub fn arbitrate(
     }
 }
 
+/// Whether the leader (in `leader_site`) should hand leadership to a voter
+/// of `requester_site` that asks by heartbeat. Leadership belongs in the
+/// preferred site when that is active; a witness leader (an election the
+/// witness happened to win, e.g. during a site loss) hands over to any
+/// active data site when the preferred one has no voter ready to lead
+/// (`preferred_ready`), because the witness is the small, far-away member:
+/// leading puts every heartbeat and lease renewal on its WAN link.
+pub fn hand_over_wanted(
+    state: &ClusterState,
+    leader_site: &str,
+    requester_site: &str,
+    preferred_ready: bool,
+) -> bool {
+    let active_data = |name: &str| {
+        state.sites.get(name).is_some_and(|s| s.kind == SiteKind::Data && s.mode == SiteMode::Active)
+    };
+    let leader_is_witness = state.sites.get(leader_site).is_some_and(|s| s.kind == SiteKind::Witness);
+    if requester_site == leader_site || !active_data(requester_site) {
+        return false;
+    }
+    match state.preferred_site.as_deref().filter(|p| active_data(p)) {
+        Some(p) if leader_site == p => false,
+        Some(p) if requester_site == p => true,
+        Some(_) => leader_is_witness && !preferred_ready,
+        None => leader_is_witness,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::fixture::*;
@@ -121,6 +149,37 @@ mod tests {
 
     fn activate(site: &str) -> Command {
         Command::SetSiteMode { site: site.into(), mode: SiteMode::Active }
+    }
+
+    #[test]
+    fn leadership_goes_to_the_preferred_site_from_anywhere_else() {
+        let mut s = lab();
+        s.preferred_site = Some("dc-a".into());
+        assert!(hand_over_wanted(&s, "dc-b", "dc-a", true));
+        assert!(hand_over_wanted(&s, "witness", "dc-a", true));
+        assert!(!hand_over_wanted(&s, "dc-a", "dc-b", true), "already in the preferred site");
+        assert!(!hand_over_wanted(&s, "dc-b", "dc-b", true), "same site");
+        assert!(!hand_over_wanted(&s, "dc-a", "witness", true), "never to the witness");
+    }
+
+    #[test]
+    fn a_witness_leader_hands_over_to_any_active_data_site_when_the_preferred_cannot_lead() {
+        let mut s = lab();
+        s.preferred_site = Some("dc-a".into());
+        assert!(!hand_over_wanted(&s, "witness", "dc-b", true), "wait for the preferred site's voter");
+        assert!(hand_over_wanted(&s, "witness", "dc-b", false), "the preferred site has no ready voter");
+        assert!(!hand_over_wanted(&s, "dc-b", "dc-b", false));
+        // dc-a lost: fenced, so not a target; dc-b takes over from the witness.
+        ok(&mut s, fence("dc-a"));
+        assert!(hand_over_wanted(&s, "witness", "dc-b", true));
+        assert!(!hand_over_wanted(&s, "witness", "dc-a", true), "a fenced site never leads");
+        assert!(!hand_over_wanted(&s, "dc-b", "dc-a", true));
+        // No preferred site: only the witness gives leadership away.
+        let mut s = lab();
+        s.preferred_site = None;
+        assert!(hand_over_wanted(&s, "witness", "dc-a", false));
+        assert!(hand_over_wanted(&s, "witness", "dc-b", false));
+        assert!(!hand_over_wanted(&s, "dc-a", "dc-b", false), "no ping-pong between data sites");
     }
 
     #[test]

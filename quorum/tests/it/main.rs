@@ -421,6 +421,26 @@ async fn leadership_moves_to_a_voter_in_the_preferred_site() {
     c.shutdown().await;
 }
 
+/// The witness is the small, far-away member: when it wins leadership (here
+/// it bootstraps the group, and no site is preferred) it hands leadership to
+/// a data-site voter, so heartbeats and lease renewals stay off its WAN link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_witness_leader_hands_leadership_to_a_data_site_without_a_preferred_site() {
+    let c = Cluster::start_opts(&["w1", "a1", "b1"], None, |_| None).await;
+    c.wait_voters(&["a1", "b1", "w1"]).await;
+    assert_eq!(c.get("w1").state().preferred_site, None);
+    wait_until(Duration::from_secs(15), "a data-site voter leads", || {
+        let l = c.leader();
+        async move { l.as_deref().is_some_and(|l| l.starts_with('a') || l.starts_with('b')) }
+    })
+    .await;
+    let leader = c.leader().unwrap();
+    tracing::info!(%leader, "--- leadership left the witness; it stays in the data site");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(c.leader().as_deref(), Some(leader.as_str()), "no ping-pong between data sites");
+    c.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_restarted_on_a_new_address_is_reached_there_after_it_rejoins() {
     let mut c = Cluster::start(&["a1", "b1", "w1"]).await;
@@ -466,6 +486,46 @@ async fn a_member_joining_after_log_compaction_catches_up_from_a_snapshot() {
     c.members.push(m);
     let r = c.get("a2").q.propose(create_volume("after", &["a2", "b1"], "a2")).await.unwrap();
     assert!(r.is_ok());
+    c.shutdown().await;
+}
+
+/// A node that registers long after the leader took over (its etcd came up
+/// late, or it is added to a running cluster) is judged from when the leader
+/// first saw it, not from the start of the leadership: its site is not
+/// fenced before it could send a heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_whose_first_node_registers_late_is_not_fenced_on_arrival() {
+    let mut c = Cluster::start(&["a1", "w1"]).await;
+    c.wait_voters(&["a1", "w1"]).await;
+    let wait = Duration::from_millis(timings().node_loss_ms * 3);
+    tracing::info!(?wait, "--- the leader runs alone with the witness for a while");
+    tokio::time::sleep(wait).await;
+
+    tracing::info!("--- b1, the first node of dc-b, registers");
+    let m = start_member("b1", &c._root.path().join("b1"), 0, None).await;
+    m.q.join(m.record(), vec![c.get("a1").addr.clone()]).await.expect("join");
+    let a1 = c.get("a1");
+    wait_until(Duration::from_secs(10), "a1 knows b1", || {
+        let known = a1.state().nodes.contains_key("b1");
+        async move { known }
+    })
+    .await;
+    // Its first heartbeat comes late (here: not before half the loss window).
+    let fenced = |a1: &Member| a1.state().sites["dc-b"].mode != metro_quorum::SiteMode::Active;
+    let quiet_until = tokio::time::Instant::now() + Duration::from_millis(timings().node_loss_ms / 2);
+    while tokio::time::Instant::now() < quiet_until {
+        assert!(!fenced(a1), "dc-b fenced before its node could heartbeat");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    m.heartbeat_as_primary();
+    c.members.push(m);
+    let a1 = c.get("a1");
+    let until = tokio::time::Instant::now() + Duration::from_millis(timings().node_loss_ms * 3);
+    while tokio::time::Instant::now() < until {
+        assert!(!fenced(a1), "dc-b fenced although b1 heartbeats");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.wait_voters(&["a1", "b1", "w1"]).await;
     c.shutdown().await;
 }
 

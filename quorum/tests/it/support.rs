@@ -181,13 +181,24 @@ impl Cluster {
 
     /// As `start`, with each member's TLS material from `tls(id)`.
     pub async fn start_with(ids: &[&str], tls: impl Fn(&str) -> Option<metro_api::tls::TlsFiles>) -> Cluster {
+        Self::start_opts(ids, Some("dc-a"), tls).await
+    }
+
+    /// As `start_with`, with the group's preferred site (None: no preference).
+    pub async fn start_opts(
+        ids: &[&str],
+        preferred: Option<&str>,
+        tls: impl Fn(&str) -> Option<metro_api::tls::TlsFiles>,
+    ) -> Cluster {
         init_tracing();
         let root = tempfile::tempdir().unwrap();
         let mut members = Vec::new();
         for (i, id) in ids.iter().enumerate() {
             let m = start_member(id, &root.path().join(id), 0, tls(id)).await;
             if i == 0 {
-                m.q.initialize(lab_sites(), Some("dc-a".into()), m.record()).await.expect("initialize");
+                m.q.initialize(lab_sites(), preferred.map(str::to_string), m.record())
+                    .await
+                    .expect("initialize");
             } else {
                 let first: &Member = &members[0];
                 m.q.join(m.record(), vec![first.addr.clone()]).await.expect("join");
