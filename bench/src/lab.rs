@@ -2,6 +2,7 @@
 //! code `metroctl lab up` runs), torn down and purged on drop.
 
 use crate::ctl::Ctl;
+use crate::ctl::CtlExt;
 use anyhow::Context;
 use metroctl::lab::{LabInfo, LabOptions, NetMode};
 use std::net::Ipv4Addr;

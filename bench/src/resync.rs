@@ -2,6 +2,7 @@
 //! the node, and measure the time and bytes moved until it is back in sync,
 //! against the raw speed of a plain TCP bulk copy between the two sites.
 
+use crate::ctl::CtlExt;
 use crate::delay::connect_from;
 use crate::lab::BenchLab;
 use crate::report::{Section, Target};

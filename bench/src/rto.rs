@@ -15,6 +15,7 @@
 //! valid trial with no acknowledged write on a new primary within
 //! [`TRIAL_DEADLINE`] is a *failed* failover: a bug, reported as such.
 
+use crate::ctl::CtlExt;
 use crate::lab::{BenchLab, LabSpec};
 use crate::report::{Section, Target};
 use crate::stats::percentile;

@@ -116,22 +116,11 @@ impl Lab {
 
     /// Run metroctl against this lab; returns stdout, fails with stderr.
     pub fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new(bin_dir().join("metroctl"))
-            .arg("--lab")
-            .arg(&self.dir)
-            .args(args)
-            .output()
-            .context("running metroctl")?;
-        if !out.status.success() {
-            bail!("metroctl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        Ok(metroctl::lab::LabCli::new(&bin_dir(), &self.dir).run(args)?)
     }
 
     pub fn ctl_json(&self, args: &[&str]) -> anyhow::Result<Value> {
-        let mut a = vec!["-o", "json"];
-        a.extend_from_slice(args);
-        Ok(serde_json::from_str(&self.ctl(&a)?)?)
+        Ok(metroctl::lab::LabCli::new(&bin_dir(), &self.dir).json(args)?)
     }
 
     pub fn status(&self) -> anyhow::Result<Value> {
@@ -384,6 +373,32 @@ fn tracing_subscriber_init() -> Result<(), ()> {
 }
 
 /// Strings of a JSON array.
+/// The primary of `vol` and its NBD URI, as `metroctl volume show` says
+/// (empty strings while it has none).
+pub fn primary_of(lab: &Lab, vol: &str) -> anyhow::Result<(String, String)> {
+    let v = lab.volume(vol)?;
+    Ok((v["primary"].as_str().unwrap_or("").to_string(), v["nbd"].as_str().unwrap_or("").to_string()))
+}
+
+/// Wait until `vol` has a primary and every replica is in sync.
+pub async fn wait_fully_in_sync(lab: &Lab, vol: &str, deadline: Duration) -> anyhow::Result<Duration> {
+    lab.wait_for("every replica back in sync", deadline, |l| {
+        let v = l.volume(vol)?;
+        Ok(!v["primary"].is_null() && strings(&v["in_sync"]).len() == strings(&v["replicas"]).len())
+    })
+    .await
+}
+
+/// After a heal: wait until every replica of `vol` is back in sync, then
+/// check their data files are byte-identical.
+pub async fn wait_rejoined_identical(lab: &Lab, vol: &str, deadline: Duration) -> anyhow::Result<Duration> {
+    let took = wait_fully_in_sync(lab, vol, deadline).await?;
+    if !lab.replicas_identical(vol)? {
+        bail!("the replicas of {vol} differ after rejoining\n{}", lab.diagnostics());
+    }
+    Ok(took)
+}
+
 pub fn strings(v: &Value) -> Vec<String> {
     v.as_array().into_iter().flatten().filter_map(|x| x.as_str().map(String::from)).collect()
 }

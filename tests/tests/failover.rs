@@ -4,24 +4,11 @@
 //! primaries acknowledged writes for the volume (split brain), and after
 //! healing every in-sync replica holds identical data.
 
-use metro_tests::lab::{assert_single_primary, max_gap, strings, Lab};
+use metro_tests::lab::{assert_single_primary, max_gap, primary_of, wait_rejoined_identical, Lab};
 use std::time::Duration;
 
 const FAILOVER_DEADLINE: Duration = Duration::from_secs(45);
 const REJOIN_DEADLINE: Duration = Duration::from_secs(90);
-
-fn primary_of(lab: &Lab, vol: &str) -> anyhow::Result<(String, String)> {
-    let v = lab.volume(vol)?;
-    Ok((v["primary"].as_str().unwrap_or("").to_string(), v["nbd"].as_str().unwrap_or("").to_string()))
-}
-
-async fn wait_fully_in_sync(lab: &Lab, vol: &str) -> anyhow::Result<Duration> {
-    lab.wait_for("every replica back in sync", REJOIN_DEADLINE, |l| {
-        let v = l.volume(vol)?;
-        Ok(strings(&v["in_sync"]).len() == strings(&v["replicas"]).len())
-    })
-    .await
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn acked_writes_survive_the_loss_of_the_primary_site() -> anyhow::Result<()> {
@@ -56,8 +43,7 @@ async fn acked_writes_survive_the_loss_of_the_primary_site() -> anyhow::Result<(
 
     tracing::info!("--- dc-a returns: automatic resync and rejoin, identical replicas");
     lab.start_site("dc-a").await?;
-    wait_fully_in_sync(&lab, "v").await?;
-    assert!(lab.replicas_identical("v")?, "replicas differ after rejoin");
+    wait_rejoined_identical(&lab, "v", REJOIN_DEADLINE).await?;
     Ok(())
 }
 
@@ -80,8 +66,7 @@ async fn losing_one_storage_node_fails_its_volumes_over() -> anyhow::Result<()> 
 
     tracing::info!("--- the node restarts and rejoins by itself");
     lab.start_node(&primary).await?;
-    wait_fully_in_sync(&lab, "v").await?;
-    assert!(lab.replicas_identical("v")?);
+    wait_rejoined_identical(&lab, "v", REJOIN_DEADLINE).await?;
     Ok(())
 }
 
@@ -133,7 +118,6 @@ async fn a_cut_between_the_data_sites_keeps_the_preferred_site_and_fences_the_ot
 
     tracing::info!("--- heal: dc-b resyncs and rejoins");
     lab.heal()?;
-    wait_fully_in_sync(&lab, "v").await?;
-    assert!(lab.replicas_identical("v")?);
+    wait_rejoined_identical(&lab, "v", REJOIN_DEADLINE).await?;
     Ok(())
 }

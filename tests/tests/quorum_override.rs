@@ -7,7 +7,7 @@
 //!
 //! `cargo build --workspace --bins && METRO_LAB_OCTET=101 cargo test -p metro-tests --test quorum_override -- --test-threads=1`
 
-use metro_tests::lab::{assert_single_primary, strings, Ack, Lab};
+use metro_tests::lab::{assert_single_primary, primary_of, strings, Ack, Lab};
 use std::time::Duration;
 
 const FAILOVER_DEADLINE: Duration = Duration::from_secs(60);
@@ -15,11 +15,6 @@ const REJOIN_DEADLINE: Duration = Duration::from_secs(150);
 
 fn now_s() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-}
-
-fn primary_of(lab: &Lab, vol: &str) -> anyhow::Result<(String, String)> {
-    let v = lab.volume(vol)?;
-    Ok((v["primary"].as_str().unwrap_or("").to_string(), v["nbd"].as_str().unwrap_or("").to_string()))
 }
 
 fn site_of(lab: &Lab, node: &str) -> String {

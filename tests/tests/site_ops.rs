@@ -7,7 +7,10 @@
 //! `METRO_LAB_OCTET=92 cargo test -p metro-tests --test site_ops -- --ignored --nocapture measure`
 //! prints one `MEASURE` line per run and a summary (median, max).
 
-use metro_tests::lab::{assert_single_primary, max_gap, read_acks, strings, Ack, Lab};
+use metro_tests::lab::{
+    assert_single_primary, max_gap, primary_of, read_acks, strings, wait_fully_in_sync,
+    wait_rejoined_identical, Ack, Lab,
+};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -17,19 +20,6 @@ const REJOIN_DEADLINE: Duration = Duration::from_secs(120);
 const VOTER_REPLACEMENT_DEADLINE: Duration = Duration::from_secs(30);
 /// Flapping link: at most this many primary changes over the whole run.
 const MAX_FLAP_FAILOVERS: usize = 2;
-
-fn primary_of(lab: &Lab, vol: &str) -> anyhow::Result<(String, String)> {
-    let v = lab.volume(vol)?;
-    Ok((v["primary"].as_str().unwrap_or("").to_string(), v["nbd"].as_str().unwrap_or("").to_string()))
-}
-
-async fn wait_fully_in_sync(lab: &Lab, vol: &str) -> anyhow::Result<Duration> {
-    lab.wait_for("every replica back in sync", REJOIN_DEADLINE, |l| {
-        let v = l.volume(vol)?;
-        Ok(!v["primary"].is_null() && strings(&v["in_sync"]).len() == strings(&v["replicas"]).len())
-    })
-    .await
-}
 
 fn now_s() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
@@ -141,7 +131,7 @@ async fn attach_scenario(check_identical: bool) -> anyhow::Result<()> {
     tracing::info!("--- RPO 0, one primary, identical replicas");
     lab.verify(&new_uri, &[&lab.dir.join("acks-follow.jsonl"), &probe_acks_path(&lab)])?;
     assert_single_primary(&[&acks, &probe_acks])?;
-    wait_fully_in_sync(&lab, "v").await?;
+    wait_fully_in_sync(&lab, "v", REJOIN_DEADLINE).await?;
     if check_identical {
         assert!(lab.replicas_identical("v")?, "replicas differ after a planned move");
     }
@@ -180,8 +170,7 @@ async fn drain_moves_every_primary_off_the_node_without_losing_a_write() -> anyh
         assert!(acks.iter().any(|a| a.uri == uri), "{v}: the writer continued on the new primary");
         lab.verify(&uri, &[&lab.dir.join(format!("acks-{tag}.jsonl"))])?;
         assert_single_primary(&[acks])?;
-        wait_fully_in_sync(&lab, v).await?;
-        assert!(lab.replicas_identical(v)?, "{v} replicas differ");
+        wait_rejoined_identical(&lab, v, REJOIN_DEADLINE).await?;
     }
     Ok(())
 }
@@ -231,8 +220,7 @@ async fn sigterm_hands_primaries_off_and_a_client_sees_only_a_pause() -> anyhow:
 
     tracing::info!(%node, "--- restart it: it resyncs and rejoins");
     lab.start_node(&node).await?;
-    wait_fully_in_sync(&lab, "v").await?;
-    assert!(lab.replicas_identical("v")?, "replicas differ after the hand-off");
+    wait_rejoined_identical(&lab, "v", REJOIN_DEADLINE).await?;
     Ok(())
 }
 
@@ -281,7 +269,7 @@ async fn a_flapping_link_causes_a_bounded_number_of_failovers_and_loses_nothing(
     assert!(failovers <= MAX_FLAP_FAILOVERS, "failover storm: {history:?}");
 
     tracing::info!("--- after the final heal: RPO 0, one primary, back in sync");
-    wait_fully_in_sync(&lab, "v").await?;
+    wait_fully_in_sync(&lab, "v", REJOIN_DEADLINE).await?;
     let (_, uri) = primary_of(&lab, "v")?;
     lab.verify(&uri, &[&lab.dir.join("acks-follow.jsonl"), &lab.dir.join("acks-pinned.jsonl")])?;
     assert_single_primary(&[&follow_acks, &pinned_acks])?;
@@ -329,7 +317,7 @@ async fn without_a_quorum_no_site_acknowledges_writes() -> anyhow::Result<()> {
         during.first()
     );
     assert!(acks.iter().any(|a| a.t > restart_at), "I/O resumed once the quorum was back");
-    wait_fully_in_sync(&lab, "v").await?;
+    wait_fully_in_sync(&lab, "v", REJOIN_DEADLINE).await?;
     let (_, uri) = primary_of(&lab, "v")?;
     lab.verify(&uri, &[&lab.dir.join("acks-follow.jsonl")])?;
     assert_single_primary(&[&acks])?;
@@ -379,7 +367,7 @@ async fn a_dead_voter_is_replaced_by_a_learner_of_its_site_within_30s() -> anyho
     let s = lab.status()?;
     assert_eq!(voters(&s).len(), 3, "back to one voter per data site plus the witness: {s}");
     let acks = writer.finish()?;
-    wait_fully_in_sync(&lab, "v").await?;
+    wait_fully_in_sync(&lab, "v", REJOIN_DEADLINE).await?;
     let (_, uri) = primary_of(&lab, "v")?;
     lab.verify(&uri, &[&lab.dir.join("acks-follow.jsonl")])?;
     assert_single_primary(&[&acks])?;
@@ -452,7 +440,7 @@ async fn measure_rto_of_losing_the_site_with_the_leader_and_the_primary() -> any
     let (mut state_rto, mut io_rto) = (Vec::new(), Vec::new());
     for i in 0..runs().min(5) {
         wait_healthy(&lab).await?;
-        wait_fully_in_sync(&lab, "v").await?;
+        wait_fully_in_sync(&lab, "v", REJOIN_DEADLINE).await?;
         let (p, _) = primary_of(&lab, "v")?;
         if !p.starts_with('a') {
             let a = strings(&lab.volume("v")?["in_sync"]).into_iter().find(|n| n.starts_with('a'));
