@@ -87,8 +87,7 @@ pub async fn hand_off_primaries(
 mod tests {
     use super::*;
     use async_trait::async_trait;
-    use metro_api::config::{Role, SiteKind};
-    use metro_quorum::{ClusterState, Command, LeasePolicy, NodeRecord};
+    use metro_quorum::{ClusterState, Command};
     use std::sync::{Arc, Mutex};
     use tokio::sync::watch;
 
@@ -123,44 +122,9 @@ mod tests {
         assert!(matches!(s.apply(&cmd), CommandResult::Ok { .. }), "{cmd:?}");
     }
 
+    /// The lab topology (dc-a preferred) with the given volumes.
     fn lab(volumes: &[(&str, &[&str], &str)]) -> ClusterState {
-        let mut s = ClusterState::default();
-        let sites = vec![
-            ("dc-a".into(), SiteKind::Data),
-            ("dc-b".into(), SiteKind::Data),
-            ("witness".into(), SiteKind::Witness),
-        ];
-        apply(&mut s, Command::InitSites { sites, preferred_site: Some("dc-a".into()) });
-        for (id, site) in [("a1", "dc-a"), ("a2", "dc-a"), ("b1", "dc-b")] {
-            apply(
-                &mut s,
-                Command::RegisterNode(NodeRecord {
-                    id: id.into(),
-                    raft_id: metro_quorum::state::raft_id_of(id),
-                    site: site.into(),
-                    role: Role::Storage,
-                    api: format!("{id}:7443"),
-                    nbd: None,
-                    replication: None,
-                    capacity_bytes: 1 << 30,
-                }),
-            );
-        }
-        for (name, replicas, primary) in volumes {
-            apply(
-                &mut s,
-                Command::CreateVolume {
-                    name: (*name).into(),
-                    size_bytes: 1 << 20,
-                    iops_limit: 0,
-                    bandwidth_limit: 0,
-                    lease_policy: LeasePolicy::Suspend,
-                    replicas: replicas.iter().map(|r| r.to_string()).collect(),
-                    primary: (*primary).into(),
-                },
-            );
-        }
-        s
+        metro_quorum::decide::fixture::with_volumes(volumes)
     }
 
     fn fake(s: ClusterState, hang: bool) -> Fake {

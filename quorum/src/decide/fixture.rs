@@ -1,4 +1,4 @@
-//! Test-only cluster builder shared by the decision tests.
+//! Cluster builders for tests: the decision tests, and other crates' tests through the `test-support` feature.
 
 use crate::state::{raft_id_of, ClusterState, Command, LeasePolicy, NodeId, NodeRecord};
 use metro_api::config::{Role, SiteKind};

@@ -25,8 +25,10 @@ pub mod placement;
 pub mod sites;
 pub mod voters;
 
-#[cfg(test)]
-mod fixture;
+/// Cluster builders for tests (this crate's, and others' with the
+/// `test-support` feature).
+#[cfg(any(test, feature = "test-support"))]
+pub mod fixture;
 #[cfg(test)]
 mod matrix;
 
