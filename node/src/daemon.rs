@@ -92,6 +92,11 @@ impl ClusterView for QuorumView {
     }
 }
 
+/// The API addresses of every other member this node's replicated state knows.
+fn peer_apis(quorum: &Quorum, me: &str) -> Vec<String> {
+    quorum.state().borrow().nodes.values().filter(|n| n.id != me).map(|n| n.api.clone()).collect()
+}
+
 fn host_port(host: &str, addr: &std::net::SocketAddr) -> String {
     format!("{host}:{}", addr.port())
 }
@@ -278,14 +283,7 @@ pub async fn run(cfg: DaemonConfig, config_path: &str) -> anyhow::Result<()> {
                     format!("this node rebuilt the quorum group (incarnation {incarnation})")
                 }
                 Restart::Rejoin { incarnation } => {
-                    let peers: Vec<String> = quorum
-                        .state()
-                        .borrow()
-                        .nodes
-                        .values()
-                        .filter(|n| n.id != cfg.node_id)
-                        .map(|n| n.api.clone())
-                        .collect();
+                    let peers = peer_apis(&quorum, &cfg.node_id);
                     metro_quorum::discard_raft_state(&cfg.data_dir.join("quorum"), incarnation, &peers)
                         .context("discarding the superseded raft state")?;
                     tracing::warn!(
@@ -443,14 +441,7 @@ async fn join_loop(
             }
             // etcd is down: only a node that already knows its cluster can rejoin it.
             Err(e) => {
-                let peers: Vec<String> = quorum
-                    .state()
-                    .borrow()
-                    .nodes
-                    .values()
-                    .filter(|n| n.id != me.id)
-                    .map(|n| n.api.clone())
-                    .collect();
+                let peers = peer_apis(&quorum, &me.id);
                 let peers = if peers.is_empty() { quorum.rejoin_peers() } else { peers };
                 if peers.is_empty() {
                     Err(JoinError::Retry(format!("cannot reach etcd to find the cluster: {e}")))

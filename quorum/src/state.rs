@@ -229,6 +229,21 @@ impl ClusterState {
         self.sites.values().filter(|s| s.kind == SiteKind::Data)
     }
 
+    /// The volume a reconfiguration targets, if it exists and is still at
+    /// `expected_epoch` (the compare-and-swap of every epoch change).
+    fn volume_at(&mut self, name: &str, expected_epoch: u64) -> Result<&mut VolumeRecord, CommandResult> {
+        let Some(v) = self.volumes.get_mut(name) else {
+            return Err(reject(Rejection::NotFound, format!("no volume `{name}`")));
+        };
+        if v.epoch != expected_epoch {
+            return Err(reject(
+                Rejection::EpochMismatch,
+                format!("volume `{name}` is at epoch {}, not {expected_epoch}", v.epoch),
+            ));
+        }
+        Ok(v)
+    }
+
     /// Apply one committed command. Deterministic; never panics on bad input.
     pub fn apply(&mut self, cmd: &Command) -> CommandResult {
         match cmd {
@@ -345,15 +360,10 @@ impl ClusterState {
                 None => reject(Rejection::NotFound, format!("no volume `{name}`")),
             },
             Command::ChangeVolume { name, expected_epoch, primary, in_sync, rejoin } => {
-                let Some(v) = self.volumes.get_mut(name) else {
-                    return reject(Rejection::NotFound, format!("no volume `{name}`"));
+                let v = match self.volume_at(name, *expected_epoch) {
+                    Ok(v) => v,
+                    Err(r) => return r,
                 };
-                if v.epoch != *expected_epoch {
-                    return reject(
-                        Rejection::EpochMismatch,
-                        format!("volume `{name}` is at epoch {}, not {expected_epoch}", v.epoch),
-                    );
-                }
                 for n in in_sync {
                     if !v.replicas.contains(n) {
                         return reject(Rejection::Invalid, format!("`{n}` is not a replica of `{name}`"));
@@ -392,15 +402,10 @@ impl ClusterState {
                 CommandResult::Ok { epoch: v.epoch }
             }
             Command::ForceInSync { name, expected_epoch, in_sync } => {
-                let Some(v) = self.volumes.get_mut(name) else {
-                    return reject(Rejection::NotFound, format!("no volume `{name}`"));
+                let v = match self.volume_at(name, *expected_epoch) {
+                    Ok(v) => v,
+                    Err(r) => return r,
                 };
-                if v.epoch != *expected_epoch {
-                    return reject(
-                        Rejection::EpochMismatch,
-                        format!("volume `{name}` is at epoch {}, not {expected_epoch}", v.epoch),
-                    );
-                }
                 if in_sync.is_empty() || in_sync.iter().any(|n| !v.replicas.contains(n)) {
                     return reject(Rejection::Invalid, "in_sync must be a non-empty set of replicas");
                 }
