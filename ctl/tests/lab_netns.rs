@@ -64,6 +64,19 @@ fn lab_json(dir: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("lab.json")).unwrap()).unwrap()
 }
 
+fn ip(args: &[&str]) -> bool {
+    std::process::Command::new("ip").args(args).status().map(|s| s.success()).unwrap_or(false)
+}
+
+fn namespace_pids(ns: &str) -> Vec<String> {
+    let out = std::process::Command::new("ip").args(["netns", "pids", ns]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().map(String::from).collect()
+}
+
+fn netns_exists(ns: &str) -> bool {
+    lab::netns_exists(ns)
+}
+
 fn metro_namespaces() -> Vec<String> {
     let out = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
     String::from_utf8_lossy(&out.stdout)
@@ -96,15 +109,40 @@ fn addr_of(info: &LabInfo, id: &str, port: u16) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_netns_lab_comes_up_breaks_heals_restarts_and_goes_away_cleanly() {
     metro_api::telemetry::init_tracing();
-    assert!(metro_namespaces().is_empty(), "another lab runs on this machine: {:?}", metro_namespaces());
+    for ns in metro_namespaces() {
+        assert!(namespace_pids(&ns).is_empty(), "another lab runs on this machine (namespace {ns})");
+    }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("lab");
     let _guard = Guard(dir.clone());
-
-    tracing::info!("--- up with stand-in daemons");
     let mut opts = LabOptions::new(&dir);
     opts.mode = NetMode::Netns;
     opts.daemon_override = Some(standin());
+
+    tracing::info!("--- a leftover namespace with a live process (another lab) is refused, naming it");
+    let _ = ip(&["netns", "add", "metro-a1"]);
+    let mut squatter = std::process::Command::new("ip")
+        .args(["netns", "exec", "metro-a1", "sleep", "120"])
+        .spawn()
+        .expect("sleep inside metro-a1");
+    let t = Instant::now();
+    while namespace_pids("metro-a1").is_empty() && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let err = lab::up(opts.clone()).await.expect_err("up over a live namespace");
+    let msg = err.to_string();
+    assert!(matches!(err, LabError::Leftover { .. }), "{err}");
+    assert!(msg.contains("metro-a1") && msg.contains("live processes"), "{msg}");
+    assert!(netns_exists("metro-a1"), "a refused up must not touch the other lab's namespace");
+    squatter.kill().unwrap();
+    squatter.wait().unwrap();
+
+    tracing::info!("--- a dead lab's network (namespaces with no process, the host link) is reclaimed");
+    let _ = ip(&["netns", "add", "metro-sw"]);
+    let _ = ip(&["link", "add", "metro-host", "type", "dummy"]);
+    assert!(namespace_pids("metro-a1").is_empty());
+
+    tracing::info!("--- up with stand-in daemons");
     let t = Instant::now();
     let info = lab::up(opts.clone()).await.expect("lab up");
     let up_ms = t.elapsed().as_millis();

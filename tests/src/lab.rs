@@ -46,6 +46,26 @@ pub fn bin_dir() -> PathBuf {
     target.join("debug")
 }
 
+/// Tear down labs left by a test process that no longer exists (a run
+/// stopped by a timeout or a signal never ran its `Drop`): their daemons
+/// would hold ports and namespaces and fail every later lab test. A lab's
+/// directory is `metro-test-<name>-<pid of the test process>`.
+fn reap_orphaned_labs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("metro-test-") else { continue };
+        let Some(pid) = rest.rsplit('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        tracing::warn!(dir = %e.path().display(), pid, "reaping a lab whose test process is gone");
+        if let Err(err) = metroctl::lab::down(&e.path(), true) {
+            tracing::warn!(dir = %e.path().display(), "could not reap: {err}");
+        }
+    }
+}
+
 pub struct Lab {
     pub dir: PathBuf,
     pub info: metroctl::lab::LabInfo,
@@ -89,6 +109,7 @@ impl Lab {
                 bail!("{} missing: run `cargo build --workspace --bins` first", bins.join(b).display());
             }
         }
+        reap_orphaned_labs();
         let dir = std::env::temp_dir().join(format!("metro-test-{name}-{}", std::process::id()));
         let _ = metroctl::lab::down(&dir, true);
         let mut opts = metroctl::lab::LabOptions::new(&dir);

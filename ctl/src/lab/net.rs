@@ -19,7 +19,7 @@ use super::topology as topo;
 use super::LabError;
 use super::NetMode;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// Run a command, returning stdout; a non-zero exit is an error carrying stderr.
@@ -65,10 +65,28 @@ fn host_has_lab_address() -> Option<String> {
     out.lines().find(|l| l.contains(" 10.77.")).map(|l| l.trim().to_string())
 }
 
-/// Refuse to build over a leftover or foreign lab network.
+/// Refuse to build over a live lab network; reclaim a dead one.
+///
+/// A lab whose runner was killed (a test binary stopped by a timeout, a
+/// machine reboot that kept /run, an operator's `kill -9`) leaves its
+/// namespaces behind with no process inside. Nothing can still use such a
+/// network, so it is torn down with a warning instead of blocking every later
+/// `lab up` until someone cleans up by hand. A namespace with a live process
+/// means another lab runs: that is refused, naming the pids.
 pub fn check_netns_free() -> Result<(), LabError> {
-    if let Some(ns) = topo::all_netns().into_iter().find(|n| netns_exists(n)) {
-        return Err(LabError::Leftover { what: format!("namespace {ns} exists") });
+    let leftover: Vec<String> = topo::all_netns().into_iter().filter(|n| netns_exists(n)).collect();
+    if !leftover.is_empty() || link_exists(topo::HOST_VETH) {
+        let live: Vec<(String, Vec<u32>)> =
+            leftover.iter().map(|ns| (ns.clone(), netns_pids(ns))).filter(|(_, p)| !p.is_empty()).collect();
+        if let Some((ns, pids)) = live.first() {
+            return Err(LabError::Leftover {
+                what: format!("namespace {ns} exists with live processes {pids:?}"),
+            });
+        }
+        tracing::warn!(
+            "lab: reclaiming a dead lab network (namespaces {leftover:?} with no process inside); its runner must have been killed"
+        );
+        teardown_netns()?;
     }
     if link_exists(topo::HOST_VETH) {
         return Err(LabError::Leftover { what: format!("interface {} exists", topo::HOST_VETH) });
@@ -89,8 +107,20 @@ pub fn netns_supported() -> bool {
     ok
 }
 
-/// Build the switch, every daemon namespace and the host link.
-pub fn setup_netns() -> Result<(), LabError> {
+/// Which lab directory built the namespaces now on this machine. Namespace
+/// names are global, so a stale lab directory must not tear down a network
+/// that a later lab has since reclaimed and rebuilt.
+const OWNER_FILE: &str = "/run/metro-lab.owner";
+
+/// The lab directory that built the current lab network, if recorded.
+pub fn netns_owner() -> Option<PathBuf> {
+    std::fs::read_to_string(OWNER_FILE).ok().map(|s| PathBuf::from(s.trim()))
+}
+
+/// Build the switch, every daemon namespace and the host link, and record
+/// `owner` (the lab directory) as the network's owner.
+pub fn setup_netns(owner: &Path) -> Result<(), LabError> {
+    std::fs::write(OWNER_FILE, owner.display().to_string()).map_err(LabError::io(OWNER_FILE))?;
     let sw = topo::SWITCH_NS;
     run(&["ip", "netns", "add", sw])?;
     run(&["ip", "-n", sw, "link", "set", "lo", "up"])?;
@@ -151,6 +181,7 @@ pub fn teardown_netns() -> Result<(), LabError> {
         }
     }
     if problems.is_empty() {
+        let _ = std::fs::remove_file(OWNER_FILE);
         Ok(())
     } else {
         Err(LabError::Cleanup(problems.join("; ")))

@@ -161,7 +161,7 @@ async fn start_everything(
     info.save()?;
     if info.mode == NetMode::Netns {
         let t = Instant::now();
-        net::setup_netns()?;
+        net::setup_netns(&info.dir)?;
         tracing::info!("lab: network built in {} ms", t.elapsed().as_millis());
     }
     // etcd first, so daemons find it; the order within each group is fixed.
@@ -244,7 +244,18 @@ pub fn down(dir: &Path, purge: bool) -> Result<(), LabError> {
     // Only the network this lab built is torn down (never another lab's).
     if info.network {
         let res = match info.mode {
-            NetMode::Netns => net::teardown_netns(),
+            NetMode::Netns => match net::netns_owner() {
+                // A later lab reclaimed this (dead) lab's network and built
+                // its own: that one is not ours to remove.
+                Some(owner) if !same_dir(&owner, dir) => {
+                    tracing::warn!(
+                        "lab: the lab network now belongs to the lab in {}; leaving it up",
+                        owner.display()
+                    );
+                    Ok(())
+                }
+                _ => net::teardown_netns(),
+            },
             _ => net::heal(NetMode::Loopback, &info.nft_table),
         };
         match res {
@@ -265,6 +276,11 @@ pub fn down(dir: &Path, purge: bool) -> Result<(), LabError> {
     } else {
         Err(LabError::Cleanup(problems.join("; ")))
     }
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    canon(a) == canon(b)
 }
 
 fn check_site(site: &str) -> Result<(), LabError> {
