@@ -58,6 +58,16 @@ pub trait BlockDevice: Send + Sync + 'static {
     async fn read(&self, offset: u64, len: u32) -> BlockResult<Bytes>;
     /// Write `data` at `offset`. With `fua`, durable before returning.
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> BlockResult<()>;
+    /// Write several ranges in order (each as [`BlockDevice::write`] without
+    /// FUA), one result per range. Implementations may do it in one blocking
+    /// call instead of one per range; the default writes them one by one.
+    async fn write_batch(&self, writes: Vec<(u64, Bytes)>) -> Vec<BlockResult<()>> {
+        let mut out = Vec::with_capacity(writes.len());
+        for (offset, data) in writes {
+            out.push(self.write(offset, data, false).await);
+        }
+        out
+    }
     /// Make every completed write durable.
     async fn flush(&self) -> BlockResult<()>;
     /// Discard a range (may punch a hole; reads after return zeroes).

@@ -115,11 +115,22 @@ async fn handle(
     Ok(())
 }
 
+/// Consecutive plain writes to one volume, applied in one
+/// [`BlockDevice::write_batch`](crate::block::BlockDevice::write_batch) call.
+struct WriteRun {
+    vol: Arc<ReplicaVolume>,
+    /// `(index of the ack, offset, data, needs fdatasync)`.
+    writes: Vec<(usize, u64, bytes::Bytes, bool)>,
+}
+
 /// Apply ops in order; one fdatasync per volume covers every FUA/FLUSH in the
-/// batch (group commit), and their acks wait for it.
+/// batch (group commit), and their acks wait for it. Runs of consecutive
+/// writes to one volume go to the device in one call (in order), so a batch
+/// of small writes costs one thread hand-off rather than one per write.
 async fn apply_batch(sink: &Arc<dyn ReplicaSink>, from: &str, frames: Vec<Frame>) -> Vec<Frame> {
     let mut acks: Vec<Frame> = Vec::with_capacity(frames.len());
     let mut needs_sync: Vec<(Arc<ReplicaVolume>, Vec<usize>)> = Vec::new();
+    let mut run: Option<WriteRun> = None;
     for f in frames {
         match f {
             Frame::Op { seq, volume, epoch, size, fua, op, .. } => {
@@ -133,24 +144,33 @@ async fn apply_batch(sink: &Arc<dyn ReplicaSink>, from: &str, frames: Vec<Frame>
                     continue;
                 }
                 let sync = fua || matches!(op, OpKind::Flush);
+                acks.push(Frame::Ack { seq, status: AckStatus::Ok, epoch });
+                let idx = acks.len() - 1;
+                if let OpKind::Write { offset, data } = op {
+                    if run.as_ref().is_some_and(|r| !Arc::ptr_eq(&r.vol, &vol)) {
+                        finish_run(run.take(), &mut acks, &mut needs_sync).await;
+                    }
+                    run.get_or_insert_with(|| WriteRun { vol: vol.clone(), writes: Vec::new() })
+                        .writes
+                        .push((idx, offset, data, sync));
+                    continue;
+                }
+                // Anything else is ordered after every write before it.
+                finish_run(run.take(), &mut acks, &mut needs_sync).await;
                 let r = match op {
-                    OpKind::Write { offset, data } => vol.device.write(offset, data, false).await,
                     OpKind::Zero { offset, len, punch } => {
                         vol.device.write_zeroes(offset, len, false, punch).await
                     }
-                    OpKind::Flush => Ok(()),
+                    OpKind::Write { .. } | OpKind::Flush => Ok(()),
                 };
                 let status = status_of(r);
-                acks.push(Frame::Ack { seq, status, epoch });
+                set_status(&mut acks[idx], status);
                 if sync && status == AckStatus::Ok {
-                    let idx = acks.len() - 1;
-                    match needs_sync.iter_mut().find(|(v, _)| Arc::ptr_eq(v, &vol)) {
-                        Some((_, v)) => v.push(idx),
-                        None => needs_sync.push((vol, vec![idx])),
-                    }
+                    add_sync(&mut needs_sync, &vol, idx);
                 }
             }
             Frame::Fence { seq, volume, epoch } => {
+                finish_run(run.take(), &mut acks, &mut needs_sync).await;
                 let status = match sink.replica(&volume, 0) {
                     Some(v) => match v.admit(from, epoch) {
                         Ok(()) => AckStatus::Ok,
@@ -163,17 +183,47 @@ async fn apply_batch(sink: &Arc<dyn ReplicaSink>, from: &str, frames: Vec<Frame>
             other => tracing::warn!(?other, "unexpected frame on replication link"),
         }
     }
+    finish_run(run.take(), &mut acks, &mut needs_sync).await;
     for (vol, idxs) in needs_sync {
         let status = status_of(vol.device.flush().await);
         if status != AckStatus::Ok {
             for i in idxs {
-                if let Frame::Ack { status: s, .. } = &mut acks[i] {
-                    *s = status;
-                }
+                set_status(&mut acks[i], status);
             }
         }
     }
     acks
+}
+
+/// Write a run and set its acks; FUA writes that succeeded join the sync.
+async fn finish_run(
+    run: Option<WriteRun>,
+    acks: &mut [Frame],
+    needs_sync: &mut Vec<(Arc<ReplicaVolume>, Vec<usize>)>,
+) {
+    let Some(WriteRun { vol, writes }) = run else { return };
+    let meta: Vec<(usize, bool)> = writes.iter().map(|(i, _, _, sync)| (*i, *sync)).collect();
+    let results = vol.device.write_batch(writes.into_iter().map(|(_, o, d, _)| (o, d)).collect()).await;
+    for ((idx, sync), r) in meta.into_iter().zip(results) {
+        let status = status_of(r);
+        set_status(&mut acks[idx], status);
+        if sync && status == AckStatus::Ok {
+            add_sync(needs_sync, &vol, idx);
+        }
+    }
+}
+
+fn set_status(ack: &mut Frame, status: AckStatus) {
+    if let Frame::Ack { status: s, .. } = ack {
+        *s = status;
+    }
+}
+
+fn add_sync(needs_sync: &mut Vec<(Arc<ReplicaVolume>, Vec<usize>)>, vol: &Arc<ReplicaVolume>, idx: usize) {
+    match needs_sync.iter_mut().find(|(v, _)| Arc::ptr_eq(v, vol)) {
+        Some((_, v)) => v.push(idx),
+        None => needs_sync.push((vol.clone(), vec![idx])),
+    }
 }
 
 fn status_of(r: Result<(), BlockError>) -> AckStatus {

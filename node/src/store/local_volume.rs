@@ -19,7 +19,9 @@
 //! - FUA writes, flush, and FUA trims/zeroes return only after fdatasync.
 //! - The epoch persisted in `meta` never decreases.
 //!
-//! Blocking file I/O runs on tokio's bounded blocking pool (`spawn_blocking`).
+//! Buffered (non-FUA) data writes run on the process's write lane
+//! ([`super::write_lane`]); every other blocking file I/O (reads, fdatasync,
+//! fallocate) runs on tokio's bounded blocking pool (`spawn_blocking`).
 
 use super::error::{StoreError, StoreResult};
 use super::superblock::{Superblock, MAX_VOLUME_NAME_BYTES};
@@ -367,14 +369,56 @@ impl BlockDevice for LocalVolume {
         if data.is_empty() && !fua {
             return Ok(());
         }
+        if !fua {
+            let inner = self.inner.clone();
+            return match super::write_lane::run(move || inner.data.write_all_at(&data, offset)).await {
+                Ok(r) => r.map_err(classify),
+                Err(e) => Err(BlockError::Io(e)),
+            };
+        }
         self.blocking(move |inner| {
             inner.data.write_all_at(&data, offset)?;
-            if fua {
-                inner.data.sync_data()?;
-            }
+            inner.data.sync_data()?;
             Ok(())
         })
         .await
+    }
+
+    /// Every range in one job on the write lane (one hand-off for the lot):
+    /// the replica applies a whole received batch this way.
+    async fn write_batch(&self, writes: Vec<(u64, Bytes)>) -> Vec<BlockResult<()>> {
+        let n = writes.len();
+        let mut out: Vec<Option<BlockResult<()>>> = Vec::with_capacity(n);
+        let mut todo = Vec::with_capacity(n);
+        for (i, (offset, data)) in writes.into_iter().enumerate() {
+            match self.check_range(offset, data.len() as u64) {
+                Ok(()) => {
+                    out.push(None);
+                    todo.push((i, offset, data));
+                }
+                Err(e) => out.push(Some(Err(e))),
+            }
+        }
+        let inner = self.inner.clone();
+        let done = super::write_lane::run(move || {
+            todo.into_iter()
+                .map(|(i, offset, data)| (i, inner.data.write_all_at(&data, offset)))
+                .collect::<Vec<_>>()
+        })
+        .await;
+        match done {
+            Ok(results) => {
+                for (i, r) in results {
+                    out[i] = Some(r.map_err(classify));
+                }
+            }
+            Err(join) => {
+                for slot in out.iter_mut().filter(|s| s.is_none()) {
+                    *slot = Some(Err(BlockError::Io(std::io::Error::other(join.to_string()))));
+                }
+            }
+        }
+        out.into_iter().map(|r| r.expect("every slot filled")).collect()
     }
 
     async fn flush(&self) -> BlockResult<()> {

@@ -11,6 +11,7 @@
 //!  ResyncPlan (pure): dirty ∪ hot, split by source data ranges into copy / punch
 //!  MemVolume, FaultyVolume: other BlockDevice backends; testing::conformance_suite
 //!  RateLimiter: per-volume IOPS / bandwidth
+//!  write_lane: one thread for buffered data writes (fewer thread hand-offs)
 //! ```
 //!
 //! Every persisted file shares one envelope (magic, version, crc32c) and is
@@ -32,6 +33,7 @@ pub mod shared_activity_log;
 pub mod shared_dirty_bitmap;
 pub mod superblock;
 pub mod testing;
+pub mod write_lane;
 
 pub use activity_log::{ActivityLog, AlOutcome, DEFAULT_EXTENT_BYTES, DEFAULT_MAX_HOT_EXTENTS};
 pub use dirty_bitmap::{DirtyBitmap, LoadOutcome, DEFAULT_REGION_BYTES};

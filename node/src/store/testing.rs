@@ -36,6 +36,7 @@ pub async fn conformance_suite(make: impl Fn() -> Arc<dyn BlockDevice>) {
     large_and_unaligned_io_round_trips(make()).await;
     concurrent_writers_to_disjoint_ranges_do_not_interfere(make()).await;
     flush_and_fua_succeed_and_keep_data(make()).await;
+    a_write_batch_applies_in_order_and_fails_only_its_bad_ranges(make()).await;
 }
 
 fn check_size(d: &Arc<dyn BlockDevice>) {
@@ -157,4 +158,34 @@ async fn flush_and_fua_succeed_and_keep_data(d: Arc<dyn BlockDevice>) {
     d.trim(8192, 4096, true).await.expect("fua trim");
     assert_eq!(d.read(0, 4096).await.unwrap(), pattern(9, 4096));
     assert_eq!(d.read(4096, 4096).await.unwrap(), pattern(10, 4096));
+}
+
+async fn a_write_batch_applies_in_order_and_fails_only_its_bad_ranges(d: Arc<dyn BlockDevice>) {
+    check_size(&d);
+    let (a, b, c) = (pattern(41, 8192), pattern(42, 4096), pattern(43, 4096));
+    let past_end = d.size() - 2048;
+    let results = d
+        .write_batch(vec![
+            (0, a.clone()),
+            (past_end, pattern(44, 4096)),
+            (4096, b.clone()),
+            (65536, c.clone()),
+        ])
+        .await;
+    assert_eq!(results.len(), 4, "one result per range");
+    assert!(results[0].is_ok() && results[2].is_ok() && results[3].is_ok(), "{results:?}");
+    assert!(
+        matches!(results[1], Err(BlockError::OutOfRange { .. })),
+        "a range past the end fails alone: {:?}",
+        results[1]
+    );
+    let back = d.read(0, 8192).await.expect("read");
+    assert_eq!(&back[..4096], &a[..4096], "the first write of the batch");
+    assert_eq!(&back[4096..], &b[..], "a later overlapping write of the batch wins");
+    assert_eq!(d.read(65536, 4096).await.expect("read"), c, "the last write of the batch");
+    assert_eq!(
+        d.read(past_end, 2048).await.expect("read"),
+        vec![0u8; 2048],
+        "the refused range left no bytes"
+    );
 }
