@@ -90,6 +90,14 @@ impl ClusterView for QuorumView {
     async fn propose(&self, cmd: Command) -> Result<CommandResult, String> {
         self.0.propose(cmd).await.map_err(|e| e.to_string())
     }
+
+    fn release_lease(&self, volume: &str, epoch: u64) {
+        self.0.release_lease(volume, epoch);
+    }
+
+    fn lease_wanted(&self) {
+        self.0.heartbeat_soon();
+    }
 }
 
 /// The API addresses of every other member this node's replicated state knows.

@@ -3,7 +3,7 @@
 //! ```text
 //!  node (every heartbeat_ms)                 leader
 //!  sent = now()
-//!  Heartbeat{node, primaries} ─────────────► last_seen[node] = now
+//!  Heartbeat{node, primaries, released} ───► last_seen[node] = now; end released leases
 //!                                            is_leader()  (quorum round trip)
 //!                                            grant each (volume, epoch) whose
 //!                                            committed primary is `node`
@@ -31,6 +31,11 @@ use tokio::time::Instant;
 /// useless (most of the lease it would grant has already run out).
 const MAX_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Pause between the quick lease retries after a wake-up.
+const QUICK_RETRY: Duration = Duration::from_millis(40);
+/// Quick retries after one wake-up (then the normal tick takes over).
+const QUICK_RETRIES: u32 = 10;
+
 pub(crate) type PrimariesFn = Box<dyn Fn() -> Vec<(String, u64)> + Send + Sync>;
 
 fn heartbeat_timeout(s: &Shared) -> Duration {
@@ -53,6 +58,11 @@ pub(crate) async fn handle_heartbeat(s: &Shared, req: HeartbeatRequest) -> Heart
         match g.as_mut() {
             Some(ls) => {
                 ls.liveness.heard(&req.node_id, now);
+                for (vol, epoch) in &req.released {
+                    if ls.leases.release(vol, &req.node_id, *epoch) {
+                        tracing::info!(node = %req.node_id, volume = %vol, epoch, "lease released");
+                    }
+                }
             }
             None => return not_leader(),
         }
@@ -102,9 +112,28 @@ pub(crate) async fn handle_heartbeat(s: &Shared, req: HeartbeatRequest) -> Heart
 pub(crate) async fn heartbeat_loop(s: Arc<Shared>, primaries: PrimariesFn) {
     let mut tick = tokio::time::interval(Duration::from_millis(s.cfg.timings.heartbeat_ms.max(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // After a wake-up (a release, or a new primary wanting its lease), a
+    // primary still without a lease asks again every QUICK_RETRY, a bounded
+    // number of times, instead of waiting a whole tick: the release that
+    // frees it is usually a few milliseconds behind.
+    let mut quick_left = 0u32;
+    let mut retry_at: Option<Instant> = None;
     loop {
-        tick.tick().await;
-        let req = HeartbeatRequest { node_id: s.cfg.node_id.clone(), primaries: primaries() };
+        let retry = async {
+            match retry_at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = s.heartbeat_now.notified() => quick_left = QUICK_RETRIES,
+            _ = retry => {}
+        }
+        retry_at = None;
+        let released = std::mem::take(&mut *s.released.lock().expect("poisoned"));
+        let req = HeartbeatRequest { node_id: s.cfg.node_id.clone(), primaries: primaries(), released };
+        let asked = req.primaries.clone();
         let sent = Instant::now();
         let reply = if s.is_leader() {
             handle_heartbeat(&s, req).await
@@ -120,6 +149,12 @@ pub(crate) async fn heartbeat_loop(s: Arc<Shared>, primaries: PrimariesFn) {
             continue;
         };
         if let HeartbeatReply::Granted { granted, lease_ms, take_over, hold_elections_ms, .. } = reply {
+            if quick_left > 0 && asked.iter().any(|p| !granted.contains(p)) {
+                quick_left -= 1;
+                retry_at = Some(Instant::now() + QUICK_RETRY);
+            } else {
+                quick_left = 0;
+            }
             let valid_until = sent + Duration::from_millis(lease_ms);
             let now = Instant::now();
             s.leases.send_modify(|m| {

@@ -94,6 +94,9 @@ pub struct HeldLease {
 }
 
 /// The leader-only, in-memory part (never logged).
+/// Lease releases waiting for a heartbeat; beyond this the oldest is dropped.
+pub(crate) const MAX_PENDING_RELEASES: usize = 4096;
+
 pub(crate) struct LeaderState {
     pub term: u64,
     /// Heartbeats and first sightings, ms on the member's monotonic clock.
@@ -147,6 +150,12 @@ pub(crate) struct Shared {
     pub t0: Instant,
     pub leader: Mutex<Option<LeaderState>>,
     pub leases: watch::Sender<Arc<BTreeMap<String, HeldLease>>>,
+    /// `(volume, epoch)` leases this node gave up (planned move), sent with
+    /// the next heartbeat. Bounded by [`MAX_PENDING_RELEASES`].
+    pub released: Mutex<Vec<(String, u64)>>,
+    /// Wakes the heartbeat loop before its next tick (a release to send, or
+    /// a new primary that wants its lease now).
+    pub heartbeat_now: tokio::sync::Notify,
     /// Last hand-over this member started as leader (kept across terms: cooldown).
     pub handover: Mutex<Option<Handover>>,
     /// Elections are held (disabled) on this member until this instant.
@@ -288,6 +297,8 @@ impl Quorum {
             t0: Instant::now(),
             leader: Mutex::new(None),
             leases,
+            released: Mutex::new(Vec::new()),
+            heartbeat_now: tokio::sync::Notify::new(),
             handover: Mutex::new(None),
             hold_elections_until: Mutex::new(None),
             stop,
@@ -541,6 +552,37 @@ impl Quorum {
         (l.epoch == epoch && l.valid_until > Instant::now()).then_some(l.valid_until)
     }
 
+    /// This node stopped serving `volume` (deposed after a planned move, with
+    /// every accepted op finished) and gives up its lease at `epoch`: the
+    /// leader may grant the next primary at once instead of waiting out the
+    /// lease. The caller must never serve the volume again under this lease.
+    pub fn release_lease(&self, volume: &str, epoch: u64) {
+        let s = &self.inner;
+        s.leases.send_if_modified(|m| {
+            if m.get(volume).is_some_and(|l| l.epoch <= epoch) {
+                Arc::make_mut(m).remove(volume);
+                true
+            } else {
+                false
+            }
+        });
+        {
+            let mut r = s.released.lock().expect("poisoned");
+            if r.len() >= MAX_PENDING_RELEASES {
+                // Unsent releases only cost time: those leases just run out.
+                r.remove(0);
+            }
+            r.push((volume.to_string(), epoch));
+        }
+        s.heartbeat_now.notify_one();
+    }
+
+    /// Send a heartbeat now rather than at the next tick (a node that just
+    /// became primary asks for its lease at once).
+    pub fn heartbeat_soon(&self) {
+        self.inner.heartbeat_now.notify_one();
+    }
+
     /// Watch the leases this node holds (updated on every heartbeat reply).
     pub fn lease_watch(&self) -> watch::Receiver<Arc<BTreeMap<String, HeldLease>>> {
         self.inner.leases.subscribe()
@@ -624,7 +666,11 @@ impl Quorum {
         for n in state.nodes.values().filter(|n| n.id != s.cfg.node_id) {
             let addr = mem.get_node(&n.raft_id).map(|b| b.addr.clone()).unwrap_or_else(|| n.api.clone());
             let (peers, who) = (s.peers.clone(), n.id.clone());
-            let req = crate::wire::HeartbeatRequest { node_id: s.cfg.node_id.clone(), primaries: Vec::new() };
+            let req = crate::wire::HeartbeatRequest {
+                node_id: s.cfg.node_id.clone(),
+                primaries: Vec::new(),
+                released: Vec::new(),
+            };
             probes.spawn(async move {
                 let r: Result<crate::wire::HeartbeatReply, _> =
                     peers.call(&addr, Method::Heartbeat, &req, OVERRIDE_PROBE_TIMEOUT).await;

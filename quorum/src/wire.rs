@@ -22,6 +22,9 @@ pub struct HeartbeatRequest {
     pub node_id: String,
     /// `(volume, epoch)` for every volume this node serves as primary.
     pub primaries: Vec<(String, u64)>,
+    /// `(volume, epoch)` leases this node gave up: it stopped serving them.
+    #[serde(default)]
+    pub released: Vec<(String, u64)>,
 }
 
 /// Reply to `Heartbeat`.

@@ -163,7 +163,7 @@ fn the_simulator_catches_promotion_without_waiting_out_the_lease() {
         .map(|seed| {
             let mut o = SimOptions::random(seed);
             o.scenario = Scenario::IsolateFollowerSite;
-            o.bugs = Bugs { promote_without_lease_wait: true };
+            o.bugs = Bugs { promote_without_lease_wait: true, ..Bugs::default() };
             run(&o)
         })
         .filter(|r| r.violations.iter().any(|v| v.contains("valid primary leases at once")))
@@ -175,6 +175,43 @@ fn the_simulator_catches_promotion_without_waiting_out_the_lease() {
         caught.len()
     );
     println!("caught, e.g.:\n{}", caught[0].describe());
+}
+
+#[test]
+fn planned_moves_hand_the_lease_over_by_release_without_two_primaries() {
+    let mut releases = 0;
+    for seed in 0..10 {
+        let mut o = SimOptions::random(seed);
+        o.scenario = Scenario::PlannedMoves;
+        let r = run(&o);
+        assert!(r.is_clean(), "{}", r.describe());
+        assert!(r.stats.promotions >= 4, "seed {seed}: the moves happened: {:?}", r.stats);
+        releases += r.stats.releases;
+    }
+    println!("{releases} leases ended early by release over 10 seeds");
+    assert!(
+        releases >= 10,
+        "releases were honoured only {releases} times: the release path is not exercised"
+    );
+}
+
+#[test]
+fn the_simulator_catches_a_primary_that_releases_its_lease_and_keeps_serving() {
+    let caught: Vec<SimReport> = (0..BUG_SEEDS)
+        .map(|seed| {
+            let mut o = SimOptions::random(seed);
+            o.scenario = Scenario::IsolateFollowerSite;
+            o.bugs = Bugs { release_while_serving: true, ..Bugs::default() };
+            run(&o)
+        })
+        .filter(|r| r.violations.iter().any(|v| v.contains("valid primary leases at once")))
+        .collect();
+    println!("the injected release bug was caught in {} of {BUG_SEEDS} seeds", caught.len());
+    assert!(
+        caught.len() >= BUG_SEEDS as usize / 4,
+        "the injected release bug was caught in only {} of {BUG_SEEDS} seeds",
+        caught.len()
+    );
 }
 
 #[test]

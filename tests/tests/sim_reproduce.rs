@@ -25,6 +25,7 @@ fn scenario(name: &str) -> Option<Scenario> {
         "witness-then-dc-a" => Scenario::WitnessThenDcA,
         "isolate-leader-site" => Scenario::IsolateLeaderSite,
         "isolate-follower-site" => Scenario::IsolateFollowerSite,
+        "planned-moves" => Scenario::PlannedMoves,
         _ => return None,
     })
 }
@@ -35,12 +36,15 @@ fn main() -> ExitCode {
     let number = |flag: &str| {
         value(flag).map(|v| v.parse::<u64>().unwrap_or_else(|_| panic!("{flag} needs a number")))
     };
-    let bugs = Bugs { promote_without_lease_wait: args.iter().any(|a| a == "--bug") };
+    let bugs = Bugs {
+        promote_without_lease_wait: args.iter().any(|a| a == "--bug"),
+        release_while_serving: args.iter().any(|a| a == "--bug-release"),
+    };
     let scen = match value("--scenario") {
         Some(n) => match scenario(&n) {
             Some(s) => s,
             None => {
-                eprintln!("unknown scenario `{n}`; use random, lose-dc-a, lose-dc-b, witness-then-dc-a, isolate-leader-site, isolate-follower-site");
+                eprintln!("unknown scenario `{n}`; use random, lose-dc-a, lose-dc-b, witness-then-dc-a, isolate-leader-site, isolate-follower-site, planned-moves");
                 return ExitCode::FAILURE;
             }
         },

@@ -44,7 +44,18 @@ pub trait ClusterView: Send + Sync + 'static {
     fn state(&self) -> watch::Receiver<Arc<ClusterState>>;
     fn lease_valid(&self, volume: &str) -> bool;
     async fn propose(&self, cmd: Command) -> Result<CommandResult, String>;
+    /// This node stopped serving `volume` (deposed, every client op returned)
+    /// and gives up its lease at `epoch`, so the next primary need not wait
+    /// for it to run out. Default: nothing (the lease just expires).
+    fn release_lease(&self, _volume: &str, _epoch: u64) {}
+    /// A volume just became primary here: ask for its lease now rather than
+    /// at the next heartbeat. Default: nothing.
+    fn lease_wanted(&self) {}
 }
+
+/// How long a deposed primary waits for its client ops to return before it
+/// gives its lease up early (past it, the lease simply runs out).
+const RELEASE_DRAIN: Duration = Duration::from_secs(1);
 
 /// Resync progress of one (volume, peer).
 #[derive(Debug, Clone, Default)]
@@ -236,10 +247,21 @@ impl VolumeManager {
                     );
                     tracing::info!(volume = %v.name, epoch = v.epoch, "serving as primary");
                     self.inner.lock().expect("poisoned").primaries.insert(v.name.clone(), pv);
+                    self.cluster.lease_wanted();
                 }
                 (false, Some(p)) => {
                     p.depose(&format!("primary moved to {primary}"));
                     self.inner.lock().expect("poisoned").primaries.remove(&v.name);
+                    let cluster = self.cluster.clone();
+                    let name = v.name.clone();
+                    tokio::spawn(async move {
+                        let epoch = p.repl_state().await.epoch;
+                        if p.drained(RELEASE_DRAIN).await {
+                            cluster.release_lease(&name, epoch);
+                        } else {
+                            tracing::warn!(volume = %name, "client ops still running after the move; the lease runs out instead");
+                        }
+                    });
                 }
                 (false, None) => {}
             }

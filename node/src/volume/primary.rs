@@ -67,6 +67,17 @@ struct InFlight {
     ops: Vec<InFlightOp>,
 }
 
+/// Ends one client op's [`PrimaryVolume::enter`] (also on cancellation).
+struct ActiveGuard<'a>(&'a PrimaryVolume);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
 /// Marks a registered local op finished when dropped (also on cancellation).
 struct InFlightGuard<'a> {
     table: &'a std::sync::Mutex<InFlight>,
@@ -105,6 +116,10 @@ pub struct PrimaryVolume {
     ack_timeout: Duration,
     policy: LeasePolicy,
     deposed: AtomicBool,
+    /// Client ops (reads and mutations) that entered and have not returned.
+    active: std::sync::atomic::AtomicUsize,
+    /// Signalled whenever `active` drops to zero.
+    idle: tokio::sync::Notify,
     /// Per-volume IOPS and bandwidth limits from the volume spec (0 = none).
     limiter: crate::store::rate_limiter::RateLimiter,
 }
@@ -161,6 +176,8 @@ impl PrimaryVolume {
             ack_timeout,
             policy,
             deposed: AtomicBool::new(false),
+            active: std::sync::atomic::AtomicUsize::new(0),
+            idle: tokio::sync::Notify::new(),
             limiter: crate::store::rate_limiter::RateLimiter::unlimited(),
         }
     }
@@ -196,6 +213,28 @@ impl PrimaryVolume {
 
     pub fn is_deposed(&self) -> bool {
         self.deposed.load(Ordering::SeqCst)
+    }
+
+    /// Count a client op as active until the guard drops.
+    fn enter(&self) -> ActiveGuard<'_> {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        ActiveGuard(self)
+    }
+
+    /// After [`depose`](Self::depose): wait until every client op that
+    /// entered before has returned (so none can still write or acknowledge
+    /// anything), at most `within`. True when drained.
+    pub async fn drained(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let idle = self.idle.notified();
+            if self.active.load(Ordering::SeqCst) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return self.active.load(Ordering::SeqCst) == 0;
+            }
+        }
     }
 
     /// Wait for a valid lease (policy `suspend`) or fail (policy `error`).
@@ -269,6 +308,7 @@ impl PrimaryVolume {
 
     /// The mirrored mutation path shared by write, zero and flush.
     async fn mutate(&self, op: OpKind, fua: bool, region: Option<(u64, u64)>) -> BlockResult<()> {
+        let _active = self.enter();
         self.gate().await?;
         self.limiter.acquire(region.map(|r| r.1).unwrap_or(0)).await;
         let is_flush = matches!(op, OpKind::Flush);
@@ -537,6 +577,7 @@ impl BlockDevice for PrimaryVolume {
 
     async fn read(&self, offset: u64, len: u32) -> BlockResult<Bytes> {
         self.check_range(offset, u64::from(len))?;
+        let _active = self.enter();
         self.gate().await?;
         self.limiter.acquire(u64::from(len)).await;
         self.local.read(offset, len).await

@@ -54,6 +54,9 @@ pub struct LeaseGrant {
     pub holder: NodeId,
     pub epoch: u64,
     pub granted_at_ms: u64,
+    /// The holder said it stopped serving (planned move): the lease is over
+    /// now rather than at `granted_at_ms + lease + drift margin`.
+    pub released: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -117,13 +120,35 @@ impl LeaseTable {
         // A volume this leader never granted: the predecessor may have granted
         // it to the committed primary only, which is who the caller asks for
         // (the caller grants only to the committed primary).
-        self.grants.insert(volume.into(), LeaseGrant { holder: holder.into(), epoch, granted_at_ms: now_ms });
+        self.grants.insert(
+            volume.into(),
+            LeaseGrant { holder: holder.into(), epoch, granted_at_ms: now_ms, released: false },
+        );
         Ok(Duration::from_millis(self.timing.lease_ms))
+    }
+
+    /// `holder` stopped serving `volume` (every op it accepted under a lease
+    /// at `epoch` or before has finished) and will not serve it again without
+    /// a new grant. Honoured only when this leader's own last grant for the
+    /// volume went to `holder` at an epoch no newer than `epoch`: only then is
+    /// `holder` the one node that may hold a valid lease (a grant to anyone
+    /// else waits for the previous holder's lease to be certainly over). A
+    /// lease a predecessor leader granted is never released early. Returns
+    /// whether the release was honoured.
+    pub fn release(&mut self, volume: &str, holder: &str, epoch: u64) -> bool {
+        match self.grants.get_mut(volume) {
+            Some(g) if g.holder == holder && g.epoch <= epoch => {
+                g.released = true;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// True when no lease on `volume` can still be valid anywhere.
     pub fn holder_expired(&self, volume: &str, now_ms: u64) -> bool {
         let since = match self.grants.get(volume) {
+            Some(g) if g.released => return true,
             Some(g) => g.granted_at_ms,
             None => self.leader_since_ms,
         };
@@ -132,7 +157,7 @@ impl LeaseTable {
 
     /// The node that may currently hold a valid lease granted by this leader.
     pub fn valid_holder(&self, volume: &str, now_ms: u64) -> Option<&NodeId> {
-        let g = self.grants.get(volume)?;
+        let g = self.grants.get(volume).filter(|g| !g.released)?;
         (g.granted_at_ms.saturating_add(self.timing.lease_ms) >= now_ms).then_some(&g.holder)
     }
 
@@ -147,6 +172,49 @@ mod tests {
     use super::*;
 
     const T: LeaseTiming = LeaseTiming { lease_ms: 2_000, drift_margin_ms: 250 };
+
+    #[test]
+    fn a_released_lease_lets_another_holder_in_at_once() {
+        let mut t = LeaseTable::new(0, T);
+        t.grant("v", "a1", 1, 10_000).unwrap();
+        assert!(matches!(t.grant("v", "b1", 2, 10_500), Err(LeaseError::HeldByOther { .. })));
+        assert!(t.release("v", "a1", 1));
+        assert!(t.holder_expired("v", 10_500));
+        assert_eq!(t.valid_holder("v", 10_500), None);
+        assert_eq!(t.grant("v", "b1", 2, 10_500), Ok(Duration::from_millis(2_000)));
+        assert_eq!(t.valid_holder("v", 10_600).map(String::as_str), Some("b1"));
+    }
+
+    #[test]
+    fn only_the_last_grantee_can_release_and_only_up_to_its_epoch() {
+        let mut t = LeaseTable::new(0, T);
+        t.grant("v", "a1", 3, 10_000).unwrap();
+        assert!(!t.release("v", "b1", 3), "another node cannot end a1's lease");
+        assert!(!t.release("v", "a1", 2), "a release for an older epoch does not cover the epoch-3 lease");
+        assert!(!t.release("w", "a1", 3), "a volume this leader never granted");
+        assert!(!t.holder_expired("v", 10_500));
+        assert!(matches!(t.grant("v", "b1", 4, 10_500), Err(LeaseError::HeldByOther { .. })));
+    }
+
+    #[test]
+    fn a_lease_granted_by_a_predecessor_is_never_released_early() {
+        // This leader took over at 50 s and granted nothing: whatever its
+        // predecessor granted may be valid until 52.25 s, release or not.
+        let mut t = LeaseTable::new(50_000, T);
+        assert!(!t.release("v", "a1", 9));
+        assert!(!t.holder_expired("v", 51_000));
+        assert!(t.holder_expired("v", 52_251));
+    }
+
+    #[test]
+    fn a_renewal_after_a_release_makes_the_holder_hold_again() {
+        let mut t = LeaseTable::new(0, T);
+        t.grant("v", "a1", 1, 10_000).unwrap();
+        assert!(t.release("v", "a1", 1));
+        t.grant("v", "a1", 2, 10_100).unwrap();
+        assert!(!t.holder_expired("v", 10_200), "a fresh grant is a fresh lease");
+        assert_eq!(t.valid_holder("v", 10_200).map(String::as_str), Some("a1"));
+    }
 
     #[test]
     fn a_grant_lasts_one_lease_period() {

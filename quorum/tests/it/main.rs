@@ -195,6 +195,74 @@ async fn a_dead_primary_fails_over_to_the_in_sync_replica_in_the_other_site_afte
     c.shutdown().await;
 }
 
+fn move_primary(name: &str, expected_epoch: u64, to: &str, in_sync: &[&str]) -> Command {
+    Command::ChangeVolume {
+        name: name.into(),
+        expected_epoch,
+        primary: Some(to.into()),
+        in_sync: in_sync.iter().map(|s| s.to_string()).collect(),
+        rejoin: None,
+    }
+}
+
+/// The lease `m` holds for `vol` at `epoch`, waited for.
+async fn lease_of(m: &Member, vol: &str, epoch: u64) -> tokio::time::Instant {
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(l) = m.q.lease_valid_until(vol, epoch) {
+            return l;
+        }
+        assert!(tokio::time::Instant::now() < until, "{} holds no lease on {vol} at epoch {epoch}", m.id);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A planned move: the old primary, once it stopped serving, releases its
+/// lease and the new primary is granted at once, long before the old lease
+/// would have run out. Only the holder's own release counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_lease_lets_the_next_primary_serve_before_the_old_lease_would_end() {
+    let c = Cluster::start(&["a1", "b1", "w1"]).await;
+    c.wait_voters(&["a1", "b1", "w1"]).await;
+    for id in ["a1", "b1", "w1"] {
+        c.get(id).heartbeat_as_primary();
+    }
+    let (a1, b1, w1) = (c.get("a1"), c.get("b1"), c.get("w1"));
+    w1.q.propose(create_volume("v", &["a1", "b1"], "a1")).await.unwrap();
+    lease_of(a1, "v", 1).await;
+
+    tracing::info!("--- a move without a release: b1 waits until a1's last lease has ended");
+    let a1_last = a1.q.lease_watch().borrow()["v"].valid_until;
+    let r = w1.q.propose(move_primary("v", 1, "b1", &["a1", "b1"])).await.unwrap();
+    assert_eq!(r, CommandResult::Ok { epoch: 2 });
+    lease_of(b1, "v", 2).await;
+    assert!(tokio::time::Instant::now() >= a1_last, "b1 was granted while a1's lease could still be valid");
+
+    tracing::info!("--- a release by a node that does not hold the lease changes nothing");
+    let b1_last = b1.q.lease_watch().borrow()["v"].valid_until;
+    let r = w1.q.propose(move_primary("v", 2, "a1", &["a1", "b1"])).await.unwrap();
+    assert_eq!(r, CommandResult::Ok { epoch: 3 });
+    w1.q.release_lease("v", 2);
+    a1.q.release_lease("v", 2);
+    let t = tokio::time::Instant::now();
+    lease_of(a1, "v", 3).await;
+    assert!(tokio::time::Instant::now() >= b1_last, "a1 was granted on someone else's release");
+    println!("MEASURE move without the holder's release: granted after {} ms", t.elapsed().as_millis());
+
+    tracing::info!("--- the holder releases: the next primary is granted at once");
+    let a1_last = a1.q.lease_watch().borrow()["v"].valid_until;
+    let r = w1.q.propose(move_primary("v", 3, "b1", &["a1", "b1"])).await.unwrap();
+    assert_eq!(r, CommandResult::Ok { epoch: 4 });
+    let t = tokio::time::Instant::now();
+    a1.q.release_lease("v", 3);
+    assert!(a1.q.lease_valid_until("v", 3).is_none(), "the releasing node stops counting on its lease");
+    lease_of(b1, "v", 4).await;
+    let got = tokio::time::Instant::now();
+    assert!(got < a1_last, "b1 waited for the released lease to run out anyway");
+    println!("MEASURE move with the holder's release: granted after {} ms", (got - t).as_millis());
+    c.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_member_recovers_its_log_and_state_from_its_data_dir() {
     let mut c = Cluster::start(&["a1", "b1", "w1"]).await;

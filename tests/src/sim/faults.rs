@@ -41,6 +41,9 @@ pub enum Fault {
     Restart(&'static str),
     /// Fixed latency between two sites for a while (until the next heal).
     Slow(&'static str, &'static str, u64),
+    /// An operator moves every primary to another in-sync replica (the
+    /// leader plans it; the old primaries release their leases).
+    PlannedMove,
 }
 
 /// Scripted or random schedules.
@@ -56,6 +59,9 @@ pub enum Scenario {
     IsolateLeaderSite,
     /// Isolate a data site without the leader at 5 s.
     IsolateFollowerSite,
+    /// Planned moves every 1.5 s and nothing else: each must hand the lease
+    /// over by release, without two primaries.
+    PlannedMoves,
 }
 
 /// Faults start once the cluster had time to elect and hand out leases.
@@ -74,6 +80,15 @@ pub fn schedule(scenario: Scenario, seed: u64, safety_ms: u64) -> Vec<(u64, Faul
         Scenario::IsolateLeaderSite => vec![(5_000, Fault::IsolateLeaderSite), (safety_ms, Fault::HealAll)],
         Scenario::IsolateFollowerSite => {
             vec![(5_000, Fault::IsolateFollowerSite), (safety_ms, Fault::HealAll)]
+        }
+        Scenario::PlannedMoves => {
+            let mut s: Vec<_> = (0..)
+                .map(|i| FIRST_FAULT_MS + i * 1_500)
+                .take_while(|t| *t < safety_ms)
+                .map(|t| (t, Fault::PlannedMove))
+                .collect();
+            s.push((safety_ms, Fault::HealAll));
+            s
         }
         Scenario::Random => random(seed, safety_ms),
     }
@@ -106,6 +121,7 @@ fn random(seed: u64, safety_ms: u64) -> Vec<(u64, Fault)> {
             80..=89 => Fault::Restart(hosts[rng.gen_range(0..hosts.len())]),
             90..=92 => Fault::IsolateLeaderSite,
             93..=94 => Fault::IsolateFollowerSite,
+            95..=96 => Fault::PlannedMove,
             _ => Fault::Slow(site(&mut rng), "witness", rng.gen_range(50..400)),
         };
         out.push((t, fault));

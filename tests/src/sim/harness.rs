@@ -179,10 +179,14 @@ fn cut(sim: &turmoil::Sim<'_>, a: &str, b: &str, oneway: bool) {
     }
 }
 
+/// Operator requests waiting for a host (planned moves asked of the leader).
+pub(crate) type Operator = Rc<RefCell<u32>>;
+
 async fn host_loop(
     cfg: NodeConfig,
     disk: Rc<RefCell<Disk>>,
     oracle: Rc<RefCell<Oracle>>,
+    operator: Operator,
     seed: u64,
 ) -> turmoil::Result {
     let incarnation = {
@@ -211,6 +215,9 @@ async fn host_loop(
                 }
             }
             _ = tick.tick() => {
+                if std::mem::take(&mut *operator.borrow_mut()) > 0 {
+                    node.request_moves();
+                }
                 let mut o = oracle.borrow_mut();
                 node.tick(&mut o, now(), &mut out);
                 o.report_role(&me, node.is_leader());
@@ -256,6 +263,7 @@ pub fn run(opts: &SimOptions) -> SimReport {
         .max_message_latency(Duration::from_millis(4))
         .udp_capacity(4_096)
         .build();
+    let mut operators: BTreeMap<String, Operator> = BTreeMap::new();
     for h in all_hosts() {
         let cfg = NodeConfig {
             me: h.to_string(),
@@ -267,7 +275,8 @@ pub fn run(opts: &SimOptions) -> SimReport {
             clock: clocks[h],
         };
         let (disk, oracle, seed) = (disks[h].clone(), oracle.clone(), opts.seed);
-        sim.host(h, move || host_loop(cfg.clone(), disk.clone(), oracle.clone(), seed));
+        let operator = operators.entry(h.to_string()).or_default().clone();
+        sim.host(h, move || host_loop(cfg.clone(), disk.clone(), oracle.clone(), operator.clone(), seed));
     }
     base_latency(&sim);
 
@@ -282,6 +291,13 @@ pub fn run(opts: &SimOptions) -> SimReport {
         while let Some((_, f)) = pending.next_if(|(at, _)| *at <= now) {
             oracle.borrow_mut().note(format!("FAULT {f:?}"));
             let leader = oracle.borrow().current_leaders().into_iter().next();
+            if f == Fault::PlannedMove {
+                // Asked of every host that believes it leads; only a ready leader acts.
+                for l in oracle.borrow().current_leaders() {
+                    *operators[&l].borrow_mut() += 1;
+                }
+                continue;
+            }
             apply_fault(&mut sim, leader, &mut |h| oracle.borrow_mut().crashed(h), &mut crashed, &f);
         }
         if now == end_ms.saturating_sub(LIVENESS_WINDOW_MS) {
@@ -398,6 +414,7 @@ pub(crate) fn apply_fault(
                 sim.bounce(*h);
             }
         }
+        Fault::PlannedMove => {}
         Fault::Slow(a, b, ms) => {
             for x in hosts_of(a) {
                 for y in hosts_of(b) {

@@ -53,6 +53,12 @@ pub enum Msg {
         req: u64,
         lease_ms: u64,
     },
+    /// A former primary stopped serving `vol` and gives up its lease at `epoch`.
+    LeaseRelease {
+        vol: String,
+        epoch: u64,
+        from: NodeId,
+    },
     /// A primary asks the leader to drop an unresponsive replica from in_sync.
     RemoveReq {
         vol: String,

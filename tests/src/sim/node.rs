@@ -11,6 +11,9 @@
 //!  primary: lease (counted from its request) ─► write ─► every in_sync replica
 //!           acks ─► acknowledge; a silent replica ─► RemoveReq, wait for commit
 //!  replica: accept a write only at an epoch >= the highest it has seen
+//!  move:    operator ─► leader: planned_move to an in-sync replica (real
+//!           decide code) ─► old primary stops serving, sends LeaseRelease ─►
+//!           LeaseTable::release ─► the new primary is granted at once
 //!  rejoin:  copy every write to a returning replica (and mirror new writes to
 //!           it, waiting for its acks) ─► RejoinReq ─► committed with `rejoin`;
 //!           a replica that stops answering meanwhile is fenced by an epoch bump
@@ -27,7 +30,7 @@ use super::disk::Disk;
 use super::msg::{LogEntry, Msg};
 use super::oracle::Oracle;
 use super::raft::{Outbox, Raft};
-use metro_quorum::decide::{plan_failover, LeaseTable, LeaseTiming, SiteTracker};
+use metro_quorum::decide::{move_target, plan_failover, planned_move, LeaseTable, LeaseTiming, SiteTracker};
 use metro_quorum::state::{ClusterState, Command, NodeId};
 use rand::rngs::StdRng;
 use std::cell::RefCell;
@@ -67,6 +70,9 @@ impl Default for SimTiming {
 pub struct Bugs {
     /// The leader promotes and grants without waiting out the old lease.
     pub promote_without_lease_wait: bool,
+    /// A primary releases every lease as soon as it is granted, while it
+    /// keeps serving under it.
+    pub release_while_serving: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -102,6 +108,8 @@ struct LeaderDuty {
     rejoin_reqs: BTreeSet<(String, u64, NodeId, NodeId)>,
     /// Commands proposed and not yet committed (deduplication).
     proposed: BTreeMap<String, u64>,
+    /// An operator asked for a planned move of every primary.
+    moves_wanted: bool,
 }
 
 struct PendingWrite {
@@ -132,6 +140,8 @@ struct PrimarySide {
     next_join_ms: u64,
     /// Local ms until which the lease is valid.
     until_ms: u64,
+    /// Highest epoch a lease was granted at (what a release gives up).
+    lease_epoch: u64,
     serving: bool,
     outstanding: Option<(u64, u64)>,
     last_req_ms: Option<u64>,
@@ -181,6 +191,14 @@ impl Node {
         self.raft.is_leader()
     }
 
+    /// Operator: move every primary to another in-sync replica (as
+    /// `metroctl node drain` does). Only a ready leader acts on it.
+    pub fn request_moves(&mut self) {
+        if let Some(d) = self.duty.as_mut() {
+            d.moves_wanted = true;
+        }
+    }
+
     pub fn on_message(&mut self, oracle: &mut Oracle, msg: Msg, now_ms: u64, out: &mut Outbox) {
         match msg {
             Msg::LeaseReq { vol, epoch, from, req } => {
@@ -189,6 +207,13 @@ impl Node {
                         d.lease_reqs.remove(0);
                     }
                     d.lease_reqs.push(PendingLease { vol, epoch, from, req, after_round: l.round });
+                }
+            }
+            Msg::LeaseRelease { vol, epoch, from } => {
+                if let Some(d) = self.duty.as_mut() {
+                    if d.leases.release(&vol, &from, epoch) {
+                        oracle.lease_released(&self.cfg.me, &vol, &from);
+                    }
                 }
             }
             Msg::RemoveReq { vol, epoch, node, from } => {
@@ -220,11 +245,22 @@ impl Node {
                     }
                 }
             }
-            Msg::LeaseGrant { vol, req, lease_ms, .. } => {
+            Msg::LeaseGrant { vol, epoch, req, lease_ms } => {
                 if let Some(p) = self.primary.get_mut(&vol) {
                     if let Some((r, sent_ms)) = p.outstanding {
                         if r == req {
                             p.until_ms = p.until_ms.max(sent_ms + lease_ms);
+                            p.lease_epoch = p.lease_epoch.max(epoch);
+                            if self.cfg.bugs.release_while_serving {
+                                for voter in &self.cfg.voters {
+                                    let m = Msg::LeaseRelease {
+                                        vol: vol.clone(),
+                                        epoch,
+                                        from: self.cfg.me.clone(),
+                                    };
+                                    out.push((voter.clone(), m));
+                                }
+                            }
                         }
                     }
                 }
@@ -295,6 +331,7 @@ impl Node {
                 remove_reqs: BTreeSet::new(),
                 rejoin_reqs: BTreeSet::new(),
                 proposed: BTreeMap::new(),
+                moves_wanted: false,
             });
         }
         let mut alive: BTreeSet<NodeId> = l
@@ -314,6 +351,17 @@ impl Node {
             now_ms
         };
         cmds.extend(plan_failover(&self.state, &alive, &duty.leases, failover_now).commands);
+        if std::mem::take(&mut duty.moves_wanted) {
+            // The real decision code of `metroctl node drain`: the target is
+            // an in-sync replica, same site first; the old primary leaves
+            // in_sync (it is resynced from its hot extents).
+            for v in self.state.volumes.values() {
+                let Some(from) = v.primary.as_deref() else { continue };
+                if let Some(to) = move_target(&self.state, v, from).filter(|t| alive.contains(t)) {
+                    cmds.push(planned_move(v, &to));
+                }
+            }
+        }
         for (vol, epoch, node, from) in std::mem::take(&mut duty.remove_reqs) {
             let Some(v) = self.state.volumes.get(&vol) else { continue };
             if v.primary.as_ref() == Some(&from) && !v.is_in_sync(&node) && v.epoch == epoch {
@@ -412,6 +460,16 @@ impl Node {
             if !mine {
                 if p.published_until != 0 {
                     oracle.lease_held(&me, &vol, 0);
+                }
+                // Stopped serving (its pending write is dropped, never
+                // acknowledged): give the lease up so the next primary
+                // need not wait for it to run out.
+                if p.lease_epoch > 0 && p.until_ms > now_ms {
+                    for voter in &self.cfg.voters {
+                        let m =
+                            Msg::LeaseRelease { vol: vol.clone(), epoch: p.lease_epoch, from: me.clone() };
+                        out.push((voter.clone(), m));
+                    }
                 }
                 self.primary.remove(&vol);
                 continue;

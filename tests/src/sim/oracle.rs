@@ -41,6 +41,8 @@ pub struct Stats {
     pub promotions: u64,
     pub fences: u64,
     pub rejoins: u64,
+    /// Leases a leader ended early on the holder's release.
+    pub releases: u64,
 }
 
 pub struct Oracle {
@@ -230,6 +232,11 @@ impl Oracle {
                 "{leader} (term {term}) granted {vol} to {holder} after round {round} acked only by {ackers:?}"
             ));
         }
+    }
+
+    pub fn lease_released(&mut self, leader: &str, vol: &str, holder: &str) {
+        self.stats.releases += 1;
+        self.note(format!("{leader} ended {holder}'s lease on {vol} on its release"));
     }
 
     /// A node's current lease view for `vol` (0 = none).
