@@ -235,3 +235,22 @@ async fn a_flush_covers_every_write_ordered_before_it() {
     assert!(at("end 1") < at("flush"), "the flush waited for the earlier write: {log:?}");
     w1.await.unwrap().unwrap();
 }
+
+/// A deposed primary counts as drained (and may give its lease up) only once
+/// every client op that entered before the depose has returned.
+#[tokio::test(start_paused = true)]
+async fn a_deposed_primary_is_drained_only_after_its_in_flight_writes_return() {
+    let dev = Arc::new(Recording { inner: MemVolume::new(1 << 20), log: Mutex::default() });
+    let p = unreplicated(dev.clone());
+    assert!(p.drained(Duration::ZERO).await, "an idle primary is drained");
+    let p2 = p.clone();
+    let slow = tokio::spawn(async move { p2.write(0, Bytes::from(vec![1u8; 4096]), false).await });
+    logged(&dev, "begin 1").await;
+    p.depose("moved");
+    assert!(!p.drained(Duration::from_millis(100)).await, "a write is still in flight");
+    let late = p.write(8192, Bytes::from(vec![2u8; 4096]), false).await;
+    assert_eq!(late.unwrap_err().nbd_errno(), 108, "a write after the depose is refused");
+    assert!(p.drained(Duration::from_secs(1)).await, "drained once the held write returned");
+    assert!(slow.is_finished(), "the held write finished before the drain was reported");
+    slow.await.unwrap().expect("the in-flight write completes");
+}
