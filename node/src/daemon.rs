@@ -82,9 +82,9 @@ impl ClusterView for QuorumView {
         self.0.state()
     }
 
-    fn lease_valid(&self, volume: &str) -> bool {
+    fn lease_valid(&self, volume: &str, min_epoch: u64) -> bool {
         let now = tokio::time::Instant::now();
-        self.0.lease_watch().borrow().get(volume).is_some_and(|l| l.valid_until > now)
+        self.0.lease_watch().borrow().get(volume).is_some_and(|l| l.epoch >= min_epoch && l.valid_until > now)
     }
 
     async fn propose(&self, cmd: Command) -> Result<CommandResult, String> {

@@ -103,7 +103,7 @@ mod tests {
         fn state(&self) -> watch::Receiver<Arc<ClusterState>> {
             self.tx.subscribe()
         }
-        fn lease_valid(&self, _: &str) -> bool {
+        fn lease_valid(&self, _: &str, _: u64) -> bool {
             true
         }
         async fn propose(&self, cmd: Command) -> Result<CommandResult, String> {

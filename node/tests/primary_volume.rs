@@ -24,7 +24,8 @@ struct Script {
 
 #[async_trait]
 impl VolumeControl for Script {
-    fn lease_valid(&self, _: &str) -> bool {
+    fn lease_valid(&self, _: &str, min_epoch: u64) -> bool {
+        assert_eq!(min_epoch, 1, "the primary asks for a lease from the epoch it began at");
         *self.lease.lock().unwrap()
     }
     fn still_primary(&self, _: &str) -> bool {

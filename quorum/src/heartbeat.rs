@@ -157,13 +157,20 @@ pub(crate) async fn heartbeat_loop(s: Arc<Shared>, primaries: PrimariesFn) {
             }
             let valid_until = sent + Duration::from_millis(lease_ms);
             let now = Instant::now();
+            let floor = s.released_floor.lock().expect("poisoned");
             s.leases.send_modify(|m| {
                 let m = Arc::make_mut(m);
                 m.retain(|_, l| l.valid_until > now);
                 for (vol, epoch) in granted {
+                    // A grant from before a release of this epoch (the reply
+                    // overtook nothing: it was simply late) stays given up.
+                    if floor.get(&vol).is_some_and(|f| epoch <= *f) {
+                        continue;
+                    }
                     m.insert(vol, HeldLease { epoch, valid_until });
                 }
             });
+            drop(floor);
             if hold_elections_ms > 0 {
                 hold_elections(&s, Duration::from_millis(hold_elections_ms));
             }

@@ -153,6 +153,9 @@ pub(crate) struct Shared {
     /// `(volume, epoch)` leases this node gave up (planned move), sent with
     /// the next heartbeat. Bounded by [`MAX_PENDING_RELEASES`].
     pub released: Mutex<Vec<(String, u64)>>,
+    /// Highest epoch released per volume: a grant for a released epoch that
+    /// arrives late (its heartbeat left before the release) is ignored.
+    pub released_floor: Mutex<BTreeMap<String, u64>>,
     /// Wakes the heartbeat loop before its next tick (a release to send, or
     /// a new primary that wants its lease now).
     pub heartbeat_now: tokio::sync::Notify,
@@ -298,6 +301,7 @@ impl Quorum {
             leader: Mutex::new(None),
             leases,
             released: Mutex::new(Vec::new()),
+            released_floor: Mutex::new(BTreeMap::new()),
             heartbeat_now: tokio::sync::Notify::new(),
             handover: Mutex::new(None),
             hold_elections_until: Mutex::new(None),
@@ -558,6 +562,11 @@ impl Quorum {
     /// lease. The caller must never serve the volume again under this lease.
     pub fn release_lease(&self, volume: &str, epoch: u64) {
         let s = &self.inner;
+        {
+            let mut f = s.released_floor.lock().expect("poisoned");
+            let e = f.entry(volume.to_string()).or_insert(0);
+            *e = (*e).max(epoch);
+        }
         s.leases.send_if_modified(|m| {
             if m.get(volume).is_some_and(|l| l.epoch <= epoch) {
                 Arc::make_mut(m).remove(volume);

@@ -9,8 +9,10 @@ use std::sync::Arc;
 
 #[async_trait]
 pub trait VolumeControl: Send + Sync + 'static {
-    /// Does this node hold a valid lease for the volume right now?
-    fn lease_valid(&self, volume: &str) -> bool;
+    /// Does this node hold a valid lease for the volume right now, granted
+    /// at `min_epoch` or later? (The epoch this primaryship began at: a lease
+    /// left over from an earlier time as primary never counts.)
+    fn lease_valid(&self, volume: &str, min_epoch: u64) -> bool;
     /// Is this node still the primary in the latest applied state?
     fn still_primary(&self, volume: &str) -> bool;
     fn link(&self, peer: &str) -> Option<Arc<Link>>;

@@ -42,7 +42,8 @@ const RESYNC_SCAN: Duration = Duration::from_millis(500);
 #[async_trait]
 pub trait ClusterView: Send + Sync + 'static {
     fn state(&self) -> watch::Receiver<Arc<ClusterState>>;
-    fn lease_valid(&self, volume: &str) -> bool;
+    /// A valid lease on `volume` granted at `min_epoch` or later?
+    fn lease_valid(&self, volume: &str, min_epoch: u64) -> bool;
     async fn propose(&self, cmd: Command) -> Result<CommandResult, String>;
     /// This node stopped serving `volume` (deposed, every client op returned)
     /// and gives up its lease at `epoch`, so the next primary need not wait
@@ -325,7 +326,7 @@ impl VolumeManager {
             for peer in v.replicas.iter().filter(|n| **n != self.me && !v.in_sync.contains(n)) {
                 let key = (p.name.clone(), peer.clone());
                 let Some(link) = self.link_for(peer, &state) else { continue };
-                if !link.is_connected() || !self.cluster.lease_valid(&p.name) {
+                if !link.is_connected() || !self.cluster.lease_valid(&p.name, p.first_epoch()) {
                     continue;
                 }
                 if !self.inner.lock().expect("poisoned").resyncing.insert(key.clone()) {
@@ -563,8 +564,8 @@ fn expect_ok(r: Result<CommandResult, String>) -> Result<u64, String> {
 
 #[async_trait]
 impl VolumeControl for CtlRef {
-    fn lease_valid(&self, volume: &str) -> bool {
-        self.0.upgrade().is_some_and(|m| m.cluster.lease_valid(volume))
+    fn lease_valid(&self, volume: &str, min_epoch: u64) -> bool {
+        self.0.upgrade().is_some_and(|m| m.cluster.lease_valid(volume, min_epoch))
     }
 
     fn still_primary(&self, volume: &str) -> bool {

@@ -116,6 +116,9 @@ pub struct PrimaryVolume {
     ack_timeout: Duration,
     policy: LeasePolicy,
     deposed: AtomicBool,
+    /// The epoch this node became primary at: only a lease granted at this
+    /// epoch or later lets it serve.
+    first_epoch: u64,
     /// Client ops (reads and mutations) that entered and have not returned.
     active: std::sync::atomic::AtomicUsize,
     /// Signalled whenever `active` drops to zero.
@@ -165,11 +168,13 @@ impl PrimaryVolume {
         ack_timeout: Duration,
         policy: LeasePolicy,
     ) -> Self {
+        let first_epoch = repl.epoch;
         Self {
             name,
             size,
             local,
             me,
+            first_epoch,
             state: Mutex::new(repl),
             inflight: std::sync::Mutex::default(),
             ctl,
@@ -215,6 +220,11 @@ impl PrimaryVolume {
         self.deposed.load(Ordering::SeqCst)
     }
 
+    /// The epoch this primaryship began at.
+    pub fn first_epoch(&self) -> u64 {
+        self.first_epoch
+    }
+
     /// Count a client op as active until the guard drops.
     fn enter(&self) -> ActiveGuard<'_> {
         self.active.fetch_add(1, Ordering::SeqCst);
@@ -243,7 +253,7 @@ impl PrimaryVolume {
             if self.is_deposed() {
                 return Err(BlockError::Shutdown(format!("{} is no longer the primary", self.me)));
             }
-            if self.ctl.lease_valid(&self.name) {
+            if self.ctl.lease_valid(&self.name, self.first_epoch) {
                 return Ok(());
             }
             match self.policy {
