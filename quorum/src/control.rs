@@ -50,10 +50,16 @@ pub(crate) async fn role_watcher(s: Arc<Shared>) {
                     let t = &s.cfg.timings;
                     let timing = LeaseTiming { lease_ms: t.lease_ms, drift_margin_ms: t.drift_margin_ms };
                     tracing::info!(node = %s.cfg.node_id, term, "became leader; waiting one lease period before any promotion");
+                    let mut leases = LeaseTable::new(now, timing);
+                    for v in s.sm.current().volumes.values() {
+                        if let Some(p) = &v.primary {
+                            leases.inherit(&v.name, p, v.epoch);
+                        }
+                    }
                     *g = Some(LeaderState {
                         term,
                         liveness: Liveness::new(now),
-                        leases: LeaseTable::new(now, timing),
+                        leases,
                         sites: SiteTracker::new(t.site_stable_ms),
                     });
                 }

@@ -105,6 +105,7 @@ mod tests {
     fn nothing_is_promoted_before_the_lease_certainly_expired() {
         let s = with_volumes(&[("v", &["a1", "b1"], "a1")]);
         let mut leases = LeaseTable::new(0, T);
+        leases.inherit("v", "a1", 1);
         leases.grant("v", "a1", 1, 1_000).unwrap();
         let alive = all_but(&s, &["a1"]);
         let plan = plan_failover(&s, &alive, &leases, 1_000 + 2_250);

@@ -57,6 +57,9 @@ pub struct LeaseGrant {
     /// The holder said it stopped serving (planned move): the lease is over
     /// now rather than at `granted_at_ms + lease + drift margin`.
     pub released: bool,
+    /// Not granted by this leader: the committed primary when it took over,
+    /// which a predecessor may have granted until `leader_since + lease`.
+    pub inherited: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -96,6 +99,24 @@ impl LeaseTable {
         self.grants.get(volume)
     }
 
+    /// Record that `holder` was the committed primary of `volume` at `epoch`
+    /// when this leader took over: a predecessor may have granted it a lease
+    /// that runs until `leader_since + lease + drift margin`. That holder is
+    /// renewed at once; anyone else waits that lease out (a planned move
+    /// right after a leader change must not skip it), and the record cannot
+    /// be released early. Call once per volume with a primary, before any
+    /// grant. A volume with no record waits the same way before its first
+    /// grant, whoever asks.
+    pub fn inherit(&mut self, volume: &str, holder: &str, epoch: u64) {
+        self.grants.entry(volume.into()).or_insert_with(|| LeaseGrant {
+            holder: holder.into(),
+            epoch,
+            granted_at_ms: self.leader_since_ms,
+            released: false,
+            inherited: true,
+        });
+    }
+
     /// Grant or renew `holder`'s lease on `volume` at `epoch`. Returns how
     /// long the holder may serve, counted from when it sent its request.
     pub fn grant(
@@ -105,24 +126,44 @@ impl LeaseTable {
         epoch: u64,
         now_ms: u64,
     ) -> Result<Duration, LeaseError> {
-        if let Some(g) = self.grants.get(volume) {
-            if epoch < g.epoch {
-                return Err(LeaseError::StaleEpoch { volume: volume.into(), asked: epoch, granted: g.epoch });
+        match self.grants.get(volume) {
+            Some(g) => {
+                if epoch < g.epoch {
+                    return Err(LeaseError::StaleEpoch {
+                        volume: volume.into(),
+                        asked: epoch,
+                        granted: g.epoch,
+                    });
+                }
+                if g.holder != holder && !self.holder_expired(volume, now_ms) {
+                    return Err(LeaseError::HeldByOther {
+                        volume: volume.into(),
+                        holder: g.holder.clone(),
+                        until_ms: g.granted_at_ms + self.timing.certain_expiry_ms(),
+                    });
+                }
             }
-            if g.holder != holder && !self.holder_expired(volume, now_ms) {
+            // Neither granted by this leader nor inherited (the primary this
+            // leader found when it took over, see `inherit`): a predecessor may
+            // have granted it to someone this leader does not know of.
+            None if !self.holder_expired(volume, now_ms) => {
                 return Err(LeaseError::HeldByOther {
                     volume: volume.into(),
-                    holder: g.holder.clone(),
-                    until_ms: g.granted_at_ms + self.timing.certain_expiry_ms(),
+                    holder: "a primary of the previous leader".into(),
+                    until_ms: self.leader_since_ms + self.timing.certain_expiry_ms(),
                 });
             }
+            None => {}
         }
-        // A volume this leader never granted: the predecessor may have granted
-        // it to the committed primary only, which is who the caller asks for
-        // (the caller grants only to the committed primary).
         self.grants.insert(
             volume.into(),
-            LeaseGrant { holder: holder.into(), epoch, granted_at_ms: now_ms, released: false },
+            LeaseGrant {
+                holder: holder.into(),
+                epoch,
+                granted_at_ms: now_ms,
+                released: false,
+                inherited: false,
+            },
         );
         Ok(Duration::from_millis(self.timing.lease_ms))
     }
@@ -137,7 +178,7 @@ impl LeaseTable {
     /// whether the release was honoured.
     pub fn release(&mut self, volume: &str, holder: &str, epoch: u64) -> bool {
         match self.grants.get_mut(volume) {
-            Some(g) if g.holder == holder && g.epoch <= epoch => {
+            Some(g) if !g.inherited && g.holder == holder && g.epoch <= epoch => {
                 g.released = true;
                 true
             }
@@ -172,6 +213,29 @@ mod tests {
     use super::*;
 
     const T: LeaseTiming = LeaseTiming { lease_ms: 2_000, drift_margin_ms: 250 };
+
+    #[test]
+    fn after_a_leader_change_the_inherited_primary_is_renewed_at_once_and_a_new_one_waits() {
+        // Regression (the simulator, seed 1009744): a planned move right after
+        // a leader change granted the new primary while the old one, cut off,
+        // still held its predecessor-granted lease.
+        let mut t = LeaseTable::new(50_000, T);
+        t.inherit("v", "a1", 1);
+        assert!(t.grant("v", "a1", 1, 50_100).is_ok(), "the primary found at takeover renews at once");
+        let mut t = LeaseTable::new(50_000, T);
+        t.inherit("v", "a1", 1);
+        assert!(matches!(t.grant("v", "b1", 2, 50_100), Err(LeaseError::HeldByOther { .. })));
+        assert!(!t.release("v", "a1", 1), "an inherited lease is not this leader's to release");
+        assert!(matches!(t.grant("v", "b1", 2, 52_250), Err(LeaseError::HeldByOther { .. })));
+        assert!(t.grant("v", "b1", 2, 52_251).is_ok(), "after the predecessor's lease certainly ended");
+    }
+
+    #[test]
+    fn a_volume_unknown_at_takeover_waits_out_the_predecessor_before_its_first_grant() {
+        let mut t = LeaseTable::new(50_000, T);
+        assert!(matches!(t.grant("v", "a1", 1, 51_000), Err(LeaseError::HeldByOther { .. })));
+        assert!(t.grant("v", "a1", 1, 52_251).is_ok());
+    }
 
     #[test]
     fn a_released_lease_lets_another_holder_in_at_once() {

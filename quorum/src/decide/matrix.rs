@@ -39,6 +39,7 @@ impl Leader {
         let prims: Vec<_> =
             l.state.volumes.values().map(|v| (v.name.clone(), v.primary.clone().unwrap(), v.epoch)).collect();
         for (v, p, e) in prims {
+            l.leases.inherit(&v, &p, e);
             l.leases.grant(&v, &p, e, 0).unwrap();
         }
         l

@@ -323,9 +323,15 @@ impl Node {
         let l = self.raft.leader().expect("leader_ready");
         let timing = self.cfg.timing;
         if self.duty.as_ref().is_none_or(|x| x.term != term) {
+            let mut leases = LeaseTable::new(l.since_ms, timing.lease);
+            for v in self.state.volumes.values() {
+                if let Some(p) = &v.primary {
+                    leases.inherit(&v.name, p, v.epoch);
+                }
+            }
             self.duty = Some(LeaderDuty {
                 term,
-                leases: LeaseTable::new(l.since_ms, timing.lease),
+                leases,
                 sites: SiteTracker::new(timing.site_stable_ms),
                 lease_reqs: Vec::new(),
                 remove_reqs: BTreeSet::new(),
