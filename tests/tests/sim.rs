@@ -157,17 +157,23 @@ fn isolating_a_site_without_the_leader_fails_over_cleanly() {
     }
 }
 
-#[test]
-fn the_simulator_catches_promotion_without_waiting_out_the_lease() {
-    let caught: Vec<SimReport> = (0..BUG_SEEDS)
+/// Runs `BUG_SEEDS` seeds that isolate a site holding primaries, with `bugs`
+/// injected; returns those whose oracle saw two valid primary leases.
+fn two_primaries_caught_with(bugs: Bugs) -> Vec<SimReport> {
+    (0..BUG_SEEDS)
         .map(|seed| {
             let mut o = SimOptions::random(seed);
             o.scenario = Scenario::IsolateFollowerSite;
-            o.bugs = Bugs { promote_without_lease_wait: true, ..Bugs::default() };
+            o.bugs = bugs;
             run(&o)
         })
         .filter(|r| r.violations.iter().any(|v| v.contains("valid primary leases at once")))
-        .collect();
+        .collect()
+}
+
+#[test]
+fn the_simulator_catches_promotion_without_waiting_out_the_lease() {
+    let caught = two_primaries_caught_with(Bugs { promote_without_lease_wait: true, ..Bugs::default() });
     println!("the injected bug was caught in {} of {BUG_SEEDS} seeds", caught.len());
     assert!(
         caught.len() >= BUG_SEEDS as usize / 4,
@@ -197,15 +203,7 @@ fn planned_moves_hand_the_lease_over_by_release_without_two_primaries() {
 
 #[test]
 fn the_simulator_catches_a_primary_that_releases_its_lease_and_keeps_serving() {
-    let caught: Vec<SimReport> = (0..BUG_SEEDS)
-        .map(|seed| {
-            let mut o = SimOptions::random(seed);
-            o.scenario = Scenario::IsolateFollowerSite;
-            o.bugs = Bugs { release_while_serving: true, ..Bugs::default() };
-            run(&o)
-        })
-        .filter(|r| r.violations.iter().any(|v| v.contains("valid primary leases at once")))
-        .collect();
+    let caught = two_primaries_caught_with(Bugs { release_while_serving: true, ..Bugs::default() });
     println!("the injected release bug was caught in {} of {BUG_SEEDS} seeds", caught.len());
     assert!(
         caught.len() >= BUG_SEEDS as usize / 4,
