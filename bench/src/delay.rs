@@ -121,9 +121,20 @@ impl Drop for Delay {
     }
 }
 
-/// Median TCP handshake time (SYN to SYN-ACK, one round trip) from `from`
-/// to a throwaway listener on `to`, in milliseconds.
-pub fn measure_rtt_ms(from: Ipv4Addr, to: Ipv4Addr) -> anyhow::Result<f64> {
+/// Round-trip times measured by [`measure_rtt`], in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rtt {
+    /// The fastest handshake: the path's own delay with the least scheduling
+    /// noise on top (noise only ever adds time, so this is the tightest
+    /// estimate of what the delayer injects).
+    pub min_ms: f64,
+    /// The typical handshake, what a client of the path sees.
+    pub median_ms: f64,
+}
+
+/// TCP handshake times (SYN to SYN-ACK, one round trip) from `from` to a
+/// throwaway listener on `to`, over 15 connects.
+pub fn measure_rtt(from: Ipv4Addr, to: Ipv4Addr) -> anyhow::Result<Rtt> {
     let listener = TcpListener::bind(SocketAddrV4::new(to, 0)).with_context(|| format!("bind {to}"))?;
     let addr = listener.local_addr()?;
     let accept = std::thread::spawn(move || {
@@ -143,7 +154,14 @@ pub fn measure_rtt_ms(from: Ipv4Addr, to: Ipv4Addr) -> anyhow::Result<f64> {
         drop(stream);
     }
     let _ = accept.join();
-    crate::stats::median(&samples).context("no samples")
+    let median_ms = crate::stats::median(&samples).context("no samples")?;
+    let min_ms = samples.iter().copied().fold(f64::INFINITY, f64::min);
+    Ok(Rtt { min_ms, median_ms })
+}
+
+/// Median TCP handshake time from `from` to `to`, in milliseconds.
+pub fn measure_rtt_ms(from: Ipv4Addr, to: Ipv4Addr) -> anyhow::Result<f64> {
+    Ok(measure_rtt(from, to)?.median_ms)
 }
 
 /// A blocking TCP connection to `to` originating from `from` (a site address).

@@ -9,7 +9,7 @@
 //! (`metroctl witness status`, `metro_witness_rtt_seconds`): small and nonzero
 //! without the delay, at least 150 ms with it.
 
-use metro_bench::delay::{measure_rtt_ms, Delay};
+use metro_bench::delay::{measure_rtt, Delay};
 use metro_tests::lab::{bin_dir, max_gap, Lab};
 use serde_json::Value;
 use std::io::{Read, Write};
@@ -79,10 +79,11 @@ async fn a_200ms_witness_causes_no_false_failover_during_30s_of_writes() -> anyh
 
     let net = |s: u8| format!("{}.0/24", site_addr(&lab, s, 0).to_string().trim_end_matches(".0"));
     let delay = Delay::install(&bin_dir(), QUEUE, &[&net(3)], &[&net(1), &net(2)], WITNESS_RTT_MS)?;
-    let rtt_a = measure_rtt_ms(site_addr(&lab, 3, 200), site_addr(&lab, 1, 200))?;
-    let rtt_b = measure_rtt_ms(site_addr(&lab, 3, 200), site_addr(&lab, 2, 200))?;
-    let rtt_ab = measure_rtt_ms(site_addr(&lab, 1, 200), site_addr(&lab, 2, 200))?;
-    tracing::info!(rtt_a, rtt_b, rtt_ab, "measured RTTs with the witness delay in place");
+    // Checked on the fastest handshake: a busy machine only ever adds time.
+    let rtt_a = measure_rtt(site_addr(&lab, 3, 200), site_addr(&lab, 1, 200))?.min_ms;
+    let rtt_b = measure_rtt(site_addr(&lab, 3, 200), site_addr(&lab, 2, 200))?.min_ms;
+    let rtt_ab = measure_rtt(site_addr(&lab, 1, 200), site_addr(&lab, 2, 200))?.min_ms;
+    tracing::info!(rtt_a, rtt_b, rtt_ab, "fastest RTTs with the witness delay in place");
     assert!(
         rtt_a >= WITNESS_RTT_MS * 0.95 && rtt_b >= WITNESS_RTT_MS * 0.95,
         "delay active: {rtt_a} {rtt_b}"
