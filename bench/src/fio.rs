@@ -4,7 +4,7 @@
 use anyhow::{bail, Context};
 use serde::Serialize;
 use serde_json::Value;
-use std::process::Command;
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 /// One workload of the io section.
@@ -40,6 +40,29 @@ pub struct FioResult {
 pub const SIZE: &str = "256M";
 
 pub fn run(uri: &str, job: &Job, runtime: Duration) -> anyhow::Result<FioResult> {
+    let out = command(uri, job, runtime).output().context("running fio")?;
+    finish(uri, job, out)
+}
+
+/// Two fio runs of the same job at once, one per URI (each on its own server
+/// and file): what this machine does when every byte is written twice with
+/// nothing else in the way.
+pub fn run_pair(uris: [&str; 2], job: &Job, runtime: Duration) -> anyhow::Result<[FioResult; 2]> {
+    let spawn = |uri: &str| {
+        command(uri, job, runtime)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting fio")
+    };
+    let first = spawn(uris[0])?;
+    let second = spawn(uris[1])?;
+    let a = finish(uris[0], job, first.wait_with_output().context("waiting for fio")?)?;
+    let b = finish(uris[1], job, second.wait_with_output().context("waiting for fio")?)?;
+    Ok([a, b])
+}
+
+fn command(uri: &str, job: &Job, runtime: Duration) -> Command {
     let mut cmd = Command::new("fio");
     cmd.args([
         "--name=bench",
@@ -58,7 +81,10 @@ pub fn run(uri: &str, job: &Job, runtime: Duration) -> anyhow::Result<FioResult>
     if job.fsync > 0 {
         cmd.arg(format!("--fsync={}", job.fsync));
     }
-    let out = cmd.output().context("running fio")?;
+    cmd
+}
+
+fn finish(uri: &str, job: &Job, out: Output) -> anyhow::Result<FioResult> {
     if !out.status.success() {
         bail!("fio {} on {uri}: {}", job.name, String::from_utf8_lossy(&out.stderr).trim());
     }

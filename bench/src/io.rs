@@ -2,6 +2,9 @@
 //! replica dc-b) and against qemu-nbd on a file on the same disk (the
 //! unreplicated baseline), at several injected dc-a<->dc-b RTTs.
 //!
+//! A second, two-copy baseline runs the write jobs against two qemu-nbd
+//! servers at once: a mirror's disk work on this one machine, for context.
+//!
 //! The baseline runs once: it is served from 127.0.0.1, which no delay rule
 //! matches, so the injected RTT cannot change it.
 
@@ -28,6 +31,39 @@ pub const QUEUE_BASE: u16 = 9000;
 
 struct QemuNbd(Child);
 
+impl QemuNbd {
+    /// `qemu-nbd` serving a fresh 1 GiB sparse raw file on 127.0.0.1:`port`,
+    /// export `baseline`, once it answers.
+    fn start(file: &std::path::Path, port: u16) -> anyhow::Result<QemuNbd> {
+        std::fs::File::create(file)?.set_len(1 << 30)?;
+        let child = Command::new("qemu-nbd")
+            .args([
+                "-f",
+                "raw",
+                "--persistent",
+                "--shared=8",
+                "-t",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .args(["-x", "baseline"])
+            .arg(file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting qemu-nbd")?;
+        let q = QemuNbd(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "qemu-nbd on port {port} never listened");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(q)
+    }
+}
+
 impl Drop for QemuNbd {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -49,19 +85,8 @@ pub async fn run(
         v["replicas"].as_array().into_iter().flatten().filter_map(|x| x.as_str().map(String::from)).collect();
     eprintln!("io: volume io primary {primary} replicas {replicas:?} at {uri}");
 
-    let file = lab.dir().join("baseline.raw");
-    std::fs::File::create(&file)?.set_len(1 << 30)?;
     let port = 11000 + u16::from(lab.spec.octet);
-    let child = Command::new("qemu-nbd")
-        .args(["-f", "raw", "--persistent", "--shared=8", "-t", "-b", "127.0.0.1", "-p", &port.to_string()])
-        .args(["-x", "baseline"])
-        .arg(&file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting qemu-nbd")?;
-    let _qemu = QemuNbd(child);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _qemu = QemuNbd::start(&lab.dir().join("baseline.raw"), port)?;
     let base_uri = format!("nbd://127.0.0.1:{port}/baseline");
 
     let mut baseline: Vec<(Job, FioResult)> = Vec::new();
@@ -70,12 +95,34 @@ pub async fn run(
         baseline.push((job, fio::run(&base_uri, &job, runtime)?));
     }
 
+    // The two-copy baseline: two qemu-nbd servers written at once, so the
+    // machine does a mirror's disk work (every byte twice) with no network
+    // and no replication logic. On a one-machine lab both of metro's sites
+    // share this disk and these cores, so this is the most a mirror can
+    // reach here. Shown next to the targets, never instead of them.
+    let port2 = port + 500;
+    let _qemu2 = QemuNbd::start(&lab.dir().join("baseline2.raw"), port2)?;
+    let base2_uri = format!("nbd://127.0.0.1:{port2}/baseline");
+    let mut two_copy: Vec<(Job, FioResult)> = Vec::new();
+    for job in JOBS.into_iter().filter(|j| !j.rw.contains("read")) {
+        eprintln!("io: two-copy baseline {}", job.name);
+        let [a, b] = fio::run_pair([&base_uri, &base2_uri], &job, runtime)?;
+        let per_copy = FioResult {
+            iops: a.iops.min(b.iops),
+            bw_bytes: a.bw_bytes.min(b.bw_bytes),
+            p50_us: a.p50_us.max(b.p50_us),
+            p99_us: a.p99_us.max(b.p99_us),
+        };
+        two_copy.push((job, per_copy));
+    }
+
     let mut rows = Vec::new();
     let mut md = String::from(
         "| RTT set (measured) ms | job | metro IOPS | baseline IOPS | metro/baseline | metro MiB/s | metro p50 / p99 µs | baseline p50 / p99 µs | limit p50 µs | metro p50 / limit |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut targets = Vec::new();
     let mut points = Vec::new();
+    let mut metro_at_zero: Vec<(&str, FioResult)> = Vec::new();
     let queue = QUEUE_BASE + u16::from(lab.spec.octet);
     for &rtt in rtts {
         let delay = if rtt > 0.0 {
@@ -95,6 +142,9 @@ pub async fn run(
             eprintln!("io: metro {} at {rtt} ms", job.name);
             let m = fio::run(&uri, job, runtime)?;
             let is_write = !job.rw.contains("read");
+            if rtt == 0.0 {
+                metro_at_zero.push((job.name, m.clone()));
+            }
             let limit_us = base.p50_us + rtt * 1000.0;
             let ratio = m.iops / base.iops;
             let vs_limit = if is_write { Some(m.p50_us / limit_us) } else { None };
@@ -171,7 +221,32 @@ pub async fn run(
             d.remove()?;
         }
     }
+    md += "\n**Two copies on one machine** (writes at 0 ms RTT; informational, the targets above stay \
+           against the one-copy baseline): two fio runs at once against two qemu-nbd servers, per copy \
+           (the slower of the two). Both of metro's sites share this machine's disk and cores, so this is \
+           what a mirror can reach here.\n\n\
+           | job | baseline (1 copy) IOPS | two-copy IOPS per copy | metro IOPS | metro / two-copy | two-copy MiB/s per copy | metro MiB/s |\n|---|---|---|---|---|---|---|\n";
+    let mut two_copy_rows = Vec::new();
+    for (job, two) in &two_copy {
+        let one = baseline.iter().find(|(j, _)| j.name == job.name).map(|(_, r)| r);
+        let metro = metro_at_zero.iter().find(|(n, _)| *n == job.name).map(|(_, r)| r);
+        let (Some(one), Some(metro)) = (one, metro) else { continue };
+        let ratio = metro.iops / two.iops;
+        md += &format!(
+            "| {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.1} | {:.1} |\n",
+            job.name,
+            one.iops,
+            two.iops,
+            metro.iops,
+            ratio,
+            two.bw_bytes / 1048576.0,
+            metro.bw_bytes / 1048576.0,
+        );
+        two_copy_rows
+            .push(json!({"job": job, "two_copy_per_copy": two, "baseline": one, "metro_at_0ms": metro,
+            "iops_ratio_vs_two_copy": ratio}));
+    }
     let json = json!({"volume_uri": uri, "primary": primary, "replicas": replicas, "baseline_uri": base_uri,
-        "runtime_s": runtime.as_secs(), "size": fio::SIZE, "rows": rows});
+        "runtime_s": runtime.as_secs(), "size": fio::SIZE, "rows": rows, "two_copy": two_copy_rows});
     Ok((Section { json, markdown: md, targets }, points))
 }

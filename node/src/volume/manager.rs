@@ -246,7 +246,10 @@ impl VolumeManager {
                         )
                         .with_limits(v.iops_limit, v.bandwidth_limit),
                     );
-                    tracing::info!(volume = %v.name, epoch = v.epoch, "serving as primary");
+                    // A restarted node replays its own (maybe stale) state first, so
+                    // this is not yet "serving": I/O waits for a lease from the
+                    // current leader, which grants one only to its own primary.
+                    tracing::info!(volume = %v.name, epoch = v.epoch, "primary by the committed state; I/O starts once the leader grants a lease");
                     self.inner.lock().expect("poisoned").primaries.insert(v.name.clone(), pv);
                     self.cluster.lease_wanted();
                 }
