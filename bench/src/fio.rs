@@ -62,6 +62,31 @@ pub fn run_pair(uris: [&str; 2], job: &Job, runtime: Duration) -> anyhow::Result
     Ok([a, b])
 }
 
+/// Write the whole working set once (1 MiB sequential, then a flush), so the
+/// measured jobs see allocated blocks on every side: random writes into a
+/// fresh sparse file would otherwise measure the filesystem's block
+/// allocation, not the path under test.
+pub fn prefill(uri: &str) -> anyhow::Result<()> {
+    let out = Command::new("fio")
+        .args([
+            "--name=prefill",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=write",
+            "--bs=1m",
+            "--iodepth=4",
+            &format!("--size={SIZE}"),
+            "--end_fsync=1",
+            "--output-format=json",
+        ])
+        .output()
+        .context("running fio")?;
+    if !out.status.success() {
+        bail!("fio prefill on {uri}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
 fn command(uri: &str, job: &Job, runtime: Duration) -> Command {
     let mut cmd = Command::new("fio");
     cmd.args([

@@ -5,6 +5,9 @@
 //! A second, two-copy baseline runs the write jobs against two qemu-nbd
 //! servers at once: a mirror's disk work on this one machine, for context.
 //!
+//! Every target is prefilled over the working set first, so no job measures
+//! first-write block allocation in a fresh sparse file.
+//!
 //! The baseline runs once: it is served from 127.0.0.1, which no delay rule
 //! matches, so the injected RTT cannot change it.
 
@@ -84,11 +87,13 @@ pub async fn run(
     let replicas: Vec<String> =
         v["replicas"].as_array().into_iter().flatten().filter_map(|x| x.as_str().map(String::from)).collect();
     eprintln!("io: volume io primary {primary} replicas {replicas:?} at {uri}");
+    fio::prefill(&uri)?;
 
     let port = 11000 + u16::from(lab.spec.octet);
     let _qemu = QemuNbd::start(&lab.dir().join("baseline.raw"), port)?;
     let base_uri = format!("nbd://127.0.0.1:{port}/baseline");
 
+    fio::prefill(&base_uri)?;
     let mut baseline: Vec<(Job, FioResult)> = Vec::new();
     for job in JOBS {
         eprintln!("io: baseline {}", job.name);
@@ -103,6 +108,7 @@ pub async fn run(
     let port2 = port + 500;
     let _qemu2 = QemuNbd::start(&lab.dir().join("baseline2.raw"), port2)?;
     let base2_uri = format!("nbd://127.0.0.1:{port2}/baseline");
+    fio::prefill(&base2_uri)?;
     let mut two_copy: Vec<(Job, FioResult)> = Vec::new();
     for job in JOBS.into_iter().filter(|j| !j.rw.contains("read")) {
         eprintln!("io: two-copy baseline {}", job.name);
