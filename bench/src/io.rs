@@ -8,8 +8,9 @@
 //! Every target is prefilled over the working set first, so no job measures
 //! first-write block allocation in a fresh sparse file.
 //!
-//! The baseline runs once: it is served from 127.0.0.1, which no delay rule
-//! matches, so the injected RTT cannot change it.
+//! The baseline is served from 127.0.0.1, which no delay rule matches, so the
+//! injected RTT cannot change it; it still runs again beside every row, right
+//! before metro, so both sides of each ratio see the same machine.
 
 use crate::delay::{measure_rtt_ms, Delay};
 use crate::fio::{self, FioResult, Job, JOBS};
@@ -94,11 +95,6 @@ pub async fn run(
     let base_uri = format!("nbd://127.0.0.1:{port}/baseline");
 
     fio::prefill(&base_uri)?;
-    let mut baseline: Vec<(Job, FioResult)> = Vec::new();
-    for job in JOBS {
-        eprintln!("io: baseline {}", job.name);
-        baseline.push((job, fio::run(&base_uri, &job, runtime)?));
-    }
 
     // The two-copy baseline: two qemu-nbd servers written at once, so the
     // machine does a mirror's disk work (every byte twice) with no network
@@ -129,6 +125,7 @@ pub async fn run(
     let mut targets = Vec::new();
     let mut points = Vec::new();
     let mut metro_at_zero: Vec<(&str, FioResult)> = Vec::new();
+    let mut baseline_at_zero: Vec<(&str, FioResult)> = Vec::new();
     let queue = QUEUE_BASE + u16::from(lab.spec.octet);
     for &rtt in rtts {
         let delay = if rtt > 0.0 {
@@ -144,12 +141,18 @@ pub async fn run(
         };
         let measured = measure_rtt_ms(lab.probe_addr("dc-a"), lab.probe_addr("dc-b"))?;
         eprintln!("io: RTT set {rtt} ms, measured {measured:.3} ms");
-        for (job, base) in &baseline {
+        for job in &JOBS {
+            // The baseline runs right before metro for every row, so a drift
+            // in the machine's disk speed during the run (seen: 2x within
+            // minutes on this VM) hits both sides of a ratio alike.
+            eprintln!("io: baseline {} (beside the {rtt} ms row)", job.name);
+            let base = &fio::run(&base_uri, job, runtime)?;
             eprintln!("io: metro {} at {rtt} ms", job.name);
             let m = fio::run(&uri, job, runtime)?;
             let is_write = !job.rw.contains("read");
             if rtt == 0.0 {
                 metro_at_zero.push((job.name, m.clone()));
+                baseline_at_zero.push((job.name, base.clone()));
             }
             let limit_us = base.p50_us + rtt * 1000.0;
             let ratio = m.iops / base.iops;
@@ -234,7 +237,7 @@ pub async fn run(
            | job | baseline (1 copy) IOPS | two-copy IOPS per copy | metro IOPS | metro / two-copy | two-copy MiB/s per copy | metro MiB/s |\n|---|---|---|---|---|---|---|\n";
     let mut two_copy_rows = Vec::new();
     for (job, two) in &two_copy {
-        let one = baseline.iter().find(|(j, _)| j.name == job.name).map(|(_, r)| r);
+        let one = baseline_at_zero.iter().find(|(n, _)| *n == job.name).map(|(_, r)| r);
         let metro = metro_at_zero.iter().find(|(n, _)| *n == job.name).map(|(_, r)| r);
         let (Some(one), Some(metro)) = (one, metro) else { continue };
         let ratio = metro.iops / two.iops;
