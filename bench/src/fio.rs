@@ -44,10 +44,10 @@ pub fn run(uri: &str, job: &Job, runtime: Duration) -> anyhow::Result<FioResult>
     finish(uri, job, out)
 }
 
-/// Two fio runs of the same job at once, one per URI (each on its own server
-/// and file): what this machine does when every byte is written twice with
-/// nothing else in the way.
-pub fn run_pair(uris: [&str; 2], job: &Job, runtime: Duration) -> anyhow::Result<[FioResult; 2]> {
+/// The same job against two URIs at once (each its own server and file),
+/// reported per copy as the slower of the two: what this machine does when
+/// every byte is written twice with nothing else in the way.
+pub fn run_two_copies(uris: [&str; 2], job: &Job, runtime: Duration) -> anyhow::Result<FioResult> {
     let spawn = |uri: &str| {
         command(uri, job, runtime)
             .stdout(Stdio::piped())
@@ -59,7 +59,12 @@ pub fn run_pair(uris: [&str; 2], job: &Job, runtime: Duration) -> anyhow::Result
     let second = spawn(uris[1])?;
     let a = finish(uris[0], job, first.wait_with_output().context("waiting for fio")?)?;
     let b = finish(uris[1], job, second.wait_with_output().context("waiting for fio")?)?;
-    Ok([a, b])
+    Ok(FioResult {
+        iops: a.iops.min(b.iops),
+        bw_bytes: a.bw_bytes.min(b.bw_bytes),
+        p50_us: a.p50_us.max(b.p50_us),
+        p99_us: a.p99_us.max(b.p99_us),
+    })
 }
 
 /// Write the whole working set once (1 MiB sequential, then a flush), so the
@@ -67,41 +72,37 @@ pub fn run_pair(uris: [&str; 2], job: &Job, runtime: Duration) -> anyhow::Result
 /// fresh sparse file would otherwise measure the filesystem's block
 /// allocation, not the path under test.
 pub fn prefill(uri: &str) -> anyhow::Result<()> {
-    let out = Command::new("fio")
-        .args([
-            "--name=prefill",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=write",
-            "--bs=1m",
-            "--iodepth=4",
-            &format!("--size={SIZE}"),
-            "--end_fsync=1",
-            "--output-format=json",
-        ])
-        .output()
-        .context("running fio")?;
+    let out =
+        nbd_fio("prefill", uri, "write", "1m", 4).arg("--end_fsync=1").output().context("running fio")?;
     if !out.status.success() {
         bail!("fio prefill on {uri}: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }
 
-fn command(uri: &str, job: &Job, runtime: Duration) -> Command {
+/// fio with the nbd engine over the working set, JSON output.
+fn nbd_fio(name: &str, uri: &str, rw: &str, bs: &str, iodepth: u32) -> Command {
     let mut cmd = Command::new("fio");
     cmd.args([
-        "--name=bench",
-        "--ioengine=nbd",
-        &format!("--uri={uri}"),
-        &format!("--rw={}", job.rw),
-        &format!("--bs={}", job.bs),
-        &format!("--iodepth={}", job.iodepth),
-        &format!("--size={SIZE}"),
-        "--time_based",
-        &format!("--runtime={}", runtime.as_secs().max(1)),
-        "--ramp_time=1",
-        "--randrepeat=0",
-        "--output-format=json",
+        format!("--name={name}"),
+        "--ioengine=nbd".into(),
+        format!("--uri={uri}"),
+        format!("--rw={rw}"),
+        format!("--bs={bs}"),
+        format!("--iodepth={iodepth}"),
+        format!("--size={SIZE}"),
+        "--output-format=json".into(),
+    ]);
+    cmd
+}
+
+fn command(uri: &str, job: &Job, runtime: Duration) -> Command {
+    let mut cmd = nbd_fio("bench", uri, job.rw, job.bs, job.iodepth);
+    cmd.args([
+        "--time_based".into(),
+        format!("--runtime={}", runtime.as_secs().max(1)),
+        "--ramp_time=1".into(),
+        "--randrepeat=0".into(),
     ]);
     if job.fsync > 0 {
         cmd.arg(format!("--fsync={}", job.fsync));

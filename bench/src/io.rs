@@ -108,14 +108,7 @@ pub async fn run(
     let mut two_copy: Vec<(Job, FioResult)> = Vec::new();
     for job in JOBS.into_iter().filter(|j| !j.rw.contains("read")) {
         eprintln!("io: two-copy baseline {}", job.name);
-        let [a, b] = fio::run_pair([&base_uri, &base2_uri], &job, runtime)?;
-        let per_copy = FioResult {
-            iops: a.iops.min(b.iops),
-            bw_bytes: a.bw_bytes.min(b.bw_bytes),
-            p50_us: a.p50_us.max(b.p50_us),
-            p99_us: a.p99_us.max(b.p99_us),
-        };
-        two_copy.push((job, per_copy));
+        two_copy.push((job, fio::run_two_copies([&base_uri, &base2_uri], &job, runtime)?));
     }
 
     let mut rows = Vec::new();
@@ -124,8 +117,8 @@ pub async fn run(
     );
     let mut targets = Vec::new();
     let mut points = Vec::new();
-    let mut metro_at_zero: Vec<(&str, FioResult)> = Vec::new();
-    let mut baseline_at_zero: Vec<(&str, FioResult)> = Vec::new();
+    // (job, baseline, metro) of the 0 ms row, for the two-copy table.
+    let mut at_zero: Vec<(&str, FioResult, FioResult)> = Vec::new();
     let queue = QUEUE_BASE + u16::from(lab.spec.octet);
     for &rtt in rtts {
         let delay = if rtt > 0.0 {
@@ -151,8 +144,7 @@ pub async fn run(
             let m = fio::run(&uri, job, runtime)?;
             let is_write = !job.rw.contains("read");
             if rtt == 0.0 {
-                metro_at_zero.push((job.name, m.clone()));
-                baseline_at_zero.push((job.name, base.clone()));
+                at_zero.push((job.name, base.clone(), m.clone()));
             }
             let limit_us = base.p50_us + rtt * 1000.0;
             let ratio = m.iops / base.iops;
@@ -237,9 +229,7 @@ pub async fn run(
            | job | baseline (1 copy) IOPS | two-copy IOPS per copy | metro IOPS | metro / two-copy | two-copy MiB/s per copy | metro MiB/s |\n|---|---|---|---|---|---|---|\n";
     let mut two_copy_rows = Vec::new();
     for (job, two) in &two_copy {
-        let one = baseline_at_zero.iter().find(|(n, _)| *n == job.name).map(|(_, r)| r);
-        let metro = metro_at_zero.iter().find(|(n, _)| *n == job.name).map(|(_, r)| r);
-        let (Some(one), Some(metro)) = (one, metro) else { continue };
+        let Some((_, one, metro)) = at_zero.iter().find(|(n, _, _)| *n == job.name) else { continue };
         let ratio = metro.iops / two.iops;
         md += &format!(
             "| {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.1} | {:.1} |\n",

@@ -158,8 +158,20 @@ fn isolating_a_site_without_the_leader_fails_over_cleanly() {
 }
 
 /// Runs `BUG_SEEDS` seeds that isolate a site holding primaries, with `bugs`
-/// injected; returns those whose oracle saw two valid primary leases.
-fn two_primaries_caught_with(bugs: Bugs) -> Vec<SimReport> {
+/// injected; asserts the oracle saw two valid primary leases in at least a
+/// quarter of them (`what` names the bug) and returns those runs.
+fn two_primaries_caught_with(bugs: Bugs, what: &str) -> Vec<SimReport> {
+    let caught = runs_with_two_primaries(bugs);
+    println!("the injected {what} was caught in {} of {BUG_SEEDS} seeds", caught.len());
+    assert!(
+        caught.len() >= BUG_SEEDS as usize / 4,
+        "the injected {what} was caught in only {} of {BUG_SEEDS} seeds",
+        caught.len()
+    );
+    caught
+}
+
+fn runs_with_two_primaries(bugs: Bugs) -> Vec<SimReport> {
     (0..BUG_SEEDS)
         .map(|seed| {
             let mut o = SimOptions::random(seed);
@@ -173,13 +185,8 @@ fn two_primaries_caught_with(bugs: Bugs) -> Vec<SimReport> {
 
 #[test]
 fn the_simulator_catches_promotion_without_waiting_out_the_lease() {
-    let caught = two_primaries_caught_with(Bugs { promote_without_lease_wait: true, ..Bugs::default() });
-    println!("the injected bug was caught in {} of {BUG_SEEDS} seeds", caught.len());
-    assert!(
-        caught.len() >= BUG_SEEDS as usize / 4,
-        "the injected bug was caught in only {} of {BUG_SEEDS} seeds",
-        caught.len()
-    );
+    let caught =
+        two_primaries_caught_with(Bugs { promote_without_lease_wait: true, ..Bugs::default() }, "bug");
     println!("caught, e.g.:\n{}", caught[0].describe());
 }
 
@@ -203,13 +210,7 @@ fn planned_moves_hand_the_lease_over_by_release_without_two_primaries() {
 
 #[test]
 fn the_simulator_catches_a_primary_that_releases_its_lease_and_keeps_serving() {
-    let caught = two_primaries_caught_with(Bugs { release_while_serving: true, ..Bugs::default() });
-    println!("the injected release bug was caught in {} of {BUG_SEEDS} seeds", caught.len());
-    assert!(
-        caught.len() >= BUG_SEEDS as usize / 4,
-        "the injected release bug was caught in only {} of {BUG_SEEDS} seeds",
-        caught.len()
-    );
+    two_primaries_caught_with(Bugs { release_while_serving: true, ..Bugs::default() }, "release bug");
 }
 
 #[test]
