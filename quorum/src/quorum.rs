@@ -93,10 +93,10 @@ pub struct HeldLease {
     pub valid_until: Instant,
 }
 
-/// The leader-only, in-memory part (never logged).
 /// Lease releases waiting for a heartbeat; beyond this the oldest is dropped.
 pub(crate) const MAX_PENDING_RELEASES: usize = 4096;
 
+/// The leader-only, in-memory part (never logged).
 pub(crate) struct LeaderState {
     pub term: u64,
     /// Heartbeats and first sightings, ms on the member's monotonic clock.
