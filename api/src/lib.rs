@@ -16,7 +16,10 @@ pub mod tls;
 /// 2: raft log entries `SetClusterConfig` and `ForceInSync`, and the group
 /// incarnation on every raft RPC (a version-1 peer could neither read those
 /// entries nor refuse a superseded group).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: replication links carry the replica's session (boot id + process
+/// incarnation) in `HelloAck`, and the `QueryHot`/`ClearHot` ops with their
+/// `HotAck` answer (activity-log reconciliation on every change of primary).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Generated protobuf/tonic code.
 pub mod pb {

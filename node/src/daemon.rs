@@ -165,12 +165,7 @@ pub async fn run(cfg: DaemonConfig, config_path: &str) -> anyhow::Result<()> {
             .with_context(|| format!("opening volumes under {}", cfg.data_dir.display()))?;
         capacity = storage.capacity().0;
         let storage: Arc<dyn VolumeStorage> = Arc::new(storage);
-        let dialer = Dialer {
-            my_node: cfg.node_id.clone(),
-            tls: tls.rustls_client()?,
-            on_hot: None,
-            local_ip: Some(cfg.listen.api.ip()),
-        };
+        let dialer = Dialer::tls(cfg.node_id.clone(), tls.rustls_client()?, Some(cfg.listen.api.ip()));
         let m = VolumeManager::new(
             cfg.node_id.clone(),
             Arc::new(QuorumView(quorum.clone())),

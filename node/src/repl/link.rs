@@ -12,7 +12,7 @@
 
 use super::wire::{read_frame, AckStatus, Frame, OpKind, VERSION};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncWriteExt, BufWriter};
@@ -36,10 +36,12 @@ pub enum LinkError {
 }
 
 /// What the peer answered for one op.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ack {
     pub status: AckStatus,
     pub epoch: u64,
+    /// The ranges a `QueryHot` op returned (empty for every other op).
+    pub ranges: Vec<(u64, u64)>,
 }
 
 /// An op as queued by a volume; the link assigns the sequence number.
@@ -58,16 +60,79 @@ type Responder = oneshot::Sender<Result<Ack, LinkError>>;
 /// Called with the divergent ranges a peer reports when a link comes up.
 pub type HotHandler = Arc<dyn Fn(&str, Vec<(String, u64, u64)>) + Send + Sync>;
 
+/// Called when a peer answers from a new session (it restarted, maybe after a
+/// power cut that emptied its page cache) before the link carries any op:
+/// the writes no completed flush on it covers may be gone. The link comes up
+/// only once the handler returns true (the primaries that used the peer have
+/// marked what it may lack and taken it out of `in_sync` where needed).
+pub type SessionHandler = Arc<dyn Fn(String) -> futures::future::BoxFuture<'static, bool> + Send + Sync>;
+
+/// A byte stream a replication link runs over: TLS over TCP in the daemon,
+/// a simulated connection in the deterministic simulator.
+pub trait LinkStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> LinkStream for T {}
+pub type BoxStream = Box<dyn LinkStream>;
+
+/// Opens the byte stream to a peer's replication endpoint (the seam the
+/// simulator replaces). The handshake and the frames on top are the same.
+#[async_trait::async_trait]
+pub trait Transport: Send + Sync + 'static {
+    async fn dial(&self, addr: &str, peer: &str) -> Result<BoxStream, LinkError>;
+}
+
+/// The daemon's transport: TCP tuned with socket2, then mutual TLS.
+pub struct TlsTransport {
+    pub tls: Arc<rustls::ClientConfig>,
+    /// Source address for links (this node's own), so per-address firewall
+    /// rules apply on hosts where several nodes share one network stack.
+    pub local_ip: Option<std::net::IpAddr>,
+}
+
+#[async_trait::async_trait]
+impl Transport for TlsTransport {
+    async fn dial(&self, addr: &str, peer: &str) -> Result<BoxStream, LinkError> {
+        let down = |why: String| LinkError::Down(format!("{peer} ({why})"));
+        let sa = tokio::net::lookup_host(addr)
+            .await
+            .map_err(|e| down(e.to_string()))?
+            .next()
+            .ok_or_else(|| down("no address".into()))?;
+        let sock =
+            if sa.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
+                .map_err(|e| down(e.to_string()))?;
+        if let Some(ip) = self.local_ip {
+            sock.bind(std::net::SocketAddr::new(ip, 0)).map_err(|e| down(format!("bind {ip}: {e}")))?;
+        }
+        let tcp = sock.connect(sa).await.map_err(|e| down(e.to_string()))?;
+        tune(&tcp).map_err(|e| down(e.to_string()))?;
+        let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
+        let name = rustls::pki_types::ServerName::try_from(metro_api::tls::SERVER_NAME).expect("static name");
+        let tls = connector.connect(name, tcp).await.map_err(|e| down(format!("TLS: {e}")))?;
+        Ok(Box::new(tls))
+    }
+}
+
 /// Everything needed to dial a peer.
 #[derive(Clone)]
 pub struct Dialer {
     pub my_node: String,
-    pub tls: Arc<rustls::ClientConfig>,
+    pub transport: Arc<dyn Transport>,
     /// Receives the peer's hot ranges before the link carries any op.
     pub on_hot: Option<HotHandler>,
-    /// Source address for links (this node's own), so per-address firewall
-    /// rules apply on hosts where several nodes share one network stack.
-    pub local_ip: Option<std::net::IpAddr>,
+    /// Runs when the peer's session changed, before the link carries any op.
+    pub on_session: Option<SessionHandler>,
+}
+
+impl Dialer {
+    /// The daemon's dialer: mutual TLS over TCP from `local_ip`.
+    pub fn tls(my_node: String, tls: Arc<rustls::ClientConfig>, local_ip: Option<std::net::IpAddr>) -> Self {
+        Dialer {
+            my_node,
+            transport: Arc::new(TlsTransport { tls, local_ip }),
+            on_hot: None,
+            on_session: None,
+        }
+    }
 }
 
 pub struct Link {
@@ -75,6 +140,11 @@ pub struct Link {
     tx: Mutex<Option<mpsc::Sender<(OutOp, Responder)>>>,
     connected: AtomicBool,
     last_error: Mutex<Option<LinkError>>,
+    /// The peer's session as of the last connection.
+    session: Mutex<Option<String>>,
+    /// Bumped on every connection: acknowledgements from an older one say
+    /// nothing about what the peer still holds after a reconnect.
+    generation: AtomicU64,
 }
 
 impl Link {
@@ -85,6 +155,8 @@ impl Link {
             tx: Mutex::new(None),
             connected: AtomicBool::new(false),
             last_error: Mutex::new(None),
+            session: Mutex::new(None),
+            generation: AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&link);
         tokio::spawn(async move {
@@ -92,7 +164,24 @@ impl Link {
             loop {
                 let Some(link) = weak.upgrade() else { return };
                 match connect(&addr, &link.peer, &dialer).await {
-                    Ok(stream) => {
+                    Ok((stream, session)) => {
+                        let previous = link.session.lock().expect("poisoned").clone();
+                        if previous.as_ref().is_some_and(|p| *p != session) {
+                            tracing::warn!(peer = %link.peer, ?previous, %session, "peer restarted (new session): writes no completed flush covers may be lost there");
+                            let ok = match &dialer.on_session {
+                                Some(h) => h(link.peer.clone()).await,
+                                None => true,
+                            };
+                            if !ok {
+                                drop(stream);
+                                drop(link);
+                                tokio::time::sleep(backoff).await;
+                                backoff = (backoff * 2).min(BACKOFF_MAX);
+                                continue;
+                            }
+                        }
+                        *link.session.lock().expect("poisoned") = Some(session);
+                        link.generation.fetch_add(1, Ordering::SeqCst);
                         backoff = Duration::from_millis(50);
                         let (tx, rx) = mpsc::channel(LINK_QUEUE);
                         *link.tx.lock().expect("poisoned") = Some(tx);
@@ -129,6 +218,17 @@ impl Link {
         self.connected.load(Ordering::SeqCst)
     }
 
+    /// Connections made so far; compare two readings to know whether every
+    /// acknowledgement in between came from one connection.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// The peer's session as of the last connection.
+    pub fn session(&self) -> Option<String> {
+        self.session.lock().expect("poisoned").clone()
+    }
+
     pub fn last_error(&self) -> Option<LinkError> {
         self.last_error.lock().expect("poisoned").clone()
     }
@@ -153,36 +253,19 @@ impl Link {
     }
 }
 
-type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
-
-async fn connect(addr: &str, peer: &str, dialer: &Dialer) -> Result<TlsStream, LinkError> {
+async fn connect(addr: &str, peer: &str, dialer: &Dialer) -> Result<(BoxStream, String), LinkError> {
     let down = |why: String| LinkError::Down(format!("{peer} ({why})"));
     let fut = async {
-        let sa = tokio::net::lookup_host(addr)
-            .await
-            .map_err(|e| down(e.to_string()))?
-            .next()
-            .ok_or_else(|| down("no address".into()))?;
-        let sock =
-            if sa.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
-                .map_err(|e| down(e.to_string()))?;
-        if let Some(ip) = dialer.local_ip {
-            sock.bind(std::net::SocketAddr::new(ip, 0)).map_err(|e| down(format!("bind {ip}: {e}")))?;
-        }
-        let tcp = sock.connect(sa).await.map_err(|e| down(e.to_string()))?;
-        tune(&tcp).map_err(|e| down(e.to_string()))?;
-        let connector = tokio_rustls::TlsConnector::from(dialer.tls.clone());
-        let name = rustls::pki_types::ServerName::try_from(metro_api::tls::SERVER_NAME).expect("static name");
-        let mut tls = connector.connect(name, tcp).await.map_err(|e| down(format!("TLS: {e}")))?;
+        let mut stream = dialer.transport.dial(addr, peer).await?;
         let hello = Frame::Hello { version: VERSION, from: dialer.my_node.clone() };
-        tls.write_all(&hello.encode()).await.map_err(|e| down(e.to_string()))?;
-        tls.flush().await.map_err(|e| down(e.to_string()))?;
-        match read_frame(&mut tls).await {
-            Ok(Frame::HelloAck { hot, .. }) => {
+        stream.write_all(&hello.encode()).await.map_err(|e| down(e.to_string()))?;
+        stream.flush().await.map_err(|e| down(e.to_string()))?;
+        match read_frame(&mut stream).await {
+            Ok(Frame::HelloAck { hot, session, .. }) => {
                 if let (Some(h), false) = (&dialer.on_hot, hot.is_empty()) {
                     h(peer, hot);
                 }
-                Ok(tls)
+                Ok((stream, session))
             }
             Ok(Frame::Error { message }) => Err(LinkError::Refused { peer: peer.to_string(), message }),
             Ok(other) => Err(down(format!("unexpected frame {other:?}"))),
@@ -205,7 +288,7 @@ pub fn tune(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn run_connection(stream: TlsStream, mut rx: mpsc::Receiver<(OutOp, Responder)>) -> String {
+async fn run_connection(stream: BoxStream, mut rx: mpsc::Receiver<(OutOp, Responder)>) -> String {
     let pending: Arc<Mutex<HashMap<u64, Responder>>> = Arc::default();
     let (mut rd, wr) = tokio::io::split(stream);
     let p2 = pending.clone();
@@ -214,7 +297,12 @@ async fn run_connection(stream: TlsStream, mut rx: mpsc::Receiver<(OutOp, Respon
             match read_frame(&mut rd).await {
                 Ok(Frame::Ack { seq, status, epoch }) => {
                     if let Some(r) = p2.lock().expect("poisoned").remove(&seq) {
-                        let _ = r.send(Ok(Ack { status, epoch }));
+                        let _ = r.send(Ok(Ack { status, epoch, ranges: Vec::new() }));
+                    }
+                }
+                Ok(Frame::HotAck { seq, status, epoch, ranges }) => {
+                    if let Some(r) = p2.lock().expect("poisoned").remove(&seq) {
+                        let _ = r.send(Ok(Ack { status, epoch, ranges }));
                     }
                 }
                 Ok(Frame::Error { message }) => return format!("peer error: {message}"),

@@ -25,6 +25,13 @@ pub trait ReplicaSink: Send + Sync + 'static {
     /// Ranges this node's activity logs mark as possibly divergent, for the
     /// volumes it shares with `primary`: `(volume, offset, len)`.
     fn hot_ranges(&self, primary: &str) -> Vec<(String, u64, u64)>;
+    /// This replica's session: boot id plus process incarnation (see
+    /// [`Frame::HelloAck`]).
+    fn session(&self) -> String;
+    /// Activity-log extents of `volume` here (a `QueryHot` op).
+    fn query_hot(&self, volume: &str) -> Vec<(u64, u64)>;
+    /// Forget them (a `ClearHot` op: the primary's copies are durable here).
+    fn clear_hot(&self, volume: &str) -> std::io::Result<()>;
 }
 
 pub async fn serve(
@@ -57,18 +64,35 @@ async fn handle(
     tcp: tokio::net::TcpStream,
     sink: Arc<dyn ReplicaSink>,
 ) -> anyhow::Result<()> {
-    let (stream, from) = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
-        let mut stream = acceptor.accept(tcp).await?;
+    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+        .await
+        .map_err(|_| anyhow::anyhow!("TLS handshake timeout"))??;
+    serve_stream(stream, sink).await
+}
+
+/// Serve one replication connection on an established byte stream: the
+/// hello exchange, then ops applied in order and acknowledged. The daemon
+/// calls it after the TLS handshake; the simulator on its own connections.
+pub async fn serve_stream<S>(mut stream: S, sink: Arc<dyn ReplicaSink>) -> anyhow::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let from = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         match read_frame(&mut stream).await {
             Ok(Frame::Hello { from, .. }) => {
                 let hot = sink.hot_ranges(&from);
                 if !hot.is_empty() {
                     tracing::info!(%from, ranges = hot.len(), "reporting possibly divergent extents for resync");
                 }
-                let ack = Frame::HelloAck { version: VERSION, node: sink.node_id().to_string(), hot };
+                let ack = Frame::HelloAck {
+                    version: VERSION,
+                    node: sink.node_id().to_string(),
+                    session: sink.session(),
+                    hot,
+                };
                 stream.write_all(&ack.encode()).await?;
                 stream.flush().await?;
-                Ok::<_, anyhow::Error>((stream, from))
+                Ok::<_, anyhow::Error>(from)
             }
             Ok(other) => anyhow::bail!("expected Hello, got {other:?}"),
             Err(e) => {
@@ -161,6 +185,12 @@ async fn apply_batch(sink: &Arc<dyn ReplicaSink>, from: &str, frames: Vec<Frame>
                     OpKind::Zero { offset, len, punch } => {
                         vol.device.write_zeroes(offset, len, false, punch).await
                     }
+                    OpKind::QueryHot => {
+                        let ranges = sink.query_hot(&volume);
+                        acks[idx] = Frame::HotAck { seq, status: AckStatus::Ok, epoch, ranges };
+                        continue;
+                    }
+                    OpKind::ClearHot => sink.clear_hot(&volume).map_err(BlockError::Io),
                     OpKind::Write { .. } | OpKind::Flush => Ok(()),
                 };
                 let status = status_of(r);

@@ -75,6 +75,14 @@ pub enum OpKind {
         punch: bool,
     },
     Flush,
+    /// Report the ranges this replica's copy may hold that no completed
+    /// flush of its primary covers (activity-log extents from a time as
+    /// primary, and regions it tracked as dirty for others). Answered with
+    /// [`Frame::HotAck`]. A new primary asks every replica before serving.
+    QueryHot,
+    /// The primary copied its data over those ranges and the copies are
+    /// durable here: forget them.
+    ClearHot,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +97,11 @@ pub enum Frame {
     HelloAck {
         version: u16,
         node: String,
+        /// The replica's session: boot id plus process incarnation. A new
+        /// session may have lost every write that no completed flush on it
+        /// covers (a power cut empties the page cache), so the primary treats
+        /// a change as a loss of those writes.
+        session: String,
         hot: Vec<(String, u64, u64)>,
     },
     Error {
@@ -108,6 +121,13 @@ pub enum Frame {
         status: AckStatus,
         epoch: u64,
     },
+    /// The answer to a `QueryHot` op: `(offset, len)` ranges.
+    HotAck {
+        seq: u64,
+        status: AckStatus,
+        epoch: u64,
+        ranges: Vec<(u64, u64)>,
+    },
     /// Keepalive / fence: raises the replica's epoch floor for a volume.
     Fence {
         seq: u64,
@@ -124,6 +144,9 @@ const K_ZERO: u8 = 5;
 const K_FLUSH: u8 = 6;
 const K_ACK: u8 = 7;
 const K_FENCE: u8 = 8;
+const K_QUERY_HOT: u8 = 9;
+const K_CLEAR_HOT: u8 = 10;
+const K_HOT_ACK: u8 = 11;
 
 const F_FUA: u8 = 1;
 const F_RESYNC: u8 = 2;
@@ -164,9 +187,10 @@ impl Frame {
                 put_str(&mut p, from);
                 (K_HELLO, 0)
             }
-            Frame::HelloAck { version, node, hot } => {
+            Frame::HelloAck { version, node, session, hot } => {
                 p.put_u16(*version);
                 put_str(&mut p, node);
+                put_str(&mut p, session);
                 p.put_u32(hot.len() as u32);
                 for (v, off, len) in hot {
                     put_str(&mut p, v);
@@ -207,6 +231,8 @@ impl Frame {
                         (K_ZERO, f)
                     }
                     OpKind::Flush => (K_FLUSH, f),
+                    OpKind::QueryHot => (K_QUERY_HOT, f),
+                    OpKind::ClearHot => (K_CLEAR_HOT, f),
                 }
             }
             Frame::Ack { seq, status, epoch } => {
@@ -214,6 +240,17 @@ impl Frame {
                 p.put_u8(*status as u8);
                 p.put_u64(*epoch);
                 (K_ACK, 0)
+            }
+            Frame::HotAck { seq, status, epoch, ranges } => {
+                p.put_u64(*seq);
+                p.put_u8(*status as u8);
+                p.put_u64(*epoch);
+                p.put_u32(ranges.len() as u32);
+                for (off, len) in ranges {
+                    p.put_u64(*off);
+                    p.put_u64(*len);
+                }
+                (K_HOT_ACK, 0)
             }
             Frame::Fence { seq, volume, epoch } => {
                 p.put_u64(*seq);
@@ -265,6 +302,7 @@ impl Frame {
                 need(&b, 2)?;
                 let version = b.get_u16();
                 let node = get_str(&mut b)?;
+                let session = get_str(&mut b)?;
                 need(&b, 4)?;
                 let n = b.get_u32() as usize;
                 if n > MAX_HOT_RANGES {
@@ -276,10 +314,10 @@ impl Frame {
                     need(&b, 16)?;
                     hot.push((v, b.get_u64(), b.get_u64()));
                 }
-                Frame::HelloAck { version, node, hot }
+                Frame::HelloAck { version, node, session, hot }
             }
             K_ERROR => Frame::Error { message: get_str(&mut b)? },
-            K_WRITE | K_ZERO | K_FLUSH => {
+            K_WRITE | K_ZERO | K_FLUSH | K_QUERY_HOT | K_CLEAR_HOT => {
                 need(&b, 8)?;
                 let seq = b.get_u64();
                 let volume = get_str(&mut b)?;
@@ -296,6 +334,8 @@ impl Frame {
                         need(&b, 12)?;
                         OpKind::Zero { offset: b.get_u64(), len: b.get_u32(), punch: flags & F_PUNCH != 0 }
                     }
+                    K_QUERY_HOT => OpKind::QueryHot,
+                    K_CLEAR_HOT => OpKind::ClearHot,
                     _ => OpKind::Flush,
                 };
                 Frame::Op {
@@ -311,6 +351,20 @@ impl Frame {
             K_ACK => {
                 need(&b, 17)?;
                 Frame::Ack { seq: b.get_u64(), status: AckStatus::from_u8(b.get_u8()), epoch: b.get_u64() }
+            }
+            K_HOT_ACK => {
+                need(&b, 21)?;
+                let (seq, status, epoch) = (b.get_u64(), AckStatus::from_u8(b.get_u8()), b.get_u64());
+                let n = b.get_u32() as usize;
+                if n > MAX_HOT_RANGES {
+                    return Err(WireError::TooLarge(n as u32));
+                }
+                let mut ranges = Vec::with_capacity(n.min(b.remaining() / 16));
+                for _ in 0..n {
+                    need(&b, 16)?;
+                    ranges.push((b.get_u64(), b.get_u64()));
+                }
+                Frame::HotAck { seq, status, epoch, ranges }
             }
             K_FENCE => {
                 need(&b, 8)?;
@@ -358,6 +412,7 @@ mod tests {
         roundtrip(Frame::HelloAck {
             version: VERSION,
             node: "b1".into(),
+            session: "0b9c-boot/17".into(),
             hot: vec![("v".into(), 4096, 1 << 22)],
         });
         roundtrip(Frame::Error { message: "nope".into() });
@@ -390,6 +445,23 @@ mod tests {
         });
         roundtrip(Frame::Ack { seq: 11, status: AckStatus::StaleEpoch, epoch: 4 });
         roundtrip(Frame::Fence { seq: 12, volume: "v".into(), epoch: 5 });
+        for op in [OpKind::QueryHot, OpKind::ClearHot] {
+            roundtrip(Frame::Op {
+                seq: 13,
+                volume: "v".into(),
+                epoch: 6,
+                size: 1,
+                fua: false,
+                resync: true,
+                op,
+            });
+        }
+        roundtrip(Frame::HotAck {
+            seq: 13,
+            status: AckStatus::Ok,
+            epoch: 6,
+            ranges: vec![(0, 4 << 20), (8 << 20, 4096)],
+        });
     }
 
     #[test]

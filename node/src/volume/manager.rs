@@ -78,6 +78,9 @@ struct Inner {
 
 pub struct VolumeManager {
     me: String,
+    /// This process's replica session (boot id + incarnation), see
+    /// [`local_session`].
+    session: Mutex<String>,
     cluster: Arc<dyn ClusterView>,
     storage: Arc<dyn VolumeStorage>,
     dialer: Dialer,
@@ -106,6 +109,7 @@ impl VolumeManager {
             }));
             VolumeManager {
                 me,
+                session: Mutex::new(local_session()),
                 cluster,
                 storage,
                 dialer,
@@ -133,6 +137,12 @@ impl VolumeManager {
 
     pub fn node_id(&self) -> &str {
         &self.me
+    }
+
+    /// Use `session` as this replica's session (the simulator gives each
+    /// simulated boot its own, deterministically).
+    pub fn set_session(&self, session: String) {
+        *self.session.lock().expect("poisoned") = session;
     }
 
     pub fn storage(&self) -> &Arc<dyn VolumeStorage> {
@@ -509,7 +519,34 @@ impl ExportRegistry for VolumeManager {
     }
 }
 
+/// This process's replica session: the kernel's boot id plus a random
+/// incarnation drawn at start. A power cut or reboot changes the boot id; a
+/// restart of the daemon (or a re-exec) changes the incarnation. Either may
+/// have lost writes acknowledged from the page cache (the test-only volatile
+/// cache loses them on any restart), so peers compare it on every connect.
+pub fn local_session() -> String {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown-boot".into());
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{boot}/{}/{}.{n}", std::process::id(), started.as_nanos())
+}
+
 impl ReplicaSink for VolumeManager {
+    fn session(&self) -> String {
+        self.session.lock().expect("poisoned").clone()
+    }
+
+    fn query_hot(&self, volume: &str) -> Vec<(u64, u64)> {
+        self.storage.hot_extents(volume)
+    }
+
+    fn clear_hot(&self, volume: &str) -> std::io::Result<()> {
+        self.storage.clear_hot(volume)
+    }
+
     fn replica(&self, volume: &str, _size: u64) -> Option<Arc<ReplicaVolume>> {
         if let Some(r) = self.inner.lock().expect("poisoned").replicas.get(volume) {
             return Some(r.clone());

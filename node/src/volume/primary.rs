@@ -367,13 +367,14 @@ impl PrimaryVolume {
             OpKind::Write { offset, data } => self.local.write(*offset, data.clone(), fua).await,
             OpKind::Zero { offset, len, punch } => self.local.write_zeroes(*offset, *len, fua, *punch).await,
             OpKind::Flush => self.local.flush().await,
+            OpKind::QueryHot | OpKind::ClearHot => Ok(()),
         };
         drop(guard);
         let mut failed = Vec::new();
         for (peer, gating, rx) in waits {
             let outcome = match tokio::time::timeout(self.ack_timeout, rx).await {
                 Ok(Ok(Ok(Ack { status: AckStatus::Ok, .. }))) => Outcome::Ok,
-                Ok(Ok(Ok(Ack { status: AckStatus::StaleEpoch, epoch }))) => Outcome::Stale(epoch),
+                Ok(Ok(Ok(Ack { status: AckStatus::StaleEpoch, epoch, .. }))) => Outcome::Stale(epoch),
                 Ok(Ok(Ok(Ack { status, .. }))) => Outcome::Failed(format!("{status:?}")),
                 Ok(Ok(Err(e))) => Outcome::Failed(e.to_string()),
                 Ok(Err(_)) => Outcome::Failed("link dropped".into()),
