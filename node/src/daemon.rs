@@ -121,6 +121,10 @@ pub fn node_record(cfg: &DaemonConfig, capacity_bytes: u64) -> NodeRecord {
         nbd: cfg.listen.nbd.map(|a| host_port(&host, &a)),
         replication: cfg.listen.replication.map(|a| host_port(&host, &a)),
         capacity_bytes,
+        timings: Some(metro_quorum::state::LeaseTimings {
+            lease_ms: cfg.quorum.lease_ms,
+            drift_margin_ms: cfg.quorum.drift_margin_ms,
+        }),
     }
 }
 
@@ -678,6 +682,7 @@ async fn reconcile_specs(
                         lease_policy: spec.lease_policy,
                         replicas: replicas.clone(),
                         primary: primary.clone(),
+                        nonce: metro_quorum::state::new_volume_nonce(),
                     })
                     .await
                     .map_err(|e| e.to_string())?;

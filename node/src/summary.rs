@@ -137,6 +137,7 @@ mod tests {
                 nbd: None,
                 replication: None,
                 capacity_bytes: 1 << 30,
+                timings: None,
             };
             assert!(s.apply(&Command::RegisterNode(rec)).is_ok());
         }
@@ -149,6 +150,7 @@ mod tests {
                 lease_policy: LeasePolicy::Suspend,
                 replicas: vec!["a1".into(), "b1".into()],
                 primary: "a1".into(),
+                nonce: 1,
             });
             assert!(r.is_ok());
         }

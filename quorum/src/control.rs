@@ -48,7 +48,12 @@ pub(crate) async fn role_watcher(s: Arc<Shared>) {
                 (_, true) => {
                     let now = s.now_ms();
                     let t = &s.cfg.timings;
-                    let timing = LeaseTiming { lease_ms: t.lease_ms, drift_margin_ms: t.drift_margin_ms };
+                    // The committed timings (every member was checked against
+                    // them at registration) rule over this member's own.
+                    let timing = match s.sm.current().lease_timings {
+                        Some(c) => LeaseTiming { lease_ms: c.lease_ms, drift_margin_ms: c.drift_margin_ms },
+                        None => LeaseTiming { lease_ms: t.lease_ms, drift_margin_ms: t.drift_margin_ms },
+                    };
                     tracing::info!(node = %s.cfg.node_id, term, "became leader; waiting one lease period before any promotion");
                     let mut leases = LeaseTable::new(now, timing);
                     for v in s.sm.current().volumes.values() {

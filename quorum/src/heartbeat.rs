@@ -76,11 +76,14 @@ pub(crate) async fn handle_heartbeat(s: &Shared, req: HeartbeatRequest) -> Heart
     let term = s.raft.metrics().borrow().current_term;
     let state = s.sm.current();
     let mut granted = Vec::new();
+    let lease_ms;
     {
         let mut g = s.leader_state();
         let Some(ls) = g.as_mut().filter(|ls| ls.term == term) else {
             return not_leader();
         };
+        // The period the leader's table judges expiry by (the committed one).
+        lease_ms = ls.leases.timing().lease_ms;
         for (vol, epoch) in &req.primaries {
             let Some(v) = state.volumes.get(vol) else { continue };
             let site_active = state
@@ -102,7 +105,7 @@ pub(crate) async fn handle_heartbeat(s: &Shared, req: HeartbeatRequest) -> Heart
         leader: s.cfg.node_id.clone(),
         term,
         granted,
-        lease_ms: s.cfg.timings.lease_ms,
+        lease_ms,
         take_over,
         hold_elections_ms,
     }

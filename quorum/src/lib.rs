@@ -31,4 +31,6 @@ pub use quorum::{
     discard_raft_state, EngineConfig, HeldLease, OverrideReport, Quorum, QuorumStatus, Restart,
 };
 pub use rtt::RttEstimate;
-pub use state::{ClusterState, Command, CommandResult, LeasePolicy, NodeRecord, SiteMode, VolumeRecord};
+pub use state::{
+    ClusterState, Command, CommandResult, LeasePolicy, NodeRecord, SiteMode, VolumeId, VolumeRecord,
+};

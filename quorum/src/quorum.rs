@@ -355,6 +355,7 @@ impl Quorum {
         preferred_site: Option<String>,
         me: NodeRecord,
     ) -> Result<(), QuorumError> {
+        let me = self.with_timings(me);
         self.check_me(&me)?;
         let s = &self.inner;
         let initialized = s.raft.is_initialized().await.map_err(|e| QuorumError::Stopped(e.to_string()))?;
@@ -378,6 +379,15 @@ impl Quorum {
         Ok(())
     }
 
+    /// `me` carrying this member's lease timings: registration is refused
+    /// when they differ from the committed ones (`state::LeaseTimings`).
+    fn with_timings(&self, mut me: NodeRecord) -> NodeRecord {
+        let t = &self.inner.cfg.timings;
+        me.timings =
+            Some(crate::state::LeaseTimings { lease_ms: t.lease_ms, drift_margin_ms: t.drift_margin_ms });
+        me
+    }
+
     fn check_me(&self, me: &NodeRecord) -> Result<(), QuorumError> {
         let c = &self.inner.cfg;
         if me.id != c.node_id || me.raft_id != self.inner.raft_id || me.api != c.api_addr || me.site != c.site
@@ -394,6 +404,7 @@ impl Quorum {
     /// the leader registers this node and adds it as a learner; returns once
     /// this member's replicated state contains its own registration.
     pub async fn join(&self, me: NodeRecord, peers: Vec<String>) -> Result<(), QuorumError> {
+        let me = self.with_timings(me);
         self.check_me(&me)?;
         if peers.is_empty() {
             return Err(QuorumError::Invalid("join needs at least one peer address".into()));

@@ -62,6 +62,37 @@ pub struct NodeRecord {
     /// Replication endpoint `host:port` (storage nodes).
     pub replication: Option<String>,
     pub capacity_bytes: u64,
+    /// The lease timings this member runs with (`[quorum] lease_ms`,
+    /// `drift_margin_ms`); None from members older than the check.
+    #[serde(default)]
+    pub timings: Option<LeaseTimings>,
+}
+
+/// The timings lease safety depends on. They must agree on every member:
+/// a holder's lease lasts the granting leader's `lease_ms`, and a new leader
+/// waits its own `lease_ms + drift_margin_ms` before promoting anyone, so a
+/// member with a longer lease than another's wait could still serve after
+/// that other member, as leader, promoted a new primary. The first member
+/// registered commits its timings (`ClusterState::lease_timings`); a member
+/// with other values is refused at registration (`Command::RegisterNode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseTimings {
+    pub lease_ms: u64,
+    pub drift_margin_ms: u64,
+}
+
+impl LeaseTimings {
+    /// Refuse a member whose timings differ from the committed ones, naming
+    /// both values and the config keys.
+    pub fn check_member(committed: &LeaseTimings, node: &str, mine: &LeaseTimings) -> Result<(), String> {
+        if committed == mine {
+            return Ok(());
+        }
+        Err(format!(
+            "node `{node}` runs with [quorum] lease_ms = {}, drift_margin_ms = {}, but the cluster committed lease_ms = {}, drift_margin_ms = {}; every member must use the same values (a longer lease than another member's wait lets two primaries serve): set [quorum] lease_ms = {} and drift_margin_ms = {} in this node's config",
+            mine.lease_ms, mine.drift_margin_ms, committed.lease_ms, committed.drift_margin_ms, committed.lease_ms, committed.drift_margin_ms
+        ))
+    }
 }
 
 /// What a primary does when its lease is gone.
@@ -75,9 +106,53 @@ pub enum LeasePolicy {
     Error,
 }
 
+/// A volume's identity, unique within the cluster's history: `serial` is
+/// allocated in order by `apply` (so a higher serial is a later volume), and
+/// `nonce` is the random number the leader put into `CreateVolume`. Recorded
+/// in every replica's superblock, so a replica directory left behind by a
+/// deleted volume is never opened as a later volume of the same name.
+/// [`VolumeId::LEGACY`] (all zero) marks a volume created before ids existed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct VolumeId {
+    pub serial: u64,
+    pub nonce: u64,
+}
+
+impl VolumeId {
+    /// Created before volume ids existed (old log entry or snapshot).
+    pub const LEGACY: VolumeId = VolumeId { serial: 0, nonce: 0 };
+
+    pub fn is_legacy(&self) -> bool {
+        *self == Self::LEGACY
+    }
+}
+
+/// A random non-zero nonce for a new volume's [`Command::CreateVolume`].
+pub fn new_volume_nonce() -> u64 {
+    loop {
+        let n: u64 = rand::random();
+        if n != 0 {
+            return n;
+        }
+    }
+}
+
+impl std::fmt::Display for VolumeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_legacy() {
+            f.write_str("legacy")
+        } else {
+            write!(f, "{}-{:016x}", self.serial, self.nonce)
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeRecord {
     pub name: String,
+    /// Unique id (see [`VolumeId`]); `LEGACY` for volumes from before ids.
+    #[serde(default)]
+    pub id: VolumeId,
     pub size_bytes: u64,
     pub iops_limit: u64,
     pub bandwidth_limit: u64,
@@ -104,6 +179,13 @@ pub struct ClusterState {
     /// The cluster config last reconciled from etcd (None until the first one).
     #[serde(default)]
     pub config: Option<ClusterConfig>,
+    /// The lease timings every member must run with (set by the first
+    /// registration that carries them; see [`LeaseTimings`]).
+    #[serde(default)]
+    pub lease_timings: Option<LeaseTimings>,
+    /// Highest [`VolumeId::serial`] allocated so far (0: none yet).
+    #[serde(default)]
+    pub volume_serial: u64,
 }
 
 /// A state-machine command. Serialized into the raft log: only add variants,
@@ -128,6 +210,11 @@ pub enum Command {
         lease_policy: LeasePolicy,
         replicas: Vec<NodeId>,
         primary: NodeId,
+        /// Random, non-zero, chosen by the proposer; with the serial that
+        /// `apply` allocates it forms the volume's [`VolumeId`]. Zero (an
+        /// entry from before ids) creates a `LEGACY` volume.
+        #[serde(default)]
+        nonce: u64,
     },
     DeleteVolume {
         name: String,
@@ -288,6 +375,16 @@ impl ClusterState {
                 if self.nodes.values().any(|n| n.raft_id == rec.raft_id && n.id != rec.id) {
                     return reject(Rejection::AlreadyExists, format!("raft id collision for `{}`", rec.id));
                 }
+                if let Some(mine) = &rec.timings {
+                    match &self.lease_timings {
+                        Some(committed) => {
+                            if let Err(e) = LeaseTimings::check_member(committed, &rec.id, mine) {
+                                return reject(Rejection::Invalid, e);
+                            }
+                        }
+                        None => self.lease_timings = Some(*mine),
+                    }
+                }
                 self.nodes.insert(rec.id.clone(), rec.clone());
                 CommandResult::Ok { epoch: 0 }
             }
@@ -308,6 +405,7 @@ impl ClusterState {
                 lease_policy,
                 replicas,
                 primary,
+                nonce,
             } => {
                 if self.volumes.contains_key(name) {
                     return reject(Rejection::AlreadyExists, format!("volume `{name}` exists"));
@@ -339,10 +437,17 @@ impl ClusterState {
                         );
                     }
                 }
+                let id = if *nonce == 0 {
+                    VolumeId::LEGACY
+                } else {
+                    self.volume_serial += 1;
+                    VolumeId { serial: self.volume_serial, nonce: *nonce }
+                };
                 self.volumes.insert(
                     name.clone(),
                     VolumeRecord {
                         name: name.clone(),
+                        id,
                         size_bytes: *size_bytes,
                         iops_limit: *iops_limit,
                         bandwidth_limit: *bandwidth_limit,
@@ -487,6 +592,7 @@ mod tests {
             nbd: None,
             replication: None,
             capacity_bytes: 1 << 30,
+            timings: None,
         }
     }
 
@@ -510,6 +616,7 @@ mod tests {
             lease_policy: LeasePolicy::Suspend,
             replicas: vec!["a1".into(), "b1".into()],
             primary: "a1".into(),
+            nonce: 7,
         });
         assert_eq!(r, CommandResult::Ok { epoch: 1 });
         s
@@ -580,6 +687,7 @@ mod tests {
             lease_policy: LeasePolicy::Suspend,
             replicas: vec!["a1".into(), "a2".into()],
             primary: "a1".into(),
+            nonce: 8,
         });
         assert!(!r.is_ok());
     }
@@ -642,6 +750,85 @@ mod tests {
         v.as_object_mut().unwrap().remove("config");
         let back: ClusterState = serde_json::from_value(v).unwrap();
         assert_eq!(back.config, None);
+    }
+
+    fn create(name: &str, nonce: u64) -> Command {
+        Command::CreateVolume {
+            name: name.into(),
+            size_bytes: 1 << 20,
+            iops_limit: 0,
+            bandwidth_limit: 0,
+            lease_policy: LeasePolicy::Suspend,
+            replicas: vec!["a1".into(), "b1".into()],
+            primary: "a1".into(),
+            nonce,
+        }
+    }
+
+    #[test]
+    fn a_recreated_volume_gets_a_new_higher_id() {
+        let mut s = cluster();
+        let first = s.volumes["v"].id;
+        assert_eq!(first, VolumeId { serial: 1, nonce: 7 });
+        assert!(s.apply(&Command::DeleteVolume { name: "v".into() }).is_ok());
+        assert!(s.apply(&create("v", 7)).is_ok());
+        let second = s.volumes["v"].id;
+        assert!(second.serial > first.serial, "{first} then {second}");
+        assert_ne!(first, second);
+        assert_eq!(s.volume_serial, second.serial);
+    }
+
+    #[test]
+    fn old_create_entries_and_snapshots_load_as_legacy_volumes() {
+        // A CreateVolume logged before ids has no nonce: a legacy volume,
+        // and no serial allocated (replaying it gives the state it gave).
+        let mut json = serde_json::to_value(create("w", 0)).unwrap();
+        json["CreateVolume"].as_object_mut().unwrap().remove("nonce");
+        let old: Command = serde_json::from_value(json).unwrap();
+        let mut s = cluster();
+        assert!(s.apply(&old).is_ok());
+        assert!(s.volumes["w"].id.is_legacy());
+        assert_eq!(s.volume_serial, 1);
+        // A snapshot from before ids: no id per volume, no serial.
+        let mut v = serde_json::to_value(&s).unwrap();
+        v.as_object_mut().unwrap().remove("volume_serial");
+        v["volumes"]["v"].as_object_mut().unwrap().remove("id");
+        let back: ClusterState = serde_json::from_value(v).unwrap();
+        assert!(back.volumes["v"].id.is_legacy());
+        assert_eq!(back.volume_serial, 0);
+    }
+
+    #[test]
+    fn the_first_registered_lease_timings_bind_every_later_member() {
+        let mut s = cluster();
+        let t = LeaseTimings { lease_ms: 2000, drift_margin_ms: 500 };
+        assert!(s
+            .apply(&Command::RegisterNode(NodeRecord {
+                timings: Some(t),
+                ..node("a1", "dc-a", Role::Storage)
+            }))
+            .is_ok());
+        assert_eq!(s.lease_timings, Some(t));
+        assert!(s
+            .apply(&Command::RegisterNode(NodeRecord {
+                timings: Some(t),
+                ..node("b1", "dc-b", Role::Storage)
+            }))
+            .is_ok());
+        let longer = LeaseTimings { lease_ms: 5000, ..t };
+        let before = s.clone();
+        let r = s.apply(&Command::RegisterNode(NodeRecord {
+            timings: Some(longer),
+            ..node("b2", "dc-b", Role::Storage)
+        }));
+        let CommandResult::Rejected { reason: Rejection::Invalid, detail } = &r else { panic!("{r:?}") };
+        assert!(
+            detail.contains("lease_ms = 5000")
+                && detail.contains("lease_ms = 2000")
+                && detail.contains("[quorum]"),
+            "{detail}"
+        );
+        assert_eq!(s, before);
     }
 
     #[test]

@@ -90,6 +90,7 @@ pub async fn conformance(reg: &dyn Registry) {
         nbd: Some(format!("{id}:10809")),
         replication: None,
         capacity_bytes: 1 << 30,
+        timings: None,
     };
     reg.register(&rec("a1")).await.expect("register a1");
     reg.register(&rec("a2")).await.expect("register a2");

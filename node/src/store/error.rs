@@ -44,6 +44,15 @@ pub enum StoreError {
     /// [`crate::store::ActivityLog::mark_flushed`] and retry.
     #[error("activity log full: {hot} hot extents, all written since the last flush; flush, then retry")]
     ActivityLogFull { hot: usize },
+    /// The replica directory belongs to a later volume of the same name than
+    /// the one asked for: this node's replicated state is behind. Opened
+    /// once the state catches up; never removed for this.
+    #[error("`{}` holds volume id {found}, later than the requested {wanted}: this node's cluster state is behind; it is opened once the state catches up", path.display())]
+    LaterVolume { path: PathBuf, found: String, wanted: String },
+    /// The replica directory holds another volume with the same serial (a
+    /// different cluster's data?): never opened nor removed automatically.
+    #[error("`{}` holds volume id {found}, not {wanted} (another cluster's data?); move it out of the data directory by hand", path.display())]
+    ForeignVolume { path: PathBuf, found: String, wanted: String },
 }
 
 impl StoreError {

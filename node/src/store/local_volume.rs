@@ -3,7 +3,7 @@
 //! ```text
 //!  <dir>/
 //!    data                 sparse file, exactly `size` bytes
-//!    meta                 superblock (name, size, epoch, generation), crc32c
+//!    meta                 superblock (name, size, epoch, generation, volume id), crc32c
 //!    dirty-<peer>.bitmap  DirtyBitmap per peer replica (optional)
 //!    activity.log         ActivityLog (optional)
 //!    resync-<peer>.cursor ResyncCursor (optional)
@@ -28,6 +28,7 @@ use super::superblock::{Superblock, MAX_VOLUME_NAME_BYTES};
 use crate::block::{BlockDevice, BlockError, BlockResult};
 use async_trait::async_trait;
 use bytes::Bytes;
+use metro_quorum::VolumeId;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
@@ -69,6 +70,11 @@ impl LocalVolume {
     /// [`StoreError::AlreadyExists`] if `dir` already holds a `meta`.
     /// Blocking: call at setup or from `spawn_blocking`.
     pub fn create(dir: &Path, name: &str, size: u64) -> StoreResult<LocalVolume> {
+        Self::create_identified(dir, name, size, VolumeId::LEGACY)
+    }
+
+    /// [`LocalVolume::create`] for the volume with id `id` (in the superblock).
+    pub fn create_identified(dir: &Path, name: &str, size: u64, id: VolumeId) -> StoreResult<LocalVolume> {
         if name.is_empty() || name.len() > MAX_VOLUME_NAME_BYTES {
             return Err(StoreError::InvalidArgument(format!(
                 "volume name must be 1..={MAX_VOLUME_NAME_BYTES} bytes, got {}",
@@ -96,7 +102,7 @@ impl LocalVolume {
             .map_err(|e| StoreError::io(&data_path, "create", e))?;
         data.set_len(size).map_err(|e| StoreError::io(&data_path, "set length of", e))?;
         data.sync_all().map_err(|e| StoreError::io(&data_path, "fsync", e))?;
-        let sb = Superblock { name: name.to_string(), size, epoch: 0, generation: 0 };
+        let sb = Superblock { name: name.to_string(), size, epoch: 0, generation: 0, id };
         sb.store(&meta)?;
         Self::open(dir)
     }
@@ -169,6 +175,31 @@ impl LocalVolume {
     }
     pub fn generation(&self) -> u64 {
         self.lock_sb().generation
+    }
+    /// The id of the volume this replica belongs to.
+    pub fn id(&self) -> VolumeId {
+        self.lock_sb().id
+    }
+
+    /// Adopt a replica written before volume ids (`LEGACY`) as volume `id`:
+    /// rewrite its superblock in the current format. Refuses to change an id
+    /// that is already set. Blocking.
+    pub fn adopt_id(&self, id: VolumeId) -> StoreResult<()> {
+        let mut sb = self.lock_sb();
+        if sb.id == id {
+            return Ok(());
+        }
+        if !sb.id.is_legacy() {
+            return Err(StoreError::InvalidArgument(format!(
+                "replica already belongs to volume id {}",
+                sb.id
+            )));
+        }
+        let mut next = sb.clone();
+        next.id = id;
+        next.store(&self.inner.dir.join(META_FILE))?;
+        *sb = next;
+        Ok(())
     }
 
     /// Durably record `epoch`. Refuses to lower it (fencing, invariant 2);

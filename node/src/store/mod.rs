@@ -41,7 +41,7 @@ pub use error::{StoreError, StoreResult};
 pub use faulty_volume::{FaultKind, FaultyVolume, Op};
 pub use local_volume::LocalVolume;
 pub use mem_volume::MemVolume;
-pub use node_store::NodeStore;
+pub use node_store::{deleted_since, judge_id, IdVerdict, NodeStore};
 pub use rate_limiter::RateLimiter;
 pub use resync_cursor::ResyncCursor;
 pub use resync_plan::{ResyncPlan, ResyncStep};

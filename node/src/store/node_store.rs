@@ -16,10 +16,19 @@
 //! - On open, a directory without `meta` (interrupted create or delete,
 //!   never acknowledged data) is removed; one with a bad `meta` is kept and
 //!   reported by [`NodeStore::open_volume`].
+//! - Identity (DESIGN.md §3, "the volume's unique id"): a replica is opened
+//!   as volume `name` only when its superblock holds the committed
+//!   [`VolumeId`] ([`NodeStore::open_identified`], [`judge_id`]). A
+//!   directory of an *earlier* volume of that name (deleted while this node
+//!   was down) is removed and a fresh, all-zero replica created; one of a
+//!   *later* volume (this node's state is behind) or of a foreign one is
+//!   refused, never removed. A replica from before ids (`LEGACY`) is adopted:
+//!   its superblock is rewritten with the committed id.
 
 use super::error::{StoreError, StoreResult};
 use super::local_volume::{LocalVolume, DATA_FILE, META_FILE};
 use super::superblock::{Superblock, MAX_VOLUME_NAME_BYTES};
+use metro_quorum::VolumeId;
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -53,6 +62,52 @@ pub fn validate_volume_name(name: &str) -> StoreResult<()> {
         Err(StoreError::InvalidArgument(format!(
             "volume name `{name}` must be 1..={MAX_VOLUME_NAME_BYTES} characters of [A-Za-z0-9._-], not starting with `.`"
         )))
+    }
+}
+
+/// What to do with a replica directory whose superblock holds `found` when
+/// the committed volume of that name has id `committed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdVerdict {
+    /// The replica of this volume (or the committed volume predates ids).
+    Same,
+    /// Written before ids: adopt it as the committed volume.
+    Adopt,
+    /// An earlier volume of the same name (deleted since): remove it.
+    Stale,
+    /// A later volume than the committed one: this node's state is behind.
+    Later,
+    /// Same serial, other nonce: not ours to judge.
+    Foreign,
+}
+
+/// Judge a replica's id against the committed one (pure; see [`IdVerdict`]).
+pub fn judge_id(found: VolumeId, committed: VolumeId) -> IdVerdict {
+    if found == committed || committed.is_legacy() {
+        IdVerdict::Same
+    } else if found.is_legacy() {
+        IdVerdict::Adopt
+    } else if found.serial < committed.serial {
+        IdVerdict::Stale
+    } else if found.serial > committed.serial {
+        IdVerdict::Later
+    } else {
+        IdVerdict::Foreign
+    }
+}
+
+/// Is a replica with id `found` whose name the committed state no longer
+/// holds certainly left over from a deleted volume? `highest_serial` is the
+/// highest serial the state has allocated: a volume with a serial up to it
+/// was created before the state's point in the log, so its absence means it
+/// was deleted; a later serial means the state is behind (keep it). A
+/// `LEGACY` replica predates every serial, so any allocated serial proves
+/// the state is past its creation.
+pub fn deleted_since(found: VolumeId, highest_serial: u64) -> bool {
+    if found.is_legacy() {
+        highest_serial > 0
+    } else {
+        found.serial <= highest_serial
     }
 }
 
@@ -92,15 +147,7 @@ impl NodeStore {
 
     /// Create a volume replica. Blocking.
     pub fn create_volume(&self, name: &str, size: u64) -> StoreResult<LocalVolume> {
-        let dir = self.volume_dir(name)?;
-        let capacity = self.capacity_bytes()?;
-        if size > capacity {
-            return Err(StoreError::CapacityExceeded { requested: size, capacity });
-        }
-        let mut open = self.lock();
-        let vol = LocalVolume::create(&dir, name, size)?;
-        open.insert(name.to_string(), vol.clone());
-        Ok(vol)
+        self.create_identified(name, size, VolumeId::LEGACY)
     }
 
     /// Open a volume replica (shared instance). Blocking on first open.
@@ -116,6 +163,70 @@ impl NodeStore {
         let vol = LocalVolume::open(&dir)?;
         open.insert(name.to_string(), vol.clone());
         Ok(vol)
+    }
+
+    /// Open the replica of the committed volume `name` with id `id`, or
+    /// create an empty one (size `size`) if there is none. A directory left
+    /// by an earlier volume of that name is removed first (logged); a later
+    /// or foreign one is an error ([`StoreError::LaterVolume`],
+    /// [`StoreError::ForeignVolume`]); a `LEGACY` one is adopted. Blocking.
+    pub fn open_identified(&self, name: &str, size: u64, id: VolumeId) -> StoreResult<LocalVolume> {
+        let dir = self.volume_dir(name)?;
+        let vol = match self.open_volume(name) {
+            Ok(v) => v,
+            Err(StoreError::NotFound { .. }) => return self.create_identified(name, size, id),
+            Err(e) => return Err(e),
+        };
+        let found = vol.id();
+        match judge_id(found, id) {
+            IdVerdict::Same => Ok(vol),
+            IdVerdict::Adopt => {
+                tracing::info!(volume = %name, %id, "replica from before volume ids: adopting it as the committed volume");
+                vol.adopt_id(id)?;
+                Ok(vol)
+            }
+            IdVerdict::Stale => {
+                tracing::warn!(volume = %name, found = %found, committed = %id, dir = %dir.display(),
+                    "REMOVING the replica of an earlier, deleted volume of the same name (deleted while this node was away); the new volume starts empty");
+                drop(vol);
+                self.delete_volume(name)?;
+                self.create_identified(name, size, id)
+            }
+            IdVerdict::Later => {
+                Err(StoreError::LaterVolume { path: dir, found: found.to_string(), wanted: id.to_string() })
+            }
+            IdVerdict::Foreign => {
+                Err(StoreError::ForeignVolume { path: dir, found: found.to_string(), wanted: id.to_string() })
+            }
+        }
+    }
+
+    fn create_identified(&self, name: &str, size: u64, id: VolumeId) -> StoreResult<LocalVolume> {
+        let dir = self.volume_dir(name)?;
+        let capacity = self.capacity_bytes()?;
+        if size > capacity {
+            return Err(StoreError::CapacityExceeded { requested: size, capacity });
+        }
+        let mut open = self.lock();
+        let vol = LocalVolume::create_identified(&dir, name, size, id)?;
+        open.insert(name.to_string(), vol.clone());
+        Ok(vol)
+    }
+
+    /// `(name, id)` of every local replica with a readable superblock.
+    pub fn identities(&self) -> StoreResult<Vec<(String, VolumeId)>> {
+        let mut out = Vec::new();
+        for name in self.list()? {
+            if let Some(v) = self.lock().get(&name) {
+                out.push((name, v.id()));
+                continue;
+            }
+            match Superblock::load(&self.volumes_dir.join(&name).join(META_FILE)) {
+                Ok(sb) => out.push((name, sb.id)),
+                Err(e) => tracing::warn!(volume = %name, error = %e, "cannot read the superblock"),
+            }
+        }
+        Ok(out)
     }
 
     /// Delete a volume replica and everything beside it (bitmaps, logs,
@@ -192,4 +303,43 @@ fn statvfs_available(path: &Path) -> StoreResult<u64> {
         return Err(StoreError::io(path, "statvfs", std::io::Error::last_os_error()));
     }
     Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: VolumeId = VolumeId { serial: 1, nonce: 11 };
+    const B: VolumeId = VolumeId { serial: 2, nonce: 22 };
+
+    #[test]
+    fn ids_are_judged_by_serial() {
+        assert_eq!(judge_id(A, A), IdVerdict::Same);
+        assert_eq!(judge_id(A, VolumeId::LEGACY), IdVerdict::Same);
+        assert_eq!(judge_id(VolumeId::LEGACY, A), IdVerdict::Adopt);
+        assert_eq!(judge_id(A, B), IdVerdict::Stale);
+        assert_eq!(judge_id(B, A), IdVerdict::Later);
+        assert_eq!(judge_id(A, VolumeId { serial: 1, nonce: 12 }), IdVerdict::Foreign);
+        assert!(deleted_since(A, 1) && !deleted_since(B, 1));
+        assert!(deleted_since(VolumeId::LEGACY, 1) && !deleted_since(VolumeId::LEGACY, 0));
+    }
+
+    #[test]
+    fn a_legacy_replica_is_adopted_and_an_earlier_volume_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = NodeStore::open(dir.path(), Some(1 << 30)).unwrap();
+        store.create_volume("v", 1 << 20).unwrap();
+        let v = store.open_identified("v", 1 << 20, A).unwrap();
+        assert_eq!(v.id(), A);
+        assert_eq!(
+            Superblock::load(&dir.path().join("volumes/v/meta")).unwrap().id,
+            A,
+            "adoption not durable"
+        );
+        let later = store.open_identified("v", 1 << 20, B).unwrap();
+        assert_eq!(later.id(), B);
+        let e = store.open_identified("v", 1 << 20, A).unwrap_err();
+        assert!(matches!(e, StoreError::LaterVolume { .. }), "{e:?}");
+        assert_eq!(store.identities().unwrap(), vec![("v".to_string(), B)]);
+    }
 }

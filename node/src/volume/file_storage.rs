@@ -4,8 +4,11 @@
 
 use super::storage::VolumeStorage;
 use crate::block::BlockDevice;
-use crate::store::{ActivityLog, AlOutcome, DirtyBitmap, LoadOutcome, LocalVolume, NodeStore, StoreError};
+use crate::store::{
+    judge_id, ActivityLog, AlOutcome, DirtyBitmap, IdVerdict, LoadOutcome, LocalVolume, NodeStore, StoreError,
+};
 use metro_api::config::DaemonConfig;
+use metro_quorum::VolumeId;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -43,6 +46,12 @@ impl FileStorage {
         })
     }
 
+    /// Over an open store, with dirty-bitmap regions and activity-log
+    /// extents of the given sizes (tests; the daemon uses [`FileStorage::open`]).
+    pub fn with_store(store: NodeStore, region: u64, extent: u64) -> FileStorage {
+        FileStorage { store, region, extent, vols: Mutex::default() }
+    }
+
     fn vol(&self, name: &str) -> std::io::Result<Arc<Vol>> {
         self.vols.lock().expect("poisoned").get(name).cloned().ok_or_else(|| {
             std::io::Error::new(std::io::ErrorKind::NotFound, format!("volume {name} not open"))
@@ -66,15 +75,20 @@ impl FileStorage {
 }
 
 impl VolumeStorage for FileStorage {
-    fn open_or_create(&self, name: &str, size: u64) -> std::io::Result<(Arc<dyn BlockDevice>, u64)> {
+    fn open_or_create(
+        &self,
+        name: &str,
+        size: u64,
+        id: VolumeId,
+    ) -> std::io::Result<(Arc<dyn BlockDevice>, u64)> {
         if let Ok(v) = self.vol(name) {
-            return Ok((Arc::new(v.dev.clone()), v.dev.epoch()));
+            if judge_id(v.dev.id(), id) == IdVerdict::Same {
+                return Ok((Arc::new(v.dev.clone()), v.dev.epoch()));
+            }
+            // Another volume of that name is open: judged again below.
+            self.vols.lock().expect("poisoned").remove(name);
         }
-        let dev = match self.store.open_volume(name) {
-            Ok(d) => d,
-            Err(StoreError::NotFound { .. }) => self.store.create_volume(name, size).map_err(io)?,
-            Err(e) => return Err(io(e)),
-        };
+        let dev = self.store.open_identified(name, size, id).map_err(io)?;
         let (al, outcome) =
             ActivityLog::open(&dev.activity_log_path(), size, self.extent, MAX_HOT_EXTENTS).map_err(io)?;
         if let AlOutcome::AllHot { reason } = &outcome {
@@ -102,6 +116,10 @@ impl VolumeStorage for FileStorage {
 
     fn list(&self) -> Vec<String> {
         self.store.list().unwrap_or_default()
+    }
+
+    fn identities(&self) -> Vec<(String, VolumeId)> {
+        self.store.identities().unwrap_or_default()
     }
 
     fn persist_epoch(&self, name: &str, epoch: u64) -> std::io::Result<()> {

@@ -13,13 +13,15 @@
 
 use super::control::VolumeControl;
 use super::primary::{PendingCopy, PrimaryVolume, ReplState};
+use super::resolve::{change_volume, RESOLVE_WAIT};
 use super::storage::VolumeStorage;
 use crate::block::{BlockDevice, ExportError, ExportRegistry};
 use crate::repl::link::{Dialer, Link};
 use crate::repl::replica::{Floor, ReplicaVolume};
 use crate::repl::server::ReplicaSink;
+use crate::store::{deleted_since, judge_id, IdVerdict};
 use async_trait::async_trait;
-use metro_quorum::{ClusterState, Command, CommandResult};
+use metro_quorum::{ClusterState, Command, CommandResult, VolumeId};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -74,6 +76,10 @@ struct Inner {
     links: HashMap<String, Arc<Link>>,
     resyncing: HashSet<(String, String)>,
     progress: HashMap<(String, String), ResyncProgress>,
+    /// The volume id each open replica was opened for.
+    ids: HashMap<String, VolumeId>,
+    /// `volume_serial` of the state last swept for leftovers of deleted volumes.
+    swept_serial: Option<u64>,
 }
 
 pub struct VolumeManager {
@@ -219,7 +225,7 @@ impl VolumeManager {
             }
             wanted_replicas.insert(v.name.clone());
             let primary = v.primary.clone().unwrap_or_default();
-            let replica = self.ensure_replica(&v.name, v.size_bytes, &primary, v.epoch);
+            let replica = self.ensure_replica(&v.name, v.id, v.size_bytes, &primary, v.epoch);
             if let Some(r) = &replica {
                 r.observe(&primary, v.epoch);
             }
@@ -299,13 +305,57 @@ impl VolumeManager {
                 }
             }
         }
+        self.sweep_deleted(state);
     }
 
-    fn ensure_replica(&self, name: &str, size: u64, primary: &str, epoch: u64) -> Option<Arc<ReplicaVolume>> {
-        if let Some(r) = self.inner.lock().expect("poisoned").replicas.get(name) {
-            return Some(r.clone());
+    /// Remove local replicas of volumes the committed state certainly no
+    /// longer holds (deleted while this node was down), once per allocated
+    /// serial. Only with positive evidence ([`deleted_since`]): a state that
+    /// is behind (replayed after a power cut) keeps what it cannot judge.
+    fn sweep_deleted(&self, state: &ClusterState) {
+        {
+            let mut inner = self.inner.lock().expect("poisoned");
+            if inner.swept_serial == Some(state.volume_serial) {
+                return;
+            }
+            inner.swept_serial = Some(state.volume_serial);
         }
-        match self.storage.open_or_create(name, size) {
+        for (name, id) in self.storage.identities() {
+            let open = self.inner.lock().expect("poisoned").replicas.contains_key(&name);
+            if open || state.volumes.contains_key(&name) || !deleted_since(id, state.volume_serial) {
+                continue;
+            }
+            tracing::warn!(volume = %name, %id, "REMOVING the local replica of a volume deleted while this node was away");
+            if let Err(e) = self.storage.delete(&name) {
+                tracing::warn!(volume = %name, error = %e, "cannot delete local replica");
+            }
+        }
+    }
+
+    fn ensure_replica(
+        &self,
+        name: &str,
+        id: VolumeId,
+        size: u64,
+        primary: &str,
+        epoch: u64,
+    ) -> Option<Arc<ReplicaVolume>> {
+        {
+            let mut inner = self.inner.lock().expect("poisoned");
+            if let Some(r) = inner.replicas.get(name) {
+                if inner.ids.get(name).is_none_or(|open| judge_id(*open, id) == IdVerdict::Same) {
+                    return Some(r.clone());
+                }
+                // Opened for an earlier volume of that name (the delete and
+                // the create reached us in one state update): close it.
+                tracing::warn!(volume = %name, %id, "the open replica belongs to an earlier volume of this name; reopening");
+                inner.replicas.remove(name);
+                if let Some(p) = inner.primaries.remove(name) {
+                    p.depose("volume deleted");
+                }
+            }
+        }
+        match self.storage.open_or_create(name, size, id) {
             Ok((dev, persisted)) => {
                 let storage = self.storage.clone();
                 let vname = name.to_string();
@@ -320,7 +370,9 @@ impl VolumeManager {
                         }
                     }),
                 ));
-                self.inner.lock().expect("poisoned").replicas.insert(name.to_string(), r.clone());
+                let mut inner = self.inner.lock().expect("poisoned");
+                inner.replicas.insert(name.to_string(), r.clone());
+                inner.ids.insert(name.to_string(), id);
                 Some(r)
             }
             Err(e) => {
@@ -557,7 +609,7 @@ impl ReplicaSink for VolumeManager {
         if !v.replicas.contains(&self.me) {
             return None;
         }
-        self.ensure_replica(volume, v.size_bytes, v.primary.as_deref().unwrap_or(""), v.epoch)
+        self.ensure_replica(volume, v.id, v.size_bytes, v.primary.as_deref().unwrap_or(""), v.epoch)
     }
 
     fn node_id(&self) -> &str {
@@ -580,7 +632,7 @@ impl ReplicaSink for VolumeManager {
             // The link may come up before reconcile opened the replica after a
             // restart: open it here, or its activity log would read as empty.
             if self
-                .ensure_replica(&v.name, v.size_bytes, v.primary.as_deref().unwrap_or(""), v.epoch)
+                .ensure_replica(&v.name, v.id, v.size_bytes, v.primary.as_deref().unwrap_or(""), v.epoch)
                 .is_none()
             {
                 tracing::error!(volume = %v.name, "cannot open the replica to report its hot extents");
@@ -591,14 +643,6 @@ impl ReplicaSink for VolumeManager {
             }
         }
         out
-    }
-}
-
-fn expect_ok(r: Result<CommandResult, String>) -> Result<u64, String> {
-    match r? {
-        CommandResult::Ok { epoch } => Ok(epoch),
-        CommandResult::Rejected { reason, detail } => Err(format!("{reason:?}: {detail}")),
-        CommandResult::Batch(_) => Err("unexpected batch result".into()),
     }
 }
 
@@ -663,14 +707,10 @@ impl VolumeControl for CtlRef {
         in_sync: Vec<String>,
     ) -> Result<u64, String> {
         let m = self.0.upgrade().ok_or("node shutting down")?;
-        let cmd = Command::ChangeVolume {
-            name: volume.to_string(),
-            expected_epoch,
-            primary: Some(m.me.clone()),
-            in_sync,
-            rejoin: None,
-        };
-        expect_ok(m.cluster.propose(cmd).await)
+        let me = Some(m.me.clone());
+        change_volume(&*m.cluster, volume, expected_epoch, me, in_sync, None, RESOLVE_WAIT)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     async fn rejoin(
@@ -681,13 +721,9 @@ impl VolumeControl for CtlRef {
         peer: &str,
     ) -> Result<u64, String> {
         let m = self.0.upgrade().ok_or("node shutting down")?;
-        let cmd = Command::ChangeVolume {
-            name: volume.to_string(),
-            expected_epoch,
-            primary: Some(m.me.clone()),
-            in_sync,
-            rejoin: Some(peer.to_string()),
-        };
-        expect_ok(m.cluster.propose(cmd).await)
+        let (me, peer) = (Some(m.me.clone()), Some(peer.to_string()));
+        change_volume(&*m.cluster, volume, expected_epoch, me, in_sync, peer, RESOLVE_WAIT)
+            .await
+            .map_err(|e| e.to_string())
     }
 }

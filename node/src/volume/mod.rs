@@ -5,4 +5,5 @@ pub mod control;
 pub mod file_storage;
 pub mod manager;
 pub mod primary;
+pub mod resolve;
 pub mod storage;

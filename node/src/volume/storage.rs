@@ -3,12 +3,26 @@
 //! `crate::store` for the daemon and in memory for tests and the simulator.
 
 use crate::block::BlockDevice;
+use metro_quorum::VolumeId;
 use std::sync::Arc;
 
 pub trait VolumeStorage: Send + Sync + 'static {
-    /// Open the local replica, creating an empty thin one if missing.
+    /// Open the local replica of the committed volume `name` with id `id`,
+    /// creating an empty thin one if missing. A replica of an earlier volume
+    /// of that name is replaced by an empty one; one of a later or foreign
+    /// volume is an error (see `store::node_store::judge_id`).
     /// Returns the device and the persisted epoch floor.
-    fn open_or_create(&self, name: &str, size: u64) -> std::io::Result<(Arc<dyn BlockDevice>, u64)>;
+    fn open_or_create(
+        &self,
+        name: &str,
+        size: u64,
+        id: VolumeId,
+    ) -> std::io::Result<(Arc<dyn BlockDevice>, u64)>;
+    /// `(name, id)` of every local replica (for removing leftovers of
+    /// deleted volumes, see `store::node_store::deleted_since`).
+    fn identities(&self) -> Vec<(String, VolumeId)> {
+        Vec::new()
+    }
     fn delete(&self, name: &str) -> std::io::Result<()>;
     /// Names of every local replica.
     fn list(&self) -> Vec<String>;

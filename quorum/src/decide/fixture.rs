@@ -16,6 +16,7 @@ pub fn node(id: &str, site: &str, role: Role) -> NodeRecord {
         nbd: None,
         replication: None,
         capacity_bytes: 10 * GIB,
+        timings: None,
     }
 }
 
@@ -49,6 +50,7 @@ pub fn with_volumes(vols: &[(&str, &[&str], &str)]) -> ClusterState {
                 lease_policy: LeasePolicy::Suspend,
                 replicas: replicas.iter().map(|r| r.to_string()).collect(),
                 primary: (*primary).into(),
+                nonce: 1,
             },
         );
     }

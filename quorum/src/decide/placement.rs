@@ -148,6 +148,7 @@ mod tests {
                 lease_policy: LeasePolicy::Suspend,
                 replicas,
                 primary,
+                nonce: 1,
             },
         );
     }

@@ -4,6 +4,7 @@
 mod override_group;
 mod support;
 
+use metro_api::config::QuorumConfig;
 use metro_quorum::{Command, CommandResult, LeasePolicy};
 use std::time::Duration;
 use support::*;
@@ -17,6 +18,7 @@ fn create_volume(name: &str, replicas: &[&str], primary: &str) -> Command {
         lease_policy: LeasePolicy::Suspend,
         replicas: replicas.iter().map(|s| s.to_string()).collect(),
         primary: primary.into(),
+        nonce: 1,
     }
 }
 
@@ -695,5 +697,30 @@ async fn a_committed_cluster_config_sets_the_preferred_site_and_the_node_loss_th
         async move { l.as_deref() == Some("b1") }
     })
     .await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_with_another_lease_period_is_refused_naming_both_values() {
+    let c = Cluster::start(&["a1", "b1", "w1"]).await;
+    c.wait_voters(&["a1", "b1", "w1"]).await;
+    let committed = c.get("a1").state().lease_timings.expect("the first member committed its timings");
+    assert_eq!(
+        (committed.lease_ms, committed.drift_margin_ms),
+        (timings().lease_ms, timings().drift_margin_ms)
+    );
+
+    tracing::info!("--- b2 runs with a longer lease than the cluster's leaders wait for");
+    let dir = tempfile::tempdir().unwrap();
+    let longer = QuorumConfig { lease_ms: timings().lease_ms * 3, ..timings() };
+    let b2 = start_member_with("b2", dir.path(), 0, None, longer).await;
+    let err = b2.q.join(b2.record(), vec![c.get("a1").addr.clone()]).await.expect_err("join must be refused");
+    assert!(!err.is_retryable(), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("lease_ms = 3000") && msg.contains("lease_ms = 1000") && msg.contains("[quorum]"),
+        "{msg}"
+    );
+    assert!(!c.get("a1").state().nodes.contains_key("b2"), "the refused member was registered");
     c.shutdown().await;
 }

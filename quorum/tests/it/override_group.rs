@@ -30,6 +30,7 @@ async fn without_a_quorum_a_dc_b_voter_rebuilds_the_group_and_the_old_voters_rej
             lease_policy: metro_quorum::LeasePolicy::Suspend,
             replicas: replicas.iter().map(|r| r.to_string()).collect(),
             primary: "a1".into(),
+            nonce: 1,
         };
         assert!(c.get("a1").q.propose(cmd).await.unwrap().is_ok());
     }

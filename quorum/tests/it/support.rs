@@ -70,6 +70,7 @@ impl Member {
             nbd: None,
             replication: None,
             capacity_bytes: 1 << 30,
+            timings: None,
         }
     }
 
@@ -105,6 +106,17 @@ impl Member {
 
 /// Start a member on `port` (0 = any) with its data under `dir`.
 pub async fn start_member(id: &str, dir: &Path, port: u16, tls: Option<metro_api::tls::TlsFiles>) -> Member {
+    start_member_with(id, dir, port, tls, timings()).await
+}
+
+/// [`start_member`] with other timings.
+pub async fn start_member_with(
+    id: &str,
+    dir: &Path,
+    port: u16,
+    tls: Option<metro_api::tls::TlsFiles>,
+    timings: QuorumConfig,
+) -> Member {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
     let addr = listener.local_addr().unwrap().to_string();
     let (site, role) = site_of(id);
@@ -114,7 +126,7 @@ pub async fn start_member(id: &str, dir: &Path, port: u16, tls: Option<metro_api
         role,
         api_addr: addr.clone(),
         data_dir: dir.to_path_buf(),
-        timings: timings(),
+        timings,
         tls: tls.clone(),
     };
     let q = Quorum::start(cfg).await.expect("start quorum member");

@@ -113,6 +113,7 @@ fn record(id: &str) -> NodeRecord {
         nbd: None,
         replication: None,
         capacity_bytes: 1 << 40,
+        timings: None,
     }
 }
 
@@ -227,6 +228,7 @@ pub async fn engine_host(
                             lease_policy: LeasePolicy::Suspend,
                             replicas: replicas.iter().map(|r| r.to_string()).collect(),
                             primary: primary.into(),
+                            nonce: 1,
                         })
                         .await;
                 }

@@ -122,6 +122,7 @@ fn record(id: &str, site: &str, role: Role) -> NodeRecord {
         nbd: None,
         replication: None,
         capacity_bytes: 1 << 40,
+        timings: None,
     }
 }
 
@@ -150,6 +151,7 @@ fn bootstrap() -> Vec<LogEntry> {
             lease_policy: LeasePolicy::Suspend,
             replicas: replicas.iter().map(|r| r.to_string()).collect(),
             primary: primary.into(),
+            nonce: 1,
         });
     }
     cmds.into_iter().map(|c| LogEntry { term: 0, cmd: Some(c) }).collect()
