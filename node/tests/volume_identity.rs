@@ -88,7 +88,7 @@ fn manager(dir: &Path, state: ClusterState) -> (Arc<VolumeManager>, Arc<dyn Volu
     let tls = rustls::ClientConfig::builder()
         .with_root_certificates(rustls::RootCertStore::empty())
         .with_no_client_auth();
-    let dialer = Dialer { my_node: "a1".into(), tls: Arc::new(tls), on_hot: None, local_ip: None };
+    let dialer = Dialer::tls("a1".into(), Arc::new(tls), None);
     let (tx, _) = watch::channel(Arc::new(state));
     let m =
         VolumeManager::new("a1".into(), Arc::new(Stub(tx)), storage.clone(), dialer, Duration::from_secs(1));

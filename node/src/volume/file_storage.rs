@@ -135,16 +135,11 @@ impl VolumeStorage for FileStorage {
         match al.begin_write(offset, len) {
             Ok(_) => Ok(()),
             Err(StoreError::ActivityLogFull { hot }) => {
-                // Every hot extent was written since the last flush: make the
-                // local copy durable (the primary asked `touch_would_flush`
-                // and let every earlier local write finish, holding the order
-                // lock) and let extents cool.
-                tracing::info!(volume = %name, hot, "activity log full: flushing to cool extents");
-                futures::executor::block_on(v.dev.flush())
-                    .map_err(|e| std::io::Error::other(e.to_string()))?;
-                let seq = al.current_seq();
-                al.mark_flushed(seq);
-                al.begin_write(offset, len).map(|_| ()).map_err(io)
+                // Every hot extent holds writes no completed flush covers on
+                // every in-sync copy. A local flush would not let them cool
+                // (a replica may still lose them): the primary must issue a
+                // mirrored FLUSH first (it asks `touch_would_flush`).
+                Err(std::io::Error::other(super::storage::ActivityLogFull { hot }))
             }
             Err(e) => Err(io(e)),
         }

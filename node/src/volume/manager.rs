@@ -36,6 +36,12 @@ const RESYNC_WINDOW: usize = 8;
 /// up to this much again, while one atomic write (two fsyncs) per chunk was
 /// what limited the copy rate.
 const RESYNC_PERSIST_EVERY: u64 = 64 * 1024 * 1024;
+/// Most a new primary copies to its in-sync replicas before serving; past
+/// it they leave `in_sync` and resync in the background instead.
+const RECONCILE_COPY_MAX: u64 = 256 * 1024 * 1024;
+/// How long a new primary waits for a link to a replica to come up before
+/// it counts the replica as unreachable.
+const RECONCILE_CONNECT_WAIT: Duration = Duration::from_secs(3);
 /// How often the manager looks for replicas to resync.
 const RESYNC_SCAN: Duration = Duration::from_millis(500);
 
@@ -113,6 +119,16 @@ impl VolumeManager {
                     m.peer_reported_hot(peer, ranges);
                 }
             }));
+            let w = weak.clone();
+            dialer.on_session = Some(Arc::new(move |peer: String| {
+                let w = w.clone();
+                Box::pin(async move {
+                    match w.upgrade() {
+                        Some(m) => m.peer_session_changed(&peer).await,
+                        None => true,
+                    }
+                })
+            }));
             VolumeManager {
                 me,
                 session: Mutex::new(local_session()),
@@ -124,6 +140,130 @@ impl VolumeManager {
                 weak: weak.clone(),
             }
         })
+    }
+
+    /// `peer` answers from a new session (restart, reboot, power cut): for
+    /// every volume served here that it is a replica of, mark what it may
+    /// have lost and take it out of `in_sync` before the link carries ops
+    /// again. False if that could not be done yet (the link stays down and
+    /// the next connect tries again).
+    async fn peer_session_changed(&self, peer: &str) -> bool {
+        let primaries: Vec<Arc<PrimaryVolume>> =
+            self.inner.lock().expect("poisoned").primaries.values().cloned().collect();
+        let mut ok = true;
+        for p in primaries.into_iter().filter(|p| !p.is_deposed()) {
+            if let Err(e) = p.peer_lost_cache(peer).await {
+                if !p.is_deposed() {
+                    tracing::warn!(volume = %p.name, %peer, error = %e, "cannot take a restarted replica out of in_sync yet");
+                    ok = false;
+                }
+            }
+        }
+        ok
+    }
+
+    /// Before a new primary serves (a change of primary, or this node
+    /// restarting as primary), make every in-sync copy equal to this one in
+    /// the ranges where the previous primary's writes may not have reached
+    /// every copy: this node's activity-log extents (it may have crashed as
+    /// primary) and those each replica reports (a previous primary's). They
+    /// are copied from here and flushed there; a replica that cannot take
+    /// them leaves `in_sync` with them marked dirty. Stale replicas get them
+    /// marked dirty. Then client I/O starts.
+    async fn reconcile_new_primary(&self, p: Arc<PrimaryVolume>) {
+        let name = p.name.clone();
+        let started = Instant::now();
+        // Only under a lease: a deposed primary's copies are fenced anyway,
+        // but a lease means no one else is serving while we copy.
+        while !self.cluster.lease_valid(&name, p.first_epoch()) {
+            if p.is_deposed() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let ReplState { in_sync_peers, stale_peers, .. } = p.repl_state().await;
+        // Everything this copy holds must be durable before copies of it
+        // count (it may hold writes it received as a replica, unflushed).
+        if let Err(e) = p.local.flush().await {
+            tracing::error!(volume = %name, error = %e, "local flush before serving failed");
+            p.depose(&format!("local flush failed: {e}"));
+            return;
+        }
+        let own = self.storage.hot_extents(&name);
+        let mut ranges: Vec<(u64, u64)> = own.clone();
+        let mut failed: Vec<String> = Vec::new();
+        let mut reported: Vec<String> = Vec::new();
+        let state = self.state_now();
+        for peer in &in_sync_peers {
+            if let Some(link) = self.link_for(peer, &state) {
+                let deadline = Instant::now() + RECONCILE_CONNECT_WAIT;
+                while !link.is_connected() && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            match p.query_hot(peer).await {
+                Some(r) => {
+                    if !r.is_empty() {
+                        reported.push(peer.clone());
+                    }
+                    ranges.extend(r);
+                }
+                None => failed.push(peer.clone()),
+            }
+        }
+        let ranges = crate::store::ranges::normalize(&ranges);
+        let total: u64 = ranges.iter().map(|r| r.1).sum();
+        for peer in &stale_peers {
+            let mut mine = ranges.clone();
+            if let Some(r) = p.query_hot(peer).await {
+                mine.extend(r);
+            }
+            for (off, len) in mine {
+                if let Err(e) = self.storage.mark_dirty(&name, peer, off, len) {
+                    tracing::error!(volume = %name, %peer, error = %e, "cannot mark reconciled ranges dirty");
+                }
+            }
+        }
+        let copy_to: Vec<String> = in_sync_peers.iter().filter(|x| !failed.contains(x)).cloned().collect();
+        if total > RECONCILE_COPY_MAX {
+            tracing::warn!(volume = %name, bytes = total, "too much to reconcile before serving; the replicas leave in_sync and resync it");
+            failed.extend(copy_to.iter().cloned());
+        } else if total > 0 {
+            for peer in &copy_to {
+                let mut ok = true;
+                for &(off, len) in &ranges {
+                    let mut pos = off;
+                    while pos < off + len && ok {
+                        let chunk = RESYNC_CHUNK.min(off + len - pos);
+                        let storage = self.storage.clone();
+                        let n = name.clone();
+                        let data = move |o: u64, l: u64| storage.data_ranges(&n, o, l);
+                        ok = matches!(p.copy_to_peer(peer, pos, chunk, data).await, Ok(Some(_)));
+                        pos += chunk;
+                    }
+                }
+                if !(ok && p.flush_peer(peer).await) {
+                    failed.push(peer.clone());
+                }
+            }
+        }
+        if !failed.is_empty() {
+            tracing::warn!(volume = %name, peers = ?failed, "replicas could not be reconciled before serving: taking them out of in_sync");
+            if let Err(e) = p.degrade_with(&failed, &ranges).await {
+                tracing::warn!(volume = %name, error = %e, "reconciliation ended: no longer primary");
+                return;
+            }
+        }
+        // Our copies are durable on every replica still in sync: forget the
+        // ranges here and there.
+        if let Err(e) = self.storage.clear_hot(&name) {
+            tracing::warn!(volume = %name, error = %e, "cannot clear the activity log after reconciling");
+        }
+        for peer in reported.iter().filter(|x| !failed.contains(x)) {
+            p.clear_peer_hot(peer).await;
+        }
+        p.set_ready();
+        tracing::info!(volume = %name, bytes = total, copied_to = ?copy_to.iter().filter(|x| !failed.contains(x)).collect::<Vec<_>>(), degraded = ?failed, ms = started.elapsed().as_millis() as u64, "primary reconciled its activity log with its replicas; serving");
     }
 
     /// A returning replica reported ranges it may hold unacknowledged writes
@@ -230,11 +370,10 @@ impl VolumeManager {
                 r.observe(&primary, v.epoch);
             }
             let am_primary = v.primary.as_deref() == Some(self.me.as_str());
-            if !am_primary && v.primary.is_some() && v.in_sync.contains(&self.me) {
-                if let Err(e) = self.storage.clear_hot(&v.name) {
-                    tracing::warn!(volume = %v.name, error = %e, "cannot clear the activity log");
-                }
-            }
+            // A replica's activity log is cleared only by its primary (a
+            // `ClearHot` op), once that primary's copies over those extents
+            // are durable here: clearing it on seeing another primary would
+            // race with that primary's query for them.
             let existing = self.inner.lock().expect("poisoned").primaries.get(&v.name).cloned();
             let in_sync_peers: Vec<String> = v.in_sync.iter().filter(|n| **n != self.me).cloned().collect();
             let stale_peers: Vec<String> =
@@ -260,14 +399,18 @@ impl VolumeManager {
                             self.ack_timeout,
                             v.lease_policy,
                         )
-                        .with_limits(v.iops_limit, v.bandwidth_limit),
+                        .with_limits(v.iops_limit, v.bandwidth_limit)
+                        .hold_until_reconciled(),
                     );
                     // A restarted node replays its own (maybe stale) state first, so
                     // this is not yet "serving": I/O waits for a lease from the
                     // current leader, which grants one only to its own primary.
                     tracing::info!(volume = %v.name, epoch = v.epoch, "primary by the committed state; I/O starts once the leader grants a lease");
-                    self.inner.lock().expect("poisoned").primaries.insert(v.name.clone(), pv);
+                    self.inner.lock().expect("poisoned").primaries.insert(v.name.clone(), pv.clone());
                     self.cluster.lease_wanted();
+                    if let Some(me) = self.weak.upgrade() {
+                        tokio::spawn(async move { me.reconcile_new_primary(pv).await });
+                    }
                 }
                 (false, Some(p)) => {
                     p.depose(&format!("primary moved to {primary}"));
@@ -434,6 +577,13 @@ impl VolumeManager {
         // is "being copied" in the bitmap (clean in memory, dirty on disk)
         // until its acknowledgement ends the copy.
         let mut window: VecDeque<(u64, u64, PendingCopy)> = VecDeque::new();
+        // Copies the peer acknowledged (from its cache) since the last flush
+        // there: their bits are written clean only after that flush, on the
+        // same connection (a reconnect may mean a new session that lost
+        // them), else they are marked dirty again.
+        let mut unflushed: Vec<(u64, u64)> = Vec::new();
+        let link = self.link_for(peer, &self.state_now()).ok_or_else(|| format!("no link to {peer}"))?;
+        let mut generation = link.generation();
         let copied = async {
             loop {
                 let regions = self.storage.dirty_regions(&p.name, peer);
@@ -468,28 +618,32 @@ impl VolumeManager {
                     // clears what the peer acknowledged.
                     let persist_now = unpersisted + chunk >= RESYNC_PERSIST_EVERY;
                     while window.len() > RESYNC_WINDOW || (persist_now && !window.is_empty()) {
-                        let c_len = self.await_copy(p, peer, &mut window).await?;
+                        let c_len = self.await_copy(p, peer, &mut window, &mut unflushed).await?;
                         done += c_len.0;
                         sent += c_len.1;
                         unpersisted += c_len.0;
                         self.note_progress(&key, total_left, done, started);
                     }
                     if persist_now {
-                        self.storage.persist_dirty(&p.name, peer).map_err(|e| e.to_string())?;
+                        self.checkpoint(p, peer, &link, &mut generation, &mut unflushed).await?;
                         unpersisted = 0;
                     }
                 }
                 while !window.is_empty() {
-                    let c_len = self.await_copy(p, peer, &mut window).await?;
+                    let c_len = self.await_copy(p, peer, &mut window, &mut unflushed).await?;
                     done += c_len.0;
                     sent += c_len.1;
                     self.note_progress(&key, total_left, done, started);
                 }
-                self.storage.persist_dirty(&p.name, peer).map_err(|e| e.to_string())?;
+                self.checkpoint(p, peer, &link, &mut generation, &mut unflushed).await?;
             }
             Ok(())
         }
         .await;
+        // Acknowledged copies no flush covers are dirty again.
+        for (pos, len) in unflushed.drain(..) {
+            let _ = self.storage.mark_dirty(&p.name, peer, pos, len);
+        }
         // Whatever is still in flight after a failure is dirty again.
         for (pos, len, _) in window.drain(..) {
             let _ = self.storage.end_copy(&p.name, peer, pos, len, false);
@@ -500,6 +654,10 @@ impl VolumeManager {
         };
         if result.is_err() {
             p.abort_catch_up(peer).await;
+        } else {
+            // Its activity-log extents (reported when it came back) were
+            // resynced from here and are durable there.
+            p.clear_peer_hot(peer).await;
         }
         tracing::info!(volume = %p.name, %peer, dirty_bytes = done, data_bytes_sent = sent, ms = started.elapsed().as_millis() as u64, ok = result.is_ok(), "resync pass");
         result
@@ -513,16 +671,45 @@ impl VolumeManager {
         p: &PrimaryVolume,
         peer: &str,
         window: &mut VecDeque<(u64, u64, PendingCopy)>,
+        unflushed: &mut Vec<(u64, u64)>,
     ) -> Result<(u64, u64), String> {
         let (pos, len, c) = window.pop_front().expect("non-empty window");
         let bytes = c.bytes;
         let acked = c.acked().await;
         self.storage.end_copy(&p.name, peer, pos, len, acked).map_err(|e| e.to_string())?;
         if acked {
+            unflushed.push((pos, len));
+        }
+        if acked {
             Ok((len, bytes))
         } else {
             Err(format!("{peer} did not acknowledge a resync write"))
         }
+    }
+
+    /// Flush `peer` and, if every copy since the last checkpoint was
+    /// acknowledged on the connection that flushed, write the bitmap with
+    /// their bits clear. Otherwise they are dirty again and the pass ends.
+    async fn checkpoint(
+        &self,
+        p: &PrimaryVolume,
+        peer: &str,
+        link: &crate::repl::link::Link,
+        generation: &mut u64,
+        unflushed: &mut Vec<(u64, u64)>,
+    ) -> Result<(), String> {
+        let flushed = p.flush_peer(peer).await;
+        if !flushed || link.generation() != *generation {
+            for (pos, len) in unflushed.drain(..) {
+                self.storage.mark_dirty(&p.name, peer, pos, len).map_err(|e| e.to_string())?;
+            }
+            *generation = link.generation();
+            return Err(format!(
+                "{peer} did not make the resync copies durable (flush failed or the link reconnected)"
+            ));
+        }
+        unflushed.clear();
+        self.storage.persist_dirty(&p.name, peer).map_err(|e| e.to_string())
     }
 
     fn note_progress(&self, key: &(String, String), total_left: u64, done: u64, started: Instant) {
@@ -640,6 +827,14 @@ impl ReplicaSink for VolumeManager {
             }
             for (off, len) in self.storage.hot_extents(&v.name) {
                 out.push((v.name.clone(), off, len));
+            }
+            // Regions this copy wrote as primary while another replica was
+            // out of sync: after a forced `site activate` elsewhere, the new
+            // primary lacks them, and must overwrite them here.
+            for other in v.replicas.iter().filter(|r| **r != self.me) {
+                for (off, len) in self.storage.dirty_regions(&v.name, other) {
+                    out.push((v.name.clone(), off, len));
+                }
             }
         }
         out

@@ -125,6 +125,9 @@ pub struct PrimaryVolume {
     idle: tokio::sync::Notify,
     /// Per-volume IOPS and bandwidth limits from the volume spec (0 = none).
     limiter: crate::store::rate_limiter::RateLimiter,
+    /// False until the start-of-primaryship reconciliation is done
+    /// ([`set_ready`](Self::set_ready)): client I/O waits for it.
+    ready: AtomicBool,
 }
 
 /// A resync copy queued to a peer and not yet acknowledged.
@@ -184,7 +187,25 @@ impl PrimaryVolume {
             active: std::sync::atomic::AtomicUsize::new(0),
             idle: tokio::sync::Notify::new(),
             limiter: crate::store::rate_limiter::RateLimiter::unlimited(),
+            ready: AtomicBool::new(true),
         }
+    }
+
+    /// Hold client I/O until [`set_ready`](Self::set_ready): the volume
+    /// manager reconciles the activity logs of this node and its peers first
+    /// (every change of primary, every restart).
+    pub fn hold_until_reconciled(self) -> Self {
+        self.ready.store(false, Ordering::SeqCst);
+        self
+    }
+
+    /// Reconciliation done: serve.
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
     }
 
     /// Apply the volume spec's limits (0 = unlimited).
@@ -247,8 +268,21 @@ impl PrimaryVolume {
         }
     }
 
-    /// Wait for a valid lease (policy `suspend`) or fail (policy `error`).
+    /// Wait for a valid lease (policy `suspend`) or fail (policy `error`),
+    /// then for the start-of-primaryship reconciliation.
     async fn gate(&self) -> BlockResult<()> {
+        loop {
+            self.gate_lease().await?;
+            if self.is_ready() {
+                return Ok(());
+            }
+            tokio::time::sleep(SUSPEND_POLL).await;
+        }
+    }
+
+    /// The lease half of [`gate`](Self::gate) (the reconciliation itself
+    /// and `degrade` use it: they run before the volume is ready).
+    async fn gate_lease(&self) -> BlockResult<()> {
         loop {
             if self.is_deposed() {
                 return Err(BlockError::Shutdown(format!("{} is no longer the primary", self.me)));
@@ -269,6 +303,11 @@ impl PrimaryVolume {
                 }
             }
         }
+    }
+
+    /// Still serving under a valid lease right now (no waiting)?
+    fn lease_holds(&self) -> bool {
+        !self.is_deposed() && self.ctl.lease_valid(&self.name, self.first_epoch)
     }
 
     fn check_range(&self, offset: u64, len: u64) -> BlockResult<()> {
@@ -311,27 +350,31 @@ impl PrimaryVolume {
             .collect()
     }
 
-    /// Receivers of every registered op (call under the order lock).
-    fn all_inflight(&self) -> Vec<watch::Receiver<bool>> {
-        self.inflight.lock().expect("poisoned").ops.iter().map(|(_, _, rx)| rx.clone()).collect()
-    }
-
     /// The mirrored mutation path shared by write, zero and flush.
     async fn mutate(&self, op: OpKind, fua: bool, region: Option<(u64, u64)>) -> BlockResult<()> {
         let _active = self.enter();
         self.gate().await?;
         self.limiter.acquire(region.map(|r| r.1).unwrap_or(0)).await;
+        // The wait in the limiter may have outlived the lease.
+        self.gate().await?;
         let is_flush = matches!(op, OpKind::Flush);
-        let (epoch, waits, guard, deps, flush_seq) = {
+        let (epoch, waits, guard, deps, flush_seq) = loop {
+            if let Some((off, len)) = region {
+                if self.ctl.touch_would_flush(&self.name, off, len) {
+                    // The activity log is full of extents no mirrored flush
+                    // covers yet: make one, so they may cool.
+                    Box::pin(self.mirrored_flush()).await?;
+                }
+            }
             let s = self.state.lock().await;
             let flush_seq = if is_flush { self.ctl.flush_begin(&self.name) } else { 0 };
             if let Some((off, len)) = region {
-                if self.ctl.touch_would_flush(&self.name, off, len) {
-                    // The activity log is full and will flush locally to cool
-                    // extents: that flush must cover every earlier write.
-                    wait_all(self.all_inflight()).await;
+                match self.ctl.touch_extent(&self.name, off, len) {
+                    Ok(()) => {}
+                    // Filled up since we asked: flush again, outside the lock.
+                    Err(e) if super::storage::is_activity_log_full(&e) => continue,
+                    Err(e) => return Err(BlockError::Io(e)),
                 }
-                self.ctl.touch_extent(&self.name, off, len).map_err(BlockError::Io)?;
                 for p in s.stale_peers.iter().filter(|p| !s.catching_up.contains(p)) {
                     self.ctl.mark_dirty(&self.name, p, off, len).map_err(BlockError::Io)?;
                 }
@@ -359,7 +402,7 @@ impl PrimaryVolume {
                 waits.push((peer.clone(), gating, rx));
             }
             let (guard, deps) = self.register(region);
-            (s.epoch, waits, guard, deps, flush_seq)
+            break (s.epoch, waits, guard, deps, flush_seq);
         };
         // Outside the order lock: the replicas apply the op meanwhile.
         wait_all(deps).await;
@@ -393,6 +436,11 @@ impl PrimaryVolume {
                     } else if let Some((off, len)) = region {
                         // A catching-up replica missed a live write: re-dirty it.
                         self.ctl.mark_dirty(&self.name, &peer, off, len).map_err(BlockError::Io)?;
+                    } else {
+                        // It missed a FLUSH: whatever it acknowledged from its
+                        // cache may be gone. Mark every extent no mirrored
+                        // flush covers yet, before this flush lets them cool.
+                        self.ctl.mark_all_outstanding(&self.name, &peer).map_err(BlockError::Io)?;
                     }
                 }
             }
@@ -402,7 +450,143 @@ impl PrimaryVolume {
         } else if is_flush && local.is_ok() {
             self.ctl.flush_done(&self.name, flush_seq);
         }
+        if let (Err(e), Some((off, len)), false) = (&local, region, is_flush) {
+            // The replicas applied a change the local copy failed to: the
+            // copies differ. Put the local bytes back on every in-sync
+            // replica (the client gets the error, so either content is
+            // allowed, but in-sync copies must be identical).
+            tracing::error!(volume = %self.name, offset = off, len, error = %e, "local write failed after the replicas applied it; restoring the replicas from the local copy");
+            self.restore_peers(off, len).await?;
+        }
         local
+    }
+
+    /// A FLUSH mirrored to every in-sync replica (and catching-up one): on
+    /// success the activity log may cool what it covers.
+    async fn mirrored_flush(&self) -> BlockResult<()> {
+        self.mutate(OpKind::Flush, true, None).await
+    }
+
+    /// Copy `[off, off+len)` from the local copy to every in-sync replica and
+    /// make it durable there; a replica that fails is taken out of `in_sync`
+    /// with the range marked dirty for it.
+    async fn restore_peers(&self, off: u64, len: u64) -> BlockResult<()> {
+        let peers = self.state.lock().await.in_sync_peers.clone();
+        let mut failed = Vec::new();
+        for peer in peers {
+            let ok = match self.send_copy(&peer, off, len, |o, l| vec![(o, l)]).await {
+                Ok(Some(c)) => c.acked().await && self.flush_peer(&peer).await,
+                Ok(None) => false,
+                Err(e) => {
+                    // The local copy cannot even be read: it is the broken one.
+                    self.depose(&format!("local copy unreadable after a failed write: {e}"));
+                    return Err(e);
+                }
+            };
+            if !ok {
+                self.ctl.mark_dirty(&self.name, &peer, off, len).map_err(BlockError::Io)?;
+                failed.push(peer);
+            }
+        }
+        if !failed.is_empty() {
+            let epoch = self.state.lock().await.epoch;
+            self.degrade(epoch, &failed, Some((off, len))).await?;
+        }
+        Ok(())
+    }
+
+    /// Make everything `peer` acknowledged so far durable there (a FLUSH on
+    /// the link, ordered after every op sent before). True when it did.
+    pub async fn flush_peer(&self, peer: &str) -> bool {
+        let Some(link) = self.ctl.link(peer) else { return false };
+        let epoch = self.state.lock().await.epoch;
+        let rx = link
+            .enqueue(OutOp {
+                volume: self.name.clone(),
+                epoch,
+                size: self.size,
+                fua: true,
+                resync: true,
+                op: OpKind::Flush,
+            })
+            .await;
+        matches!(
+            tokio::time::timeout(self.ack_timeout * 5, rx).await,
+            Ok(Ok(Ok(Ack { status: AckStatus::Ok, .. })))
+        )
+    }
+
+    /// Ask `peer` for its activity-log extents of this volume (a `QueryHot`
+    /// op at this primary's epoch). None if it did not answer.
+    pub async fn query_hot(&self, peer: &str) -> Option<Vec<(u64, u64)>> {
+        let link = self.ctl.link(peer)?;
+        let epoch = self.state.lock().await.epoch;
+        let rx = link
+            .enqueue(OutOp {
+                volume: self.name.clone(),
+                epoch,
+                size: self.size,
+                fua: false,
+                resync: true,
+                op: OpKind::QueryHot,
+            })
+            .await;
+        match tokio::time::timeout(self.ack_timeout * 3, rx).await {
+            Ok(Ok(Ok(Ack { status: AckStatus::Ok, ranges, .. }))) => Some(ranges),
+            _ => None,
+        }
+    }
+
+    /// Tell `peer` to forget its activity-log extents (our copies over them
+    /// are durable there). Best effort: kept extents only cost a copy later.
+    pub async fn clear_peer_hot(&self, peer: &str) {
+        let Some(link) = self.ctl.link(peer) else { return };
+        let epoch = self.state.lock().await.epoch;
+        let rx = link
+            .enqueue(OutOp {
+                volume: self.name.clone(),
+                epoch,
+                size: self.size,
+                fua: false,
+                resync: true,
+                op: OpKind::ClearHot,
+            })
+            .await;
+        let _ = tokio::time::timeout(self.ack_timeout, rx).await;
+    }
+
+    /// `peer` answered from a new session: it may have lost every write no
+    /// completed flush on it covers. Mark those (the hot extents) dirty for
+    /// it, stop mirroring to it as catching up, and take it out of `in_sync`
+    /// through a committed change before it gates acknowledgements again.
+    pub async fn peer_lost_cache(&self, peer: &str) -> BlockResult<()> {
+        let (in_sync, epoch) = {
+            let mut s = self.state.lock().await;
+            let known = s.in_sync_peers.iter().chain(s.stale_peers.iter()).any(|p| p == peer);
+            if !known {
+                return Ok(());
+            }
+            self.ctl.mark_all_outstanding(&self.name, peer).map_err(BlockError::Io)?;
+            s.catching_up.retain(|p| p != peer);
+            (s.in_sync_peers.iter().any(|p| p == peer), s.epoch)
+        };
+        if in_sync {
+            self.degrade(epoch, &[peer.to_string()], None).await?;
+        }
+        Ok(())
+    }
+
+    /// Take `failed` out of `in_sync` (committed) with `ranges` marked dirty
+    /// for them: the start-of-primaryship reconciliation could not make
+    /// their copies equal to ours.
+    pub async fn degrade_with(&self, failed: &[String], ranges: &[(u64, u64)]) -> BlockResult<()> {
+        for p in failed {
+            for (off, len) in ranges {
+                self.ctl.mark_dirty(&self.name, p, *off, *len).map_err(BlockError::Io)?;
+            }
+        }
+        let epoch = self.state.lock().await.epoch;
+        self.degrade(epoch, failed, None).await
     }
 
     /// Remove `failed` replicas from `in_sync` through a committed change,
@@ -447,7 +631,7 @@ impl PrimaryVolume {
                                 self.depose("lost primaryship while degrading");
                                 return Err(BlockError::Shutdown("volume moved".into()));
                             }
-                            self.gate().await?;
+                            self.gate_lease().await?;
                             tokio::time::sleep(Duration::from_millis(100)).await;
                             continue;
                         }
@@ -591,7 +775,16 @@ impl BlockDevice for PrimaryVolume {
         let _active = self.enter();
         self.gate().await?;
         self.limiter.acquire(u64::from(len)).await;
-        self.local.read(offset, len).await
+        loop {
+            // The wait in the limiter (or the read itself) may outlive the
+            // lease; a newer primary may have overwritten the range since.
+            // Only data read entirely under a valid lease is returned.
+            self.gate().await?;
+            let data = self.local.read(offset, len).await?;
+            if self.lease_holds() {
+                return Ok(data);
+            }
+        }
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> BlockResult<()> {

@@ -6,6 +6,19 @@ use crate::block::BlockDevice;
 use metro_quorum::VolumeId;
 use std::sync::Arc;
 
+/// `touch_extent` found every hot extent unflushed: the primary must make a
+/// mirrored FLUSH (durable on every in-sync copy) before it may add one.
+#[derive(Debug, thiserror::Error)]
+#[error("activity log full: all {hot} hot extents hold writes no mirrored flush covers yet")]
+pub struct ActivityLogFull {
+    pub hot: usize,
+}
+
+/// Is `e` an [`ActivityLogFull`]?
+pub fn is_activity_log_full(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|i| i.is::<ActivityLogFull>())
+}
+
 pub trait VolumeStorage: Send + Sync + 'static {
     /// Open the local replica of the committed volume `name` with id `id`,
     /// creating an empty thin one if missing. A replica of an earlier volume
@@ -29,7 +42,8 @@ pub trait VolumeStorage: Send + Sync + 'static {
     fn persist_epoch(&self, name: &str, epoch: u64) -> std::io::Result<()>;
     /// Activity log: durably mark the extents covering a range hot.
     fn touch_extent(&self, name: &str, offset: u64, len: u64) -> std::io::Result<()>;
-    /// Would `touch_extent` flush the local copy to make room (log full)?
+    /// Would `touch_extent` refuse with [`ActivityLogFull`] (the primary then
+    /// makes a mirrored FLUSH first)?
     fn touch_would_flush(&self, _name: &str, _offset: u64, _len: u64) -> bool {
         false
     }

@@ -1,0 +1,348 @@
+//! Crash safety of the real write path (issue 12), two nodes in one process:
+//! two real `VolumeManager`s (a1, b1) over `FileStorage` (activity log,
+//! bitmaps, superblocks on disk), joined by real replication links and
+//! servers over in-memory pipes (the link's `Transport` seam). The committed
+//! state is a `ClusterState` that proposals change through the real `apply`;
+//! each node holds a lease on the volumes it is primary of.
+//!
+//! A "restart" drops a node's manager, its links and its server side, and
+//! starts a new one on the same directory: a new replica session, the
+//! activity log recovered from disk.
+//!
+//! Classes covered here: 1 (a primary restarting after a crash reconciles
+//! its activity log before serving), 2 (a replica that restarts under a new
+//! session leaves `in_sync` and is resynced), 4 (a planned move reconciles
+//! the old primary's unacknowledged extents over an existing link).
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use metro_api::config::Role;
+use metro_node::block::{BlockDevice, ExportRegistry};
+use metro_node::repl::link::{BoxStream, Dialer, LinkError, Transport};
+use metro_node::repl::server::ReplicaSink;
+use metro_node::store::{NodeStore, DEFAULT_REGION_BYTES};
+use metro_node::volume::file_storage::FileStorage;
+use metro_node::volume::manager::{ClusterView, VolumeManager};
+use metro_node::volume::storage::VolumeStorage;
+use metro_quorum::state::raft_id_of;
+use metro_quorum::{ClusterState, Command, CommandResult, LeasePolicy, NodeRecord, VolumeId, VolumeRecord};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+
+const SIZE: u64 = 16 << 20;
+/// Small activity-log extents keep the copies small.
+const EXTENT: u64 = 1 << 20;
+const BLOCK: usize = 4096;
+
+/// The committed state both nodes follow.
+struct Cluster {
+    tx: watch::Sender<Arc<ClusterState>>,
+    /// Leases: nodes whose lease on their primaries is valid.
+    leased: Mutex<Vec<String>>,
+}
+
+struct View {
+    me: String,
+    cluster: Arc<Cluster>,
+}
+
+#[async_trait]
+impl ClusterView for View {
+    fn state(&self) -> watch::Receiver<Arc<ClusterState>> {
+        self.cluster.tx.subscribe()
+    }
+    fn lease_valid(&self, volume: &str, min_epoch: u64) -> bool {
+        let s = self.cluster.tx.borrow().clone();
+        self.cluster.leased.lock().unwrap().contains(&self.me)
+            && s.volumes
+                .get(volume)
+                .is_some_and(|v| v.primary.as_deref() == Some(self.me.as_str()) && v.epoch >= min_epoch)
+    }
+    async fn propose(&self, cmd: Command) -> Result<CommandResult, String> {
+        let mut s = (*self.cluster.tx.borrow().clone()).clone();
+        let r = s.apply(&cmd);
+        if matches!(r, CommandResult::Ok { .. }) {
+            self.cluster.tx.send_replace(Arc::new(s));
+        }
+        Ok(r)
+    }
+}
+
+/// Live managers by replication address, and their server-side tasks.
+#[derive(Default)]
+struct Net {
+    nodes: Mutex<HashMap<String, Arc<VolumeManager>>>,
+    servers: Mutex<HashMap<String, Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+struct Pipe(Arc<Net>);
+
+#[async_trait]
+impl Transport for Pipe {
+    async fn dial(&self, addr: &str, peer: &str) -> Result<BoxStream, LinkError> {
+        let m = self.0.nodes.lock().unwrap().get(addr).cloned();
+        let Some(m) = m else { return Err(LinkError::Down(format!("{peer} (not running)"))) };
+        // client <-> relay <-> server: aborting the relay (the "process"
+        // dying) closes both ends, as a dead peer's sockets would.
+        let (client, mut near) = tokio::io::duplex(4 << 20);
+        let (mut far, server) = tokio::io::duplex(4 << 20);
+        let sink: Arc<dyn ReplicaSink> = m;
+        tokio::spawn(async move {
+            let _ = metro_node::repl::server::serve_stream(server, sink).await;
+        });
+        let relay = tokio::spawn(async move {
+            let _ = tokio::io::copy_bidirectional(&mut near, &mut far).await;
+        });
+        self.0.servers.lock().unwrap().entry(addr.to_string()).or_default().push(relay);
+        Ok(Box::new(client))
+    }
+}
+
+struct Node {
+    id: String,
+    dir: PathBuf,
+    manager: Arc<VolumeManager>,
+    storage: Arc<dyn VolumeStorage>,
+    stop: watch::Sender<bool>,
+}
+
+struct Pair {
+    _tmp: tempfile::TempDir,
+    cluster: Arc<Cluster>,
+    net: Arc<Net>,
+    nodes: HashMap<String, Node>,
+}
+
+fn record(id: &str) -> NodeRecord {
+    NodeRecord {
+        id: id.into(),
+        raft_id: raft_id_of(id),
+        site: if id.starts_with('a') { "dc-a".into() } else { "dc-b".into() },
+        role: Role::Storage,
+        api: format!("{id}:7443"),
+        nbd: None,
+        replication: Some(id.to_string()),
+        capacity_bytes: 1 << 30,
+        timings: None,
+    }
+}
+
+impl Pair {
+    /// Volume `v` on a1 (primary) and b1, both in sync, a1 holding a lease.
+    async fn new() -> Pair {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = ClusterState::default();
+        for n in ["a1", "b1"] {
+            s.nodes.insert(n.into(), record(n));
+        }
+        s.volumes.insert(
+            "v".into(),
+            VolumeRecord {
+                name: "v".into(),
+                id: VolumeId { serial: 1, nonce: 0xfeed },
+                size_bytes: SIZE,
+                iops_limit: 0,
+                bandwidth_limit: 0,
+                lease_policy: LeasePolicy::Suspend,
+                replicas: vec!["a1".into(), "b1".into()],
+                in_sync: vec!["a1".into(), "b1".into()],
+                primary: Some("a1".into()),
+                epoch: 1,
+            },
+        );
+        s.volume_serial = 1;
+        let (tx, _) = watch::channel(Arc::new(s));
+        let cluster = Arc::new(Cluster { tx, leased: Mutex::new(vec!["a1".into(), "b1".into()]) });
+        let mut p = Pair { cluster, net: Arc::default(), nodes: HashMap::new(), _tmp: tmp };
+        for id in ["a1", "b1"] {
+            let dir = p._tmp.path().join(id);
+            p.start(id, &dir);
+        }
+        p
+    }
+
+    fn start(&mut self, id: &str, dir: &Path) {
+        metro_api::tls::install_crypto_provider();
+        std::fs::create_dir_all(dir).unwrap();
+        let store = NodeStore::open(dir, Some(1 << 30)).unwrap();
+        let storage: Arc<dyn VolumeStorage> =
+            Arc::new(FileStorage::with_store(store, DEFAULT_REGION_BYTES, EXTENT));
+        let dialer = Dialer {
+            my_node: id.into(),
+            transport: Arc::new(Pipe(self.net.clone())),
+            on_hot: None,
+            on_session: None,
+        };
+        let view = Arc::new(View { me: id.into(), cluster: self.cluster.clone() });
+        let m = VolumeManager::new(id.into(), view, storage.clone(), dialer, Duration::from_millis(500));
+        let (stop, stop_rx) = watch::channel(false);
+        m.spawn(stop_rx);
+        self.net.nodes.lock().unwrap().insert(id.into(), m.clone());
+        self.nodes
+            .insert(id.into(), Node { id: id.into(), dir: dir.to_path_buf(), manager: m, storage, stop });
+    }
+
+    /// The process dies (its page cache survives: the data files keep every
+    /// write) and starts again at once on the same directory.
+    async fn restart(&mut self, id: &str) {
+        let node = self.nodes.remove(id).unwrap();
+        let _ = node.stop.send(true);
+        self.net.nodes.lock().unwrap().remove(&node.id);
+        for t in self.net.servers.lock().unwrap().remove(&node.id).unwrap_or_default() {
+            t.abort();
+        }
+        let dir = node.dir.clone();
+        drop(node);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.start(id, &dir);
+    }
+
+    fn state(&self) -> Arc<ClusterState> {
+        self.cluster.tx.borrow().clone()
+    }
+
+    async fn propose(&self, cmd: Command) -> CommandResult {
+        View { me: "test".into(), cluster: self.cluster.clone() }.propose(cmd).await.unwrap()
+    }
+
+    /// The primary's device once it serves (reconciled, under its lease).
+    async fn export(&self, id: &str) -> Arc<dyn BlockDevice> {
+        let m = &self.nodes[id].manager;
+        for _ in 0..200 {
+            if let Ok(d) = m.open("v") {
+                // A read returns only once the volume is reconciled and leased.
+                if tokio::time::timeout(Duration::from_millis(100), d.read(0, 512)).await.is_ok() {
+                    return d;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("{id} never served v");
+    }
+
+    /// The bytes of `v` as `id`'s local replica holds them.
+    async fn replica_bytes(&self, id: &str) -> Vec<u8> {
+        let n = &self.nodes[id];
+        let (dev, _) = n.storage.open_or_create("v", SIZE, self.state().volumes["v"].id).unwrap();
+        dev.read(0, SIZE as u32).await.unwrap().to_vec()
+    }
+
+    /// Wait until `v` has every replica in sync.
+    async fn wait_in_sync(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < deadline {
+            if self.state().volumes["v"].in_sync.len() == 2 {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+}
+
+fn block(byte: u8) -> Bytes {
+    Bytes::from(vec![byte; BLOCK])
+}
+
+/// Blocks (4 KiB) where the two replicas differ.
+fn differing_blocks(a: &[u8], b: &[u8]) -> Vec<usize> {
+    a.chunks(BLOCK).zip(b.chunks(BLOCK)).enumerate().filter(|(_, (x, y))| x != y).map(|(i, _)| i).collect()
+}
+
+async fn assert_identical(p: &Pair, what: &str) {
+    let (a, b) = (p.replica_bytes("a1").await, p.replica_bytes("b1").await);
+    let diff = differing_blocks(&a, &b);
+    assert!(
+        diff.is_empty(),
+        "{what}: in-sync replicas differ in {} blocks, first {:?}",
+        diff.len(),
+        &diff[..diff.len().min(8)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn class1_a_primary_restarting_after_a_crash_reconciles_its_hot_extents_before_serving() {
+    let mut p = Pair::new().await;
+    let dev = p.export("a1").await;
+    dev.write(0, block(0xaa), false).await.unwrap();
+    dev.write(8 << 20, block(0xab), false).await.unwrap();
+    drop(dev);
+    // The crash comes in the middle of a write: a1 wrote it locally (its
+    // activity log has the extent hot), b1 never got it.
+    let a1 = &p.nodes["a1"];
+    a1.storage.touch_extent("v", 8 << 20, BLOCK as u64).unwrap();
+    let (local, _) = a1.storage.open_or_create("v", SIZE, p.state().volumes["v"].id).unwrap();
+    local.write(8 << 20, block(0xcc), false).await.unwrap();
+    drop(local);
+    p.restart("a1").await;
+    // a1 comes back as primary at the same epoch: before it serves, b1 must
+    // hold what a1 holds.
+    let epoch = p.state().volumes["v"].epoch;
+    let dev = p.export("a1").await;
+    assert_eq!(p.state().volumes["v"].epoch, epoch, "no reconfiguration was needed");
+    assert_eq!(dev.read(8 << 20, BLOCK as u32).await.unwrap(), block(0xcc));
+    assert_identical(&p, "after a1's restart as primary").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn class2_a_replica_under_a_new_session_leaves_in_sync_and_comes_back_identical() {
+    let mut p = Pair::new().await;
+    let dev = p.export("a1").await;
+    for i in 0..16u64 {
+        dev.write(i * (1 << 20), block(i as u8 + 1), false).await.unwrap();
+    }
+    let epoch = p.state().volumes["v"].epoch;
+    // b1 restarts: a new session. It may have lost every write that no
+    // flush covered (a power cut empties the page cache).
+    p.restart("b1").await;
+    let mut left = false;
+    for _ in 0..250 {
+        let v = p.state().volumes["v"].clone();
+        if v.epoch > epoch {
+            left = !v.in_sync.contains(&"b1".to_string()) || v.epoch >= epoch + 2;
+            if left {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(left, "b1 came back under a new session and stayed in in_sync: {:?}", p.state().volumes["v"]);
+    // It resyncs the extents no flush covered and rejoins.
+    assert!(p.wait_in_sync(Duration::from_secs(15)).await, "b1 never rejoined: {:?}", p.state().volumes["v"]);
+    dev.write(3 << 20, block(0x77), false).await.unwrap();
+    assert_identical(&p, "after b1 rejoined").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn class4_a_planned_move_over_an_existing_link_reconciles_the_old_primarys_extents() {
+    let p = Pair::new().await;
+    let dev = p.export("a1").await;
+    dev.write(0, block(0x11), false).await.unwrap();
+    // b1 already has a link to a1? Make it: b1 is the one dialling after the
+    // move; a1's link to b1 is up (it mirrors writes).
+    // A write in flight when a1 is deposed: local on a1, never on b1.
+    let a1 = &p.nodes["a1"];
+    a1.storage.touch_extent("v", 5 << 20, BLOCK as u64).unwrap();
+    let (local, _) = a1.storage.open_or_create("v", SIZE, p.state().volumes["v"].id).unwrap();
+    local.write(5 << 20, block(0x55), false).await.unwrap();
+    drop(local);
+    drop(dev);
+    let epoch = p.state().volumes["v"].epoch;
+    let r = p
+        .propose(Command::ChangeVolume {
+            name: "v".into(),
+            expected_epoch: epoch,
+            primary: Some("b1".into()),
+            in_sync: vec!["a1".into(), "b1".into()],
+            rejoin: None,
+        })
+        .await;
+    assert!(matches!(r, CommandResult::Ok { .. }), "{r:?}");
+    let dev = p.export("b1").await;
+    assert_eq!(dev.read(5 << 20, BLOCK as u32).await.unwrap(), Bytes::from(vec![0u8; BLOCK]));
+    assert!(p.state().volumes["v"].in_sync.len() == 2 || p.wait_in_sync(Duration::from_secs(15)).await);
+    assert_identical(&p, "after the move to b1").await;
+}
