@@ -20,6 +20,10 @@ struct Script {
     commits: Mutex<Vec<(u64, Vec<String>)>>,
     dirty: Mutex<Vec<(String, u64, u64)>>,
     refuse_commit: Mutex<bool>,
+    /// The activity log is full until a mirrored flush completes.
+    full: Mutex<bool>,
+    /// Activity-log calls in order ("touch", "flush_done").
+    events: Mutex<Vec<String>>,
 }
 
 #[async_trait]
@@ -35,12 +39,22 @@ impl VolumeControl for Script {
         None // every peer is unreachable
     }
     fn touch_extent(&self, _: &str, _: u64, _: u64) -> std::io::Result<()> {
+        if *self.full.lock().unwrap() {
+            return Err(std::io::Error::other(metro_node::volume::storage::ActivityLogFull { hot: 1 }));
+        }
+        self.events.lock().unwrap().push("touch".into());
         Ok(())
+    }
+    fn touch_would_flush(&self, _: &str, _: u64, _: u64) -> bool {
+        *self.full.lock().unwrap()
     }
     fn flush_begin(&self, _: &str) -> u64 {
         0
     }
-    fn flush_done(&self, _: &str, _: u64) {}
+    fn flush_done(&self, _: &str, _: u64) {
+        *self.full.lock().unwrap() = false;
+        self.events.lock().unwrap().push("flush_done".into());
+    }
     fn mark_dirty(&self, _: &str, peer: &str, off: u64, len: u64) -> std::io::Result<()> {
         self.dirty.lock().unwrap().push((peer.into(), off, len));
         Ok(())
@@ -254,4 +268,46 @@ async fn a_deposed_primary_is_drained_only_after_its_in_flight_writes_return() {
     assert!(p.drained(Duration::from_secs(1)).await, "drained once the held write returned");
     assert!(slow.is_finished(), "the held write finished before the drain was reported");
     slow.await.unwrap().expect("the in-flight write completes");
+}
+
+/// Issue 12, class 3: activity-log extents cool only after a flush that is
+/// durable on every in-sync replica. A full log makes the primary issue a
+/// mirrored FLUSH (whose completion is `flush_done`) before it adds an
+/// extent, never a local-only flush.
+#[tokio::test]
+async fn class3_a_full_activity_log_makes_a_mirrored_flush_before_an_extent_is_added() {
+    let s = Arc::new(Script::default());
+    *s.lease.lock().unwrap() = true;
+    *s.primary.lock().unwrap() = true;
+    *s.full.lock().unwrap() = true;
+    let p = PrimaryVolume::new(
+        "v".into(),
+        1 << 20,
+        Arc::new(MemVolume::new(1 << 20)),
+        "a1".into(),
+        ReplState { epoch: 1, in_sync_peers: vec![], stale_peers: vec![], catching_up: vec![] },
+        s.clone(),
+        Duration::from_millis(200),
+        LeasePolicy::Error,
+    );
+    p.write(0, Bytes::from(vec![1u8; 4096]), false).await.unwrap();
+    assert_eq!(*s.events.lock().unwrap(), vec!["flush_done".to_string(), "touch".to_string()]);
+}
+
+/// Issue 12, class 7: a read that waited in the rate limiter past the end of
+/// its lease returns no data (a newer primary may have overwritten it).
+#[tokio::test(start_paused = true)]
+async fn class7_a_read_that_outlived_its_lease_in_the_rate_limiter_returns_no_data() {
+    let s = Arc::new(Script::default());
+    let p = Arc::new(primary(s.clone(), LeasePolicy::Error).with_limits(1, 0));
+    p.read(0, 4096).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let p2 = p.clone();
+    let read = tokio::spawn(async move { p2.read(0, 4096).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!read.is_finished(), "the second read must be waiting in the limiter");
+    *s.lease.lock().unwrap() = false;
+    let r = read.await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(500), "it waited for its token");
+    assert!(r.is_err(), "a read returned data after its lease ended: {r:?}");
 }
