@@ -165,11 +165,18 @@ impl Pair {
     }
 
     fn start(&mut self, id: &str, dir: &Path) {
+        self.start_with(id, dir, false);
+    }
+
+    fn start_with(&mut self, id: &str, dir: &Path, cache_lost: bool) {
         metro_api::tls::install_crypto_provider();
         std::fs::create_dir_all(dir).unwrap();
         let store = NodeStore::open(dir, Some(1 << 30)).unwrap();
-        let storage: Arc<dyn VolumeStorage> =
-            Arc::new(FileStorage::with_store(store, DEFAULT_REGION_BYTES, EXTENT));
+        let fs = FileStorage::with_store(store, DEFAULT_REGION_BYTES, EXTENT);
+        if cache_lost {
+            fs.assume_cache_lost();
+        }
+        let storage: Arc<dyn VolumeStorage> = Arc::new(fs);
         let dialer = Dialer {
             my_node: id.into(),
             transport: Arc::new(Pipe(self.net.clone())),
@@ -188,6 +195,11 @@ impl Pair {
     /// The process dies (its page cache survives: the data files keep every
     /// write) and starts again at once on the same directory.
     async fn restart(&mut self, id: &str) {
+        self.restart_with(id, false).await
+    }
+
+    /// `cache_lost`: the machine lost power (unflushed writes are gone).
+    async fn restart_with(&mut self, id: &str, cache_lost: bool) {
         let node = self.nodes.remove(id).unwrap();
         let _ = node.stop.send(true);
         self.net.nodes.lock().unwrap().remove(&node.id);
@@ -197,7 +209,7 @@ impl Pair {
         let dir = node.dir.clone();
         drop(node);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        self.start(id, &dir);
+        self.start_with(id, &dir, cache_lost);
     }
 
     fn state(&self) -> Arc<ClusterState> {
@@ -345,4 +357,46 @@ async fn class4_a_planned_move_over_an_existing_link_reconciles_the_old_primarys
     assert_eq!(dev.read(5 << 20, BLOCK as u32).await.unwrap(), Bytes::from(vec![0u8; BLOCK]));
     assert!(p.state().volumes["v"].in_sync.len() == 2 || p.wait_in_sync(Duration::from_secs(15)).await);
     assert_identical(&p, "after the move to b1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn class1_a_primary_restarting_after_a_power_cut_hands_over_and_keeps_acknowledged_writes() {
+    let mut p = Pair::new().await;
+    let dev = p.export("a1").await;
+    dev.write(0, block(0x0f), false).await.unwrap();
+    dev.flush().await.unwrap();
+    // Acknowledged by both, never flushed: a1's activity log has it hot.
+    dev.write(2 << 20, block(0xa5), false).await.unwrap();
+    drop(dev);
+    // a1 loses power: its cached copy of the write is gone.
+    let a1 = &p.nodes["a1"];
+    let (local, _) = a1.storage.open_or_create("v", SIZE, p.state().volumes["v"].id).unwrap();
+    local.write(2 << 20, Bytes::from(vec![0u8; BLOCK]), false).await.unwrap();
+    drop(local);
+    p.restart_with("a1", true).await;
+    // b1 holds the acknowledged write: it must be the copy that serves it.
+    let mut served_by = None;
+    for _ in 0..300 {
+        if let Some(pr) = p.state().volumes["v"].primary.clone() {
+            if pr == "b1" {
+                served_by = Some(pr);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        served_by.as_deref(),
+        Some("b1"),
+        "a1 kept serving its power-cut copy: {:?}",
+        p.state().volumes["v"]
+    );
+    let dev = p.export("b1").await;
+    assert_eq!(
+        dev.read(2 << 20, BLOCK as u32).await.unwrap(),
+        block(0xa5),
+        "the acknowledged write survived"
+    );
+    assert!(p.wait_in_sync(Duration::from_secs(20)).await, "a1 never rejoined: {:?}", p.state().volumes["v"]);
+    assert_identical(&p, "after a1's power cut as primary").await;
 }

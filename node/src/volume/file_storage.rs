@@ -29,6 +29,30 @@ pub struct FileStorage {
     region: u64,
     extent: u64,
     vols: Mutex<HashMap<String, Arc<Vol>>>,
+    /// This start follows a reboot or power cut (the boot id changed since
+    /// the last start on this data directory): unflushed writes are gone.
+    cache_lost: std::sync::atomic::AtomicBool,
+}
+
+/// The kernel's boot id (changes on every boot).
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Did the page cache go away since the last start on `dir`? Compares the
+/// boot id recorded there with this boot's, then records this boot's.
+fn cache_lost_since_last_start(dir: &std::path::Path) -> bool {
+    let path = dir.join("last-boot-id");
+    let now = boot_id();
+    let before = std::fs::read_to_string(&path).map(|s| s.trim().to_string()).ok();
+    if before.as_deref() != Some(now.as_str()) {
+        if let Err(e) = std::fs::write(&path, &now) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot record the boot id");
+        }
+    }
+    before.is_some_and(|b| b != now)
 }
 
 fn io(e: StoreError) -> std::io::Error {
@@ -38,18 +62,35 @@ fn io(e: StoreError) -> std::io::Error {
 impl FileStorage {
     pub fn open(cfg: &DaemonConfig) -> Result<FileStorage, StoreError> {
         let cap = (cfg.storage.capacity_bytes > 0).then_some(cfg.storage.capacity_bytes);
+        let store = NodeStore::open(&cfg.data_dir, cap)?;
+        let lost = cache_lost_since_last_start(&cfg.data_dir);
+        if lost {
+            tracing::warn!("the machine rebooted since the last start: unflushed writes here may be lost; volumes this node was primary of move to an in-sync replica first");
+        }
         Ok(FileStorage {
-            store: NodeStore::open(&cfg.data_dir, cap)?,
+            store,
             region: cfg.storage.dirty_region_bytes,
             extent: cfg.storage.activity_extent_bytes,
             vols: Mutex::default(),
+            cache_lost: std::sync::atomic::AtomicBool::new(lost),
         })
     }
 
     /// Over an open store, with dirty-bitmap regions and activity-log
     /// extents of the given sizes (tests; the daemon uses [`FileStorage::open`]).
     pub fn with_store(store: NodeStore, region: u64, extent: u64) -> FileStorage {
-        FileStorage { store, region, extent, vols: Mutex::default() }
+        FileStorage {
+            store,
+            region,
+            extent,
+            vols: Mutex::default(),
+            cache_lost: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Treat this start as one after a power cut (tests and the simulator).
+    pub fn assume_cache_lost(&self) {
+        self.cache_lost.store(true, Ordering::SeqCst);
     }
 
     fn vol(&self, name: &str) -> std::io::Result<Arc<Vol>> {
@@ -224,6 +265,10 @@ impl VolumeStorage for FileStorage {
 
     fn capacity(&self) -> (u64, u64) {
         (self.store.capacity_bytes().unwrap_or(0), self.store.used_bytes().unwrap_or(0))
+    }
+
+    fn cache_lost(&self) -> bool {
+        self.cache_lost.load(Ordering::SeqCst)
     }
 
     fn full_resyncs(&self, name: &str) -> u64 {

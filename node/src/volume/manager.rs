@@ -190,6 +190,16 @@ impl VolumeManager {
             return;
         }
         let own = self.storage.hot_extents(&name);
+        if !own.is_empty() && self.storage.cache_lost() && !in_sync_peers.is_empty() {
+            // This node lost its page cache (power cut, reboot) while it was
+            // primary: its copy of the hot extents may lack writes an in-sync
+            // replica acknowledged and still holds. Hand the volume to that
+            // replica instead of pushing our copy over it; it resyncs those
+            // extents back to us (it asks for them as it takes over).
+            if self.step_down_after_cache_loss(&p, &in_sync_peers).await {
+                return;
+            }
+        }
         let mut ranges: Vec<(u64, u64)> = own.clone();
         let mut failed: Vec<String> = Vec::new();
         let mut reported: Vec<String> = Vec::new();
@@ -264,6 +274,37 @@ impl VolumeManager {
         }
         p.set_ready();
         tracing::info!(volume = %name, bytes = total, copied_to = ?copy_to.iter().filter(|x| !failed.contains(x)).collect::<Vec<_>>(), degraded = ?failed, ms = started.elapsed().as_millis() as u64, "primary reconciled its activity log with its replicas; serving");
+    }
+
+    /// Move the primary role of `p` to a reachable in-sync replica and leave
+    /// `in_sync` (committed). True when done (the caller stops); false when
+    /// no replica could take it (this copy is then the best there is).
+    async fn step_down_after_cache_loss(&self, p: &Arc<PrimaryVolume>, in_sync_peers: &[String]) -> bool {
+        let state = self.state_now();
+        for peer in in_sync_peers {
+            let Some(link) = self.link_for(peer, &state) else { continue };
+            let deadline = Instant::now() + RECONCILE_CONNECT_WAIT;
+            while !link.is_connected() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if !link.is_connected() {
+                continue;
+            }
+            let epoch = p.repl_state().await.epoch;
+            let keep: Vec<String> = in_sync_peers.to_vec();
+            match change_volume(&*self.cluster, &p.name, epoch, Some(peer.clone()), keep, None, RESOLVE_WAIT)
+                .await
+            {
+                Ok(e) => {
+                    tracing::warn!(volume = %p.name, to = %peer, epoch = e, "restarted after losing the page cache as primary: handed the volume to an in-sync replica, which resyncs our hot extents");
+                    return true;
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %p.name, to = %peer, error = %e, "cannot hand the volume over after losing the page cache");
+                }
+            }
+        }
+        false
     }
 
     /// A returning replica reported ranges it may hold unacknowledged writes

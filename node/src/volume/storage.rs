@@ -83,6 +83,11 @@ pub trait VolumeStorage: Send + Sync + 'static {
     fn data_ranges(&self, name: &str, offset: u64, len: u64) -> Vec<(u64, u64)>;
     /// (capacity, used) in bytes.
     fn capacity(&self) -> (u64, u64);
+    /// Did this start follow a loss of the page cache (reboot, power cut)?
+    /// Then writes acknowledged from it may be gone from the local copies.
+    fn cache_lost(&self) -> bool {
+        false
+    }
     /// Full resyncs done so far (for reporting).
     fn full_resyncs(&self, name: &str) -> u64;
 }
