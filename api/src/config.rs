@@ -146,6 +146,13 @@ pub struct StorageConfig {
     pub activity_extent_bytes: u64,
     /// Largest NBD request accepted, in bytes.
     pub max_request_bytes: u32,
+    /// TEST ONLY (the lab's power-cut mode, `metroctl lab up --power-cut-mode`):
+    /// keep every unflushed write to volume data in the daemon's own memory,
+    /// so `kill -9` loses it as a power cut loses the page cache. Never set
+    /// this in production: a daemon crash then loses acknowledged writes
+    /// that were not flushed. Accepted on storage nodes only; the daemon
+    /// logs a warning at startup and for every volume it opens.
+    pub volatile_write_cache: bool,
 }
 
 impl Default for StorageConfig {
@@ -156,6 +163,7 @@ impl Default for StorageConfig {
             dirty_region_bytes: 64 * 1024,
             activity_extent_bytes: 4 * 1024 * 1024,
             max_request_bytes: 32 * 1024 * 1024,
+            volatile_write_cache: false,
         }
     }
 }
@@ -317,6 +325,12 @@ impl DaemonConfig {
         if st.max_request_bytes < 4096 || st.max_request_bytes > 128 * 1024 * 1024 {
             return Err(err("storage.max_request_bytes", "must be between 4 KiB and 128 MiB".into()));
         }
+        if st.volatile_write_cache && self.role != Role::Storage {
+            return Err(err(
+                "storage.volatile_write_cache",
+                "is a test-only mode for storage nodes (it keeps volume writes in memory); remove it".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -431,6 +445,20 @@ mod tests {
         let no_key = https.replace("key = \"/etc/metro/etcd.key\"\n", "");
         let e = DaemonConfig::parse("x.toml", &no_key).unwrap_err();
         assert_eq!(e.key, "etcd.cert", "{e}");
+    }
+
+    #[test]
+    fn the_test_only_volatile_write_cache_parses_and_a_bad_value_names_the_key() {
+        let cfg = DaemonConfig::parse("x.toml", TEMPLATE).unwrap();
+        assert!(!cfg.storage.volatile_write_cache, "off by default");
+        let with = |v: &str| TEMPLATE.replace("[storage]", &format!("[storage]\nvolatile_write_cache = {v}"));
+        let cfg = DaemonConfig::parse("x.toml", &with("true")).expect("true parses");
+        assert!(cfg.storage.volatile_write_cache);
+        let e = DaemonConfig::parse("x.toml", &with("\"yes\"")).unwrap_err();
+        assert!(e.to_string().contains("volatile_write_cache"), "the key is named: {e}");
+        let storageless = with("true").replace("role = \"storage\"", "role = \"storageless\"");
+        let e = DaemonConfig::parse("x.toml", &storageless).unwrap_err();
+        assert_eq!(e.key, "storage.volatile_write_cache", "{e}");
     }
 
     #[test]
