@@ -209,7 +209,13 @@ impl DaemonConfig {
     /// Parse and validate config text; `file` is only used in errors.
     pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
         let cfg: DaemonConfig = toml::from_str(text).map_err(|e| {
-            let key = e.message().split('`').nth(1).map(str::to_string).unwrap_or_else(|| "-".into());
+            let key = e
+                .message()
+                .split('`')
+                .nth(1)
+                .map(str::to_string)
+                .or_else(|| e.span().and_then(|s| key_at(text, s.start)))
+                .unwrap_or_else(|| "-".into());
             let line = e.span().map(|s| text[..s.start].lines().count().max(1)).unwrap_or(0);
             ConfigError { file: file.into(), key, reason: format!("line {line}: {}", e.message()) }
         })?;
@@ -383,6 +389,28 @@ impl DaemonConfig {
     }
 }
 
+/// The dotted key (`table.key`) of the `key = value` line holding byte
+/// `pos` of `text`, for errors whose message does not name it (a value of
+/// the wrong type).
+fn key_at(text: &str, pos: usize) -> Option<String> {
+    let start = text.get(..pos)?.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next()?;
+    let key = line.split_once('=')?.0.trim();
+    if key.is_empty() || key.starts_with('[') {
+        return None;
+    }
+    let table = text[..start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    Some(match table {
+        Some(t) if !t.is_empty() => format!("{t}.{key}"),
+        _ => key.to_string(),
+    })
+}
+
 /// Names are lowercase ASCII letters, digits and dashes, 1..=63 chars.
 pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
@@ -455,7 +483,7 @@ mod tests {
         let cfg = DaemonConfig::parse("x.toml", &with("true")).expect("true parses");
         assert!(cfg.storage.volatile_write_cache);
         let e = DaemonConfig::parse("x.toml", &with("\"yes\"")).unwrap_err();
-        assert!(e.to_string().contains("volatile_write_cache"), "the key is named: {e}");
+        assert_eq!(e.key, "storage.volatile_write_cache", "the key is named: {e}");
         let storageless = with("true").replace("role = \"storage\"", "role = \"storageless\"");
         let e = DaemonConfig::parse("x.toml", &storageless).unwrap_err();
         assert_eq!(e.key, "storage.volatile_write_cache", "{e}");
