@@ -146,6 +146,13 @@ pub struct StorageConfig {
     pub activity_extent_bytes: u64,
     /// Largest NBD request accepted, in bytes.
     pub max_request_bytes: u32,
+    /// TEST ONLY (the lab's power-cut mode, `metroctl lab up --power-cut-mode`):
+    /// keep every unflushed write to volume data in the daemon's own memory,
+    /// so `kill -9` loses it as a power cut loses the page cache. Never set
+    /// this in production: a daemon crash then loses acknowledged writes
+    /// that were not flushed. Accepted on storage nodes only; the daemon
+    /// logs a warning at startup and for every volume it opens.
+    pub volatile_write_cache: bool,
 }
 
 impl Default for StorageConfig {
@@ -156,6 +163,7 @@ impl Default for StorageConfig {
             dirty_region_bytes: 64 * 1024,
             activity_extent_bytes: 4 * 1024 * 1024,
             max_request_bytes: 32 * 1024 * 1024,
+            volatile_write_cache: false,
         }
     }
 }
@@ -201,7 +209,13 @@ impl DaemonConfig {
     /// Parse and validate config text; `file` is only used in errors.
     pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
         let cfg: DaemonConfig = toml::from_str(text).map_err(|e| {
-            let key = e.message().split('`').nth(1).map(str::to_string).unwrap_or_else(|| "-".into());
+            let key = e
+                .message()
+                .split('`')
+                .nth(1)
+                .map(str::to_string)
+                .or_else(|| e.span().and_then(|s| key_at(text, s.start)))
+                .unwrap_or_else(|| "-".into());
             let line = e.span().map(|s| text[..s.start].lines().count().max(1)).unwrap_or(0);
             ConfigError { file: file.into(), key, reason: format!("line {line}: {}", e.message()) }
         })?;
@@ -317,6 +331,12 @@ impl DaemonConfig {
         if st.max_request_bytes < 4096 || st.max_request_bytes > 128 * 1024 * 1024 {
             return Err(err("storage.max_request_bytes", "must be between 4 KiB and 128 MiB".into()));
         }
+        if st.volatile_write_cache && self.role != Role::Storage {
+            return Err(err(
+                "storage.volatile_write_cache",
+                "is a test-only mode for storage nodes (it keeps volume writes in memory); remove it".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -367,6 +387,28 @@ impl DaemonConfig {
     pub fn advertise_host(&self) -> String {
         self.advertise.clone().unwrap_or_else(|| self.listen.api.ip().to_string())
     }
+}
+
+/// The dotted key (`table.key`) of the `key = value` line holding byte
+/// `pos` of `text`, for errors whose message does not name it (a value of
+/// the wrong type).
+fn key_at(text: &str, pos: usize) -> Option<String> {
+    let start = text.get(..pos)?.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next()?;
+    let key = line.split_once('=')?.0.trim();
+    if key.is_empty() || key.starts_with('[') {
+        return None;
+    }
+    let table = text[..start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    Some(match table {
+        Some(t) if !t.is_empty() => format!("{t}.{key}"),
+        _ => key.to_string(),
+    })
 }
 
 /// Names are lowercase ASCII letters, digits and dashes, 1..=63 chars.
@@ -431,6 +473,20 @@ mod tests {
         let no_key = https.replace("key = \"/etc/metro/etcd.key\"\n", "");
         let e = DaemonConfig::parse("x.toml", &no_key).unwrap_err();
         assert_eq!(e.key, "etcd.cert", "{e}");
+    }
+
+    #[test]
+    fn the_test_only_volatile_write_cache_parses_and_a_bad_value_names_the_key() {
+        let cfg = DaemonConfig::parse("x.toml", TEMPLATE).unwrap();
+        assert!(!cfg.storage.volatile_write_cache, "off by default");
+        let with = |v: &str| TEMPLATE.replace("[storage]", &format!("[storage]\nvolatile_write_cache = {v}"));
+        let cfg = DaemonConfig::parse("x.toml", &with("true")).expect("true parses");
+        assert!(cfg.storage.volatile_write_cache);
+        let e = DaemonConfig::parse("x.toml", &with("\"yes\"")).unwrap_err();
+        assert_eq!(e.key, "storage.volatile_write_cache", "the key is named: {e}");
+        let storageless = with("true").replace("role = \"storage\"", "role = \"storageless\"");
+        let e = DaemonConfig::parse("x.toml", &storageless).unwrap_err();
+        assert_eq!(e.key, "storage.volatile_write_cache", "{e}");
     }
 
     #[test]

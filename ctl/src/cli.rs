@@ -247,6 +247,10 @@ pub enum LabCmd {
         /// members such as the witness VM under TCG.
         #[arg(long, value_name = "N", default_value_t = 1)]
         timing_scale: u32,
+        /// Test only: storage nodes keep unflushed volume writes in their own memory
+        /// (`storage.volatile_write_cache`), so `lab power-cut` loses them like a power cut.
+        #[arg(long, env = "METRO_LAB_POWER_CUT_MODE")]
+        power_cut_mode: bool,
         /// Stand-in for the metro daemons (space-separated; placeholders as in LabOptions).
         #[arg(long, hide = true)]
         daemon_cmd: Option<String>,
@@ -276,6 +280,15 @@ pub enum LabCmd {
         #[command(flatten)]
         dir: DirArg,
         id: String,
+    },
+    /// Power cut: kill -9 a site (SITE) or one daemon (NODE) and lose every write its storage
+    /// nodes had not flushed. Needs a lab started with `lab up --power-cut-mode`.
+    /// Restart with `start-site`/`start-node`.
+    PowerCut {
+        #[command(flatten)]
+        dir: DirArg,
+        /// A site (dc-a, dc-b, witness) or a daemon (a1, a2, b1, b2, ...).
+        target: String,
     },
     /// Restart one killed daemon.
     StartNode {

@@ -164,11 +164,14 @@ pub async fn run(cfg: DaemonConfig, config_path: &str) -> anyhow::Result<()> {
     let mut manager = None;
     let mut nbd_task = None;
     let mut capacity = 0;
+    let mut file_storage = None;
     if cfg.role == Role::Storage {
         let storage = crate::volume::file_storage::FileStorage::open(&cfg)
             .with_context(|| format!("opening volumes under {}", cfg.data_dir.display()))?;
         capacity = storage.capacity().0;
-        let storage: Arc<dyn VolumeStorage> = Arc::new(storage);
+        let storage = Arc::new(storage);
+        file_storage = Some(storage.clone());
+        let storage: Arc<dyn VolumeStorage> = storage;
         let dialer = Dialer::tls(cfg.node_id.clone(), tls.rustls_client()?, Some(cfg.listen.api.ip()));
         let m = VolumeManager::new(
             cfg.node_id.clone(),
@@ -276,6 +279,11 @@ pub async fn run(cfg: DaemonConfig, config_path: &str) -> anyhow::Result<()> {
     }
     quorum.shutdown().await;
     let _ = tokio::time::timeout(Duration::from_secs(3), grpc).await;
+    // An orderly stop syncs, as a machine's shutdown syncs its page cache
+    // (only the test-only volatile write cache holds anything here).
+    if let Some(fs) = &file_storage {
+        fs.flush_volatile().await;
+    }
     match outcome {
         Outcome::Refused(reason) => Err(JoinRefused {
             node: cfg.node_id.clone(),

@@ -84,13 +84,20 @@ pub struct Ack {
 impl Lab {
     /// Start a whole lab in a fresh directory; torn down (purged) on drop.
     pub async fn up(name: &str) -> anyhow::Result<Lab> {
-        Self::start(name, None, false).await
+        Self::start(name, None, false, false).await
+    }
+
+    /// A lab in power-cut mode (`lab up --power-cut-mode`): storage nodes
+    /// keep unflushed volume writes in their own memory, so a kill
+    /// ([`Lab::power_cut`]) loses them as a power cut would.
+    pub async fn up_power_cut(name: &str) -> anyhow::Result<Lab> {
+        Self::start(name, None, false, true).await
     }
 
     /// A lab whose witness site (w1, etcd-w) is not started: something else
     /// is to serve it (the witness VM; here a test may start the lab's own).
     pub async fn up_external_witness(name: &str) -> anyhow::Result<Lab> {
-        Self::start(name, None, true).await
+        Self::start(name, None, true, false).await
     }
 
     /// A lab in loopback mode (127.N.x.y in the root namespace), for tests
@@ -98,10 +105,15 @@ impl Lab {
     /// METRO_LAB_OCTET when set, else 94.
     pub async fn up_loopback(name: &str) -> anyhow::Result<Lab> {
         let octet = std::env::var("METRO_LAB_OCTET").ok().and_then(|v| v.parse().ok()).unwrap_or(94);
-        Self::start(name, Some(octet), false).await
+        Self::start(name, Some(octet), false, false).await
     }
 
-    async fn start(name: &str, loopback: Option<u8>, external_witness: bool) -> anyhow::Result<Lab> {
+    async fn start(
+        name: &str,
+        loopback: Option<u8>,
+        external_witness: bool,
+        power_cut_mode: bool,
+    ) -> anyhow::Result<Lab> {
         let guard = LAB_LOCK.lock().await;
         let bins = bin_dir();
         for b in ["metro-node", "metro-witness", "metroctl"] {
@@ -116,6 +128,7 @@ impl Lab {
         opts.bin_dir = bins;
         opts.health_deadline = Duration::from_secs(90);
         opts.external_witness = external_witness;
+        opts.power_cut_mode = power_cut_mode;
         // METRO_LAB_MODE=loopback runs the suite without network namespaces;
         // METRO_LAB_OCTET=N (implies loopback) uses 127.N.x.y so several
         // suites can run side by side on one machine.
@@ -220,6 +233,11 @@ impl Lab {
         Ok(())
     }
 
+    /// `metroctl lab power-cut SITE|NODE` (needs [`Lab::up_power_cut`]).
+    pub fn power_cut(&self, target: &str) -> anyhow::Result<Vec<String>> {
+        Ok(metroctl::lab::power_cut(&self.dir, target)?)
+    }
+
     pub fn partition(&self, a: &str, b: &str) -> anyhow::Result<()> {
         metroctl::lab::partition(&self.dir, a, b)?;
         Ok(())
@@ -239,6 +257,12 @@ impl Lab {
         seconds: f64,
         pin: Option<&str>,
     ) -> Writer {
+        self.writer_with(volume, tag, WriterOpts { first_block, seconds, pin, ..WriterOpts::default() })
+    }
+
+    /// Start an oracle writer with every knob (see [`WriterOpts`]).
+    pub fn writer_with(&self, volume: &str, tag: &str, o: WriterOpts<'_>) -> Writer {
+        let WriterOpts { first_block, blocks, seconds, pin, flush_every } = o;
         let out = self.dir.join(format!("acks-{tag}.jsonl"));
         let mut cmd = Command::new("/usr/bin/python3");
         cmd.arg(workspace().join("tests/tools/oracle_writer.py"))
@@ -249,7 +273,8 @@ impl Lab {
             .arg("--out")
             .arg(&out)
             .args(["--seconds", &seconds.to_string(), "--first-block", &first_block.to_string()])
-            .args(["--blocks", "512", "--seq-base", &(first_block * 1_000_000).to_string()])
+            .args(["--blocks", &blocks.to_string(), "--seq-base", &(first_block * 1_000_000).to_string()])
+            .args(["--flush-every", &flush_every.to_string()])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         if let Some(p) = pin {
@@ -272,6 +297,29 @@ impl Lab {
             bail!("acknowledged writes missing on {uri}: {report} {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(report)
+    }
+
+    /// How many of the acknowledged writes in `logs` a volume's data file
+    /// on disk lacks: `(blocks checked, blocks missing or older)`. Does not
+    /// fail on missing blocks (e.g. counting what a power cut lost).
+    pub fn missing_in_file(&self, file: &Path, logs: &[&Path]) -> anyhow::Result<(u64, u64)> {
+        let out = Command::new("/usr/bin/python3")
+            .arg(workspace().join("tests/tools/oracle_writer.py"))
+            .arg("verify")
+            .arg("--file")
+            .arg(file)
+            .args(logs)
+            .output()?;
+        let report: Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("verify --file output: {}", String::from_utf8_lossy(&out.stderr)))?;
+        let n = |k: &str| report[k].as_u64().with_context(|| format!("verify --file: no {k} in {report}"));
+        Ok((n("blocks_checked")?, n("missing_or_wrong")?))
+    }
+
+    /// Where node `id` keeps the data file of `volume`.
+    pub fn data_file(&self, id: &str, volume: &str) -> anyhow::Result<PathBuf> {
+        let d = self.info.daemon(id).with_context(|| format!("no daemon {id}"))?;
+        Ok(d.data_dir.join("volumes").join(volume).join("data"))
     }
 
     /// Compare every in-sync replica's data file byte for byte.
@@ -324,6 +372,24 @@ impl Drop for Lab {
         if let Err(e) = metroctl::lab::down(&self.dir, true) {
             eprintln!("lab down {}: {e}", self.dir.display());
         }
+    }
+}
+
+/// What an oracle writer does: `blocks` 4 KiB blocks from `first_block`,
+/// for `seconds`, a FLUSH every `flush_every` writes (0: never, so plain
+/// writes stay in a volatile cache), following the primary or `pin`ned.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterOpts<'a> {
+    pub first_block: u64,
+    pub blocks: u64,
+    pub seconds: f64,
+    pub pin: Option<&'a str>,
+    pub flush_every: u64,
+}
+
+impl Default for WriterOpts<'_> {
+    fn default() -> Self {
+        WriterOpts { first_block: 0, blocks: 512, seconds: 10.0, pin: None, flush_every: 16 }
     }
 }
 

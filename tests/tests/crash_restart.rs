@@ -41,7 +41,7 @@ async fn a_primary_killed_mid_burst_and_restarted_at_once_ends_identical_to_its_
     let (primary, uri) = primary_of(&lab, "v")?;
     let epoch = lab.volume("v")?["epoch"].as_u64().unwrap_or(0);
 
-    let mut burst = Command::new("/usr/bin/python3")
+    let burst = Command::new("/usr/bin/python3")
         .args(["-c", BURST, &uri, "30"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

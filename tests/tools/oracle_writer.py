@@ -13,9 +13,10 @@ that still acknowledges: split brain).
 gaps mode: print the largest gap between consecutive acknowledged writes of
 an ack log, and when it happened: {"acks", "max_gap_s", "at", "uris"}.
 
-verify mode: read back every block named in the ack logs from --uri and
-check it holds the latest acknowledged write for that block, or a later
-write that was attempted (never an older one, never garbage).
+verify mode: read back every block named in the ack logs from --uri (or,
+with --file, from a replica's data file on disk, e.g. to count what a power
+cut lost) and check it holds the latest acknowledged write for that block,
+or a later write that was attempted (never an older one, never garbage).
 Exit 0 when every acknowledged write is present; 1 otherwise.
 """
 import argparse, hashlib, json, os, struct, subprocess, sys, time
@@ -109,10 +110,20 @@ def verify_mode(args):
             b = a["block"]
             if a["seq"] > latest.get(b, -1):
                 latest[b] = a["seq"]
-    h = connect(args.uri)
+    if args.file:
+        f = open(args.file, "rb")
+
+        def pread(b):
+            f.seek(b * BS)
+            return f.read(BS).ljust(BS, b"\0")
+    else:
+        h = connect(args.uri)
+
+        def pread(b):
+            return h.pread(BS, b * BS)
     bad = 0
     for b, seq in sorted(latest.items()):
-        data = h.pread(BS, b * BS)
+        data = pread(b)
         got_seq, got_block = struct.unpack(">QQ", data[:16])
         if got_block != b or data != pattern(got_seq, got_block) or got_seq < seq:
             bad += 1
@@ -150,7 +161,9 @@ def main():
     w.add_argument("--pin")
     w.add_argument("--stop-file", help="stop (cleanly) as soon as this file exists")
     v = sub.add_parser("verify")
-    v.add_argument("--uri", required=True)
+    src = v.add_mutually_exclusive_group(required=True)
+    src.add_argument("--uri")
+    src.add_argument("--file", help="a volume's data file instead of an NBD export")
     v.add_argument("acks", nargs="+")
     g = sub.add_parser("gaps")
     g.add_argument("acks")

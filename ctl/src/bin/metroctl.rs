@@ -159,6 +159,7 @@ async fn run_lab(g: &Global, cmd: LabCmd) -> anyhow::Result<()> {
             loopback_net,
             external_witness,
             timing_scale,
+            power_cut_mode,
             daemon_cmd,
         } => {
             let mut opts = lab::LabOptions::new(g.lab_dir(dir.dir.as_ref()));
@@ -176,6 +177,7 @@ async fn run_lab(g: &Global, cmd: LabCmd) -> anyhow::Result<()> {
             opts.loopback_octet = loopback_net;
             opts.external_witness = external_witness;
             opts.timing_scale = timing_scale;
+            opts.power_cut_mode = power_cut_mode;
             opts.daemon_override = daemon_cmd.map(|c| c.split_whitespace().map(String::from).collect());
             let t = std::time::Instant::now();
             let info = lab::up(opts).await?;
@@ -199,6 +201,14 @@ async fn run_lab(g: &Global, cmd: LabCmd) -> anyhow::Result<()> {
         LabCmd::KillNode { dir, id } => {
             let killed = lab::kill_node(&g.lab_dir(dir.dir.as_ref()), &id)?;
             done(g, &format!("killed {}", killed.join(", ")), serde_json::json!({"killed": killed}));
+        }
+        LabCmd::PowerCut { dir, target } => {
+            let killed = lab::power_cut(&g.lab_dir(dir.dir.as_ref()), &target)?;
+            done(
+                g,
+                &format!("power cut: killed {} (their unflushed writes are lost)", killed.join(", ")),
+                serde_json::json!({"killed": killed, "power_cut": true}),
+            );
         }
         LabCmd::StartSite { dir, site } => {
             let started = lab::start_site(&g.lab_dir(dir.dir.as_ref()), &site).await?;

@@ -22,6 +22,8 @@ pub enum LabError {
     UnknownSite(String),
     #[error("unknown daemon `{0}`; daemons are a1, a2, b1, b2, w1, etcd-a, etcd-b, etcd-w")]
     UnknownDaemon(String),
+    #[error("unknown site or daemon `{0}`; sites are dc-a, dc-b, witness; daemons are a1, a2, b1, b2, w1, etcd-a, etcd-b, etcd-w")]
+    UnknownTarget(String),
     #[error("a site cannot be partitioned from itself (`{0}`)")]
     SameSite(String),
     #[error("`{cmd}` failed: {detail}")]
@@ -38,6 +40,8 @@ pub enum LabError {
     Exited { id: String, log: PathBuf, tail: String },
     #[error("not healthy after {waited_s} s: {pending}; see the logs in {logs}")]
     Unhealthy { waited_s: u64, pending: String, logs: PathBuf },
+    #[error("the lab in {dir} is not in power-cut mode: its daemons keep no unflushed writes in memory, so a kill would lose nothing (the page cache is shared); start the lab with `metroctl lab down --dir {dir} --purge` then `metroctl lab up --dir {dir} --power-cut-mode`, or use `lab kill-site`/`kill-node` for a process crash")]
+    NotPowerCutMode { dir: PathBuf },
     #[error("cleanup incomplete: {0}")]
     Cleanup(String),
 }

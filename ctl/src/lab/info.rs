@@ -103,6 +103,11 @@ pub struct LabInfo {
     /// multiplied by this (see `LabOptions::timing_scale`); absent means 1.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub timing_scale: u32,
+    /// Power-cut mode: storage nodes keep unflushed writes in their own
+    /// memory (`storage.volatile_write_cache`), so `lab power-cut` loses
+    /// them. Absent means false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub power_cut_mode: bool,
 }
 
 fn default_table() -> String {
@@ -174,6 +179,10 @@ impl LabInfo {
 
 fn one() -> u32 {
     1
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 fn is_one(v: &u32) -> bool {

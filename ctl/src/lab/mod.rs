@@ -28,7 +28,9 @@ pub use error::LabError;
 pub use health::{etcd_healthy, http_get, metrics_up, wait_healthy, wait_healthy_subset};
 pub use info::{DaemonInfo, EtcdInfo, LabInfo, ProcInfo, SiteInfo, LAB_JSON};
 pub use net::{netns_exists, nft_table_exists};
-pub use ops::{down, heal, kill_node, kill_site, partition, start_node, start_nodes, start_site, up};
+pub use ops::{
+    down, heal, kill_node, kill_site, partition, power_cut, start_node, start_nodes, start_site, up,
+};
 pub use plan::{default_bin_dir, default_dir};
 pub use process::alive;
 
@@ -78,6 +80,11 @@ pub struct LabOptions {
     /// witness VM under TCG on a busy machine answers raft RPCs in seconds,
     /// not within a 250 ms heartbeat; its lab test stretches the timings.
     pub timing_scale: u32,
+    /// Power-cut mode (test only): every storage node runs with
+    /// `storage.volatile_write_cache = true`, so its unflushed volume writes
+    /// live in its own memory and `lab power-cut` (kill -9) loses them, as a
+    /// power cut loses a machine's page cache. Recorded in lab.json.
+    pub power_cut_mode: bool,
 }
 
 impl LabOptions {
@@ -92,6 +99,7 @@ impl LabOptions {
             loopback_octet: topology::DEFAULT_LOOPBACK_OCTET,
             external_witness: false,
             timing_scale: 1,
+            power_cut_mode: false,
         }
     }
 }

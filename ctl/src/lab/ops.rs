@@ -1,5 +1,5 @@
 //! The lab verbs: `up`, `down`, `kill-site`, `start-site`, `kill-node`,
-//! `start-node`, `partition`, `heal`.
+//! `start-node`, `power-cut`, `partition`, `heal`.
 //!
 //! Every verb reads `DIR/lab.json`, acts, and rewrites it when a pid or a
 //! partition changes. `up` writes lab.json before it builds anything, so
@@ -322,6 +322,24 @@ pub fn kill_site(dir: &Path, site: &str) -> Result<Vec<String>, LabError> {
 pub fn kill_node(dir: &Path, id: &str) -> Result<Vec<String>, LabError> {
     topo::daemon(id).ok_or_else(|| LabError::UnknownDaemon(id.into()))?;
     kill_where(dir, |i, _| i == id)
+}
+
+/// A power cut of a site (every process of it, like `kill_site`) or of one
+/// daemon (like `kill_node`): SIGKILL, which in power-cut mode also loses
+/// every write its storage nodes had not flushed (their volatile write
+/// cache). Refused unless the lab was started in power-cut mode.
+pub fn power_cut(dir: &Path, target: &str) -> Result<Vec<String>, LabError> {
+    let info = LabInfo::require(dir)?;
+    if !info.power_cut_mode {
+        return Err(LabError::NotPowerCutMode { dir: dir.to_path_buf() });
+    }
+    if topo::site(target).is_some() {
+        kill_site(dir, target)
+    } else if topo::daemon(target).is_some() {
+        kill_node(dir, target)
+    } else {
+        Err(LabError::UnknownTarget(target.into()))
+    }
 }
 
 async fn start_where(dir: &Path, pred: impl Fn(&str, &str) -> bool) -> Result<Vec<String>, LabError> {

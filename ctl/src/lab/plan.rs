@@ -194,6 +194,7 @@ pub fn build(opts: &LabOptions, dir: &Path, mode: NetMode) -> LabInfo {
         switch_netns: (mode == NetMode::Netns).then(|| topo::SWITCH_NS.to_string()),
         partitions: vec![],
         timing_scale: opts.timing_scale.max(1),
+        power_cut_mode: opts.power_cut_mode,
     }
 }
 
@@ -256,7 +257,10 @@ pub fn daemon_config(info: &LabInfo, d: &DaemonInfo) -> Result<DaemonConfig, Lab
         },
         tls: TlsConfig { ca_cert: info.ca_cert.clone(), cert: d.cert.clone(), key: d.key.clone() },
         quorum: scaled_quorum(info.timing_scale),
-        storage: StorageConfig::default(),
+        storage: StorageConfig {
+            volatile_write_cache: storage && info.power_cut_mode,
+            ..StorageConfig::default()
+        },
     };
     let text = toml::to_string(&cfg).map_err(|e| LabError::Config(e.to_string()))?;
     let back = DaemonConfig::parse(&d.config.display().to_string(), &text)
@@ -366,6 +370,39 @@ mod tests {
         }
         assert_eq!(info.nodes[0].proc.command[0], opts.bin_dir.join("metro-node").display().to_string());
         assert_eq!(info.witness.proc.command[0], opts.bin_dir.join("metro-witness").display().to_string());
+    }
+
+    #[test]
+    fn power_cut_mode_turns_on_the_volatile_cache_of_storage_nodes_only_and_is_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = build(&LabOptions::new(dir.path()), dir.path(), NetMode::Netns);
+        assert!(!plain.power_cut_mode);
+        assert!(serde_json::to_value(&plain).unwrap().get("power_cut_mode").is_none(), "absent when off");
+        for d in plain.nodes.iter() {
+            assert!(!daemon_config(&plain, d).unwrap().storage.volatile_write_cache, "{}", d.id);
+        }
+        // Refused without the mode, naming how to start the lab in it.
+        plain.save().unwrap();
+        let e = super::super::power_cut(dir.path(), "b1").unwrap_err();
+        assert!(matches!(e, LabError::NotPowerCutMode { .. }), "{e}");
+        assert!(e.to_string().contains("lab up --dir") && e.to_string().contains("--power-cut-mode"), "{e}");
+
+        let mut opts = LabOptions::new(dir.path());
+        opts.power_cut_mode = true;
+        let info = build(&opts, dir.path(), NetMode::Netns);
+        assert_eq!(serde_json::to_value(&info).unwrap()["power_cut_mode"], true, "recorded in lab.json");
+        for d in info.nodes.iter() {
+            assert!(daemon_config(&info, d).unwrap().storage.volatile_write_cache, "{}", d.id);
+        }
+        assert!(
+            !daemon_config(&info, &info.witness).unwrap().storage.volatile_write_cache,
+            "not the witness"
+        );
+        info.save().unwrap();
+        let e = super::super::power_cut(dir.path(), "dc-z").unwrap_err();
+        assert!(matches!(e, LabError::UnknownTarget(_)), "{e}");
+        // Nothing runs: a power cut of a stopped node kills nothing.
+        assert_eq!(super::super::power_cut(dir.path(), "b1").unwrap(), Vec::<String>::new());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //!                               └─ ResyncCursor per peer (resume an interrupted resync)
 //!  ResyncPlan (pure): dirty ∪ hot, split by source data ranges into copy / punch
 //!  MemVolume, FaultyVolume: other BlockDevice backends; testing::conformance_suite
+//!  VolatileCache: test-only write-back cache in memory (kill -9 = power cut)
 //!  RateLimiter: per-volume IOPS / bandwidth
 //!  write_lane: one thread for buffered data writes (fewer thread hand-offs)
 //! ```
@@ -33,6 +34,7 @@ pub mod shared_activity_log;
 pub mod shared_dirty_bitmap;
 pub mod superblock;
 pub mod testing;
+pub mod volatile_cache;
 pub mod write_lane;
 
 pub use activity_log::{ActivityLog, AlOutcome, DEFAULT_EXTENT_BYTES, DEFAULT_MAX_HOT_EXTENTS};
@@ -48,3 +50,4 @@ pub use resync_plan::{ResyncPlan, ResyncStep};
 pub use shared_activity_log::SharedActivityLog;
 pub use shared_dirty_bitmap::SharedDirtyBitmap;
 pub use superblock::Superblock;
+pub use volatile_cache::{VolatileCache, DEFAULT_VOLATILE_LIMIT_BYTES};

@@ -1,11 +1,17 @@
 //! [`VolumeStorage`] over the on-disk store (`crate::store`): thin sparse
 //! volumes with superblocks, per-peer persistent dirty bitmaps and the
 //! activity log. Every mark is durable before it returns.
+//!
+//! With the test-only `storage.volatile_write_cache`, each opened volume's
+//! [`LocalVolume`] is wrapped once in a [`VolatileCache`]; that one instance
+//! serves everything (primary and replica paths, resync reads, flushes,
+//! `data_ranges`), so `kill -9` loses exactly the unflushed writes.
 
 use super::storage::VolumeStorage;
 use crate::block::BlockDevice;
 use crate::store::{
-    judge_id, ActivityLog, AlOutcome, DirtyBitmap, IdVerdict, LoadOutcome, LocalVolume, NodeStore, StoreError,
+    judge_id, ActivityLog, AlOutcome, DirtyBitmap, IdVerdict, LoadOutcome, LocalVolume, NodeStore,
+    StoreError, VolatileCache, DEFAULT_VOLATILE_LIMIT_BYTES,
 };
 use metro_api::config::DaemonConfig;
 use metro_quorum::VolumeId;
@@ -17,7 +23,12 @@ use std::sync::{Arc, Mutex};
 const MAX_HOT_EXTENTS: usize = 1024;
 
 struct Vol {
-    dev: LocalVolume,
+    /// The replica on disk (superblock, paths, SEEK_DATA).
+    local: LocalVolume,
+    /// The device every data path uses: `local`, or `cache` over it.
+    dev: Arc<dyn BlockDevice>,
+    /// Set in the test-only volatile mode.
+    cache: Option<Arc<VolatileCache>>,
     size: u64,
     al: Mutex<ActivityLog>,
     bitmaps: Mutex<HashMap<String, DirtyBitmap>>,
@@ -32,6 +43,8 @@ pub struct FileStorage {
     /// This start follows a reboot or power cut (the boot id changed since
     /// the last start on this data directory): unflushed writes are gone.
     cache_lost: std::sync::atomic::AtomicBool,
+    /// Test only: wrap every volume in a [`VolatileCache`].
+    volatile: bool,
 }
 
 /// The kernel's boot id (changes on every boot).
@@ -63,7 +76,14 @@ impl FileStorage {
     pub fn open(cfg: &DaemonConfig) -> Result<FileStorage, StoreError> {
         let cap = (cfg.storage.capacity_bytes > 0).then_some(cfg.storage.capacity_bytes);
         let store = NodeStore::open(&cfg.data_dir, cap)?;
-        let lost = cache_lost_since_last_start(&cfg.data_dir);
+        if cfg.storage.volatile_write_cache {
+            tracing::warn!(
+                "storage.volatile_write_cache is on (TEST ONLY): unflushed volume writes live in this \
+                 process's memory and a crash loses them like a power cut"
+            );
+        }
+        // In the volatile mode every start follows a "power cut".
+        let lost = cache_lost_since_last_start(&cfg.data_dir) || cfg.storage.volatile_write_cache;
         if lost {
             tracing::warn!("the machine rebooted since the last start: unflushed writes here may be lost; volumes this node was primary of move to an in-sync replica first");
         }
@@ -73,6 +93,7 @@ impl FileStorage {
             extent: cfg.storage.activity_extent_bytes,
             vols: Mutex::default(),
             cache_lost: std::sync::atomic::AtomicBool::new(lost),
+            volatile: cfg.storage.volatile_write_cache,
         })
     }
 
@@ -85,6 +106,27 @@ impl FileStorage {
             extent,
             vols: Mutex::default(),
             cache_lost: std::sync::atomic::AtomicBool::new(false),
+            volatile: false,
+        }
+    }
+
+    /// Test-only volatile mode: write every pending write of every volume
+    /// to disk and fdatasync, as an orderly shutdown syncs the page cache.
+    /// A no-op otherwise. Errors are logged (the daemon is stopping).
+    pub async fn flush_volatile(&self) {
+        let caches: Vec<(String, Arc<VolatileCache>)> = self
+            .vols
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .filter_map(|(n, v)| v.cache.clone().map(|c| (n.clone(), c)))
+            .collect();
+        for (name, c) in caches {
+            let pending = c.stats().pending_bytes;
+            match c.flush().await {
+                Ok(()) => tracing::info!(volume = %name, pending, "volatile cache flushed at shutdown"),
+                Err(e) => tracing::error!(volume = %name, %e, "volatile cache: flush at shutdown failed"),
+            }
         }
     }
 
@@ -103,7 +145,7 @@ impl FileStorage {
         let v = self.vol(name)?;
         let mut maps = v.bitmaps.lock().expect("poisoned");
         if !maps.contains_key(peer) {
-            let path = v.dev.dirty_bitmap_path(peer);
+            let path = v.local.dirty_bitmap_path(peer);
             let (bm, outcome) = DirtyBitmap::open_or_create(&path, v.size, self.region).map_err(io)?;
             if let LoadOutcome::FullyDirty { reason } = &outcome {
                 tracing::warn!(volume = %name, %peer, %reason, "dirty bitmap untrusted: full resync");
@@ -123,8 +165,8 @@ impl VolumeStorage for FileStorage {
         id: VolumeId,
     ) -> std::io::Result<(Arc<dyn BlockDevice>, u64)> {
         if let Ok(v) = self.vol(name) {
-            if judge_id(v.dev.id(), id) == IdVerdict::Same {
-                return Ok((Arc::new(v.dev.clone()), v.dev.epoch()));
+            if judge_id(v.local.id(), id) == IdVerdict::Same {
+                return Ok((v.dev.clone(), v.local.epoch()));
             }
             // Another volume of that name is open: judged again below.
             self.vols.lock().expect("poisoned").remove(name);
@@ -139,15 +181,26 @@ impl VolumeStorage for FileStorage {
         if recovered > 0 {
             tracing::info!(volume = %name, extents = recovered, "activity log holds hot extents from before a restart");
         }
+        let cache = self.volatile.then(|| {
+            tracing::warn!(volume = %name, "volatile write cache (TEST ONLY): unflushed writes are lost on kill");
+            Arc::new(VolatileCache::new(Arc::new(dev.clone()), DEFAULT_VOLATILE_LIMIT_BYTES))
+        });
+        let shared: Arc<dyn BlockDevice> = match &cache {
+            Some(c) => c.clone(),
+            None => Arc::new(dev.clone()),
+        };
+        let epoch = dev.epoch();
         let v = Arc::new(Vol {
             size: dev.superblock().size,
-            dev: dev.clone(),
+            local: dev,
+            dev: shared.clone(),
+            cache,
             al: Mutex::new(al),
             bitmaps: Mutex::default(),
             full_resyncs: AtomicU64::new(0),
         });
         self.vols.lock().expect("poisoned").insert(name.to_string(), v);
-        Ok((Arc::new(dev.clone()), dev.epoch()))
+        Ok((shared, epoch))
     }
 
     fn delete(&self, name: &str) -> std::io::Result<()> {
@@ -165,7 +218,7 @@ impl VolumeStorage for FileStorage {
 
     fn persist_epoch(&self, name: &str, epoch: u64) -> std::io::Result<()> {
         let v = self.vol(name)?;
-        let dev = v.dev.clone();
+        let dev = v.local.clone();
         // Called from sync context on the replica path; the superblock write is small.
         futures::executor::block_on(dev.set_epoch(epoch)).map_err(io)
     }
@@ -259,7 +312,15 @@ impl VolumeStorage for FileStorage {
 
     fn data_ranges(&self, name: &str, offset: u64, len: u64) -> Vec<(u64, u64)> {
         self.vol(name)
-            .and_then(|v| v.dev.data_ranges(offset, len).map_err(io))
+            .and_then(|v| {
+                let on_disk = |o, l| v.local.data_ranges(o, l);
+                match &v.cache {
+                    // Pending (unflushed) writes are not on the file yet.
+                    Some(c) => c.data_ranges(offset, len, on_disk),
+                    None => on_disk(offset, len),
+                }
+                .map_err(io)
+            })
             .unwrap_or_else(|_| vec![(offset, len)])
     }
 
