@@ -156,11 +156,11 @@ fn lost_on_disk(lab: &Lab, node: &str, vol: &str, logs: &[PathBuf]) -> anyhow::R
     Ok((checked, missing))
 }
 
-/// Fails today (issue 12): the primary never learns that the replica lost its
-/// cache, so the replica stays in `in_sync` without the lost blocks; the
-/// block compare and the oracle on the survivor both name them.
+/// Failed before issue 12's fix: the primary never learned that the replica
+/// lost its cache, so the replica stayed in `in_sync` without the lost
+/// blocks. Now the replica's new session takes it out of `in_sync` with the
+/// unflushed extents dirty, and the resync brings them back.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "issue 12: fails until replica session identity lands"]
 async fn a_replica_power_cut_while_idle_loses_nothing_acknowledged() -> anyhow::Result<()> {
     metro_tests::lab::init_tracing();
     let lab = Lab::up_power_cut("pc-idle").await?;
@@ -242,12 +242,11 @@ async fn a_replica_power_cut_in_the_middle_of_its_resync_loses_nothing_acknowled
     settle_then_fail_the_primary(&lab, "v", &logs).await
 }
 
-/// Fails today (issue 12): restarted within the lease, the primary stays
-/// primary at the same epoch and serves its own copy, which lost its
-/// unflushed writes, without reconciling its hot extents with the replica;
-/// the replica (which has them) then differs from it.
+/// Failed before issue 12's fix: restarted within the lease, the primary
+/// stayed primary at the same epoch and served its own copy, which lost its
+/// unflushed writes. Now a primary that lost its page cache hands the volume
+/// to its in-sync replica (which has them), which resyncs them back.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "issue 12: fails until replica session identity lands"]
 async fn a_primary_power_cut_and_quick_restart_loses_nothing_acknowledged() -> anyhow::Result<()> {
     metro_tests::lab::init_tracing();
     let lab = Lab::up_power_cut("pc-primary").await?;
