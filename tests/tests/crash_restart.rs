@@ -49,9 +49,12 @@ async fn a_primary_killed_mid_burst_and_restarted_at_once_ends_identical_to_its_
         .expect("python3-libnbd is installed (scripts/install-deps)");
     tokio::time::sleep(Duration::from_secs(3)).await;
     tracing::info!(%primary, "--- kill -9 the primary mid-burst, start it again at once");
-    lab.kill_node(&primary)?;
-    lab.start_node(&primary).await?;
+    let fault = match lab.kill_node(&primary) {
+        Ok(()) => lab.start_node(&primary).await,
+        Err(e) => Err(e),
+    };
     let out = burst.wait_with_output()?;
+    fault?;
     let completions: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
     assert!(completions > 100, "the burst made progress before the kill ({completions} rounds)");
 
