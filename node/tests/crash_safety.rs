@@ -212,6 +212,20 @@ impl Pair {
         self.start_with(id, &dir, cache_lost);
     }
 
+    /// The node's process dies and stays down.
+    async fn stop(&mut self, id: &str) -> PathBuf {
+        let node = self.nodes.remove(id).unwrap();
+        let _ = node.stop.send(true);
+        self.net.nodes.lock().unwrap().remove(&node.id);
+        for t in self.net.servers.lock().unwrap().remove(&node.id).unwrap_or_default() {
+            t.abort();
+        }
+        let dir = node.dir.clone();
+        drop(node);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        dir
+    }
+
     fn state(&self) -> Arc<ClusterState> {
         self.cluster.tx.borrow().clone()
     }
@@ -399,4 +413,49 @@ async fn class1_a_primary_restarting_after_a_power_cut_hands_over_and_keeps_ackn
     );
     assert!(p.wait_in_sync(Duration::from_secs(20)).await, "a1 never rejoined: {:?}", p.state().volumes["v"]);
     assert_identical(&p, "after a1's power cut as primary").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn class9_after_a_forced_activation_the_returning_replica_ends_identical_to_the_survivor() {
+    let mut p = Pair::new().await;
+    let dev = p.export("a1").await;
+    dev.write(0, block(0x01), false).await.unwrap();
+    dev.flush().await.unwrap();
+    // b1 goes away; a1 takes it out of in_sync and goes on writing: those
+    // writes are only on a1 (its bitmap for b1 marks them), and a flush lets
+    // the activity log cool them.
+    let b1_dir = p.stop("b1").await;
+    dev.write(6 << 20, block(0x66), false).await.unwrap();
+    dev.flush().await.unwrap();
+    assert_eq!(p.state().volumes["v"].in_sync, vec!["a1".to_string()]);
+    drop(dev);
+    // After a long outage the activity log has long let those extents go
+    // (flushed, then evicted); only the bitmap for b1 remembers them.
+    p.nodes["a1"].storage.clear_hot("v").unwrap();
+    assert!(p.nodes["a1"].storage.hot_extents("v").is_empty());
+    // dc-a is lost; the operator forces b1 in (`site activate --force`),
+    // giving up a1's later writes.
+    let a1_dir = p.stop("a1").await;
+    let epoch = p.state().volumes["v"].epoch;
+    let r = p
+        .propose(Command::ForceInSync { name: "v".into(), expected_epoch: epoch, in_sync: vec!["b1".into()] })
+        .await;
+    assert!(matches!(r, CommandResult::Ok { .. }), "{r:?}");
+    let r = p
+        .propose(Command::ChangeVolume {
+            name: "v".into(),
+            expected_epoch: epoch + 1,
+            primary: Some("b1".into()),
+            in_sync: vec!["b1".into()],
+            rejoin: None,
+        })
+        .await;
+    assert!(matches!(r, CommandResult::Ok { .. }), "{r:?}");
+    p.start("b1", &b1_dir);
+    let dev = p.export("b1").await;
+    assert_eq!(dev.read(6 << 20, BLOCK as u32).await.unwrap(), Bytes::from(vec![0u8; BLOCK]));
+    // a1 returns: it must end identical to the survivor, not keep its write.
+    p.start("a1", &a1_dir);
+    assert!(p.wait_in_sync(Duration::from_secs(20)).await, "a1 never rejoined: {:?}", p.state().volumes["v"]);
+    assert_identical(&p, "after a1 returned to the forced survivor").await;
 }
