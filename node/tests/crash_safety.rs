@@ -459,3 +459,60 @@ async fn class9_after_a_forced_activation_the_returning_replica_ends_identical_t
     assert!(p.wait_in_sync(Duration::from_secs(20)).await, "a1 never rejoined: {:?}", p.state().volumes["v"]);
     assert_identical(&p, "after a1 returned to the forced survivor").await;
 }
+
+/// A small tmpfs for one node's directory (needs root), unmounted on drop.
+struct TinyFs(PathBuf);
+
+impl TinyFs {
+    fn mount(at: &Path, size: &str) -> TinyFs {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "mount a tmpfs at {} (the test machines run as root)", at.display());
+        TinyFs(at.to_path_buf())
+    }
+}
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn class10_a_local_write_that_fails_after_the_replicas_applied_it_leaves_identical_copies() {
+    let mut p = Pair::new().await;
+    // a1's disk is nearly full: its data writes start failing with ENOSPC
+    // while b1 (roomy) applies them.
+    let a1_dir = p.stop("a1").await;
+    let small = p._tmp.path().join("a1-small");
+    let _fs = TinyFs::mount(&small, "3m");
+    let out = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", a1_dir.display()))
+        .arg(&small)
+        .status();
+    assert!(out.is_ok_and(|s| s.success()));
+    p.start("a1", &small);
+    let dev = p.export("a1").await;
+    let mut failed = 0;
+    for i in 0..1024u64 {
+        if dev.write(i * BLOCK as u64, block((i % 250) as u8 + 1), false).await.is_err() {
+            failed += 1;
+        }
+    }
+    assert!(failed > 0, "the tmpfs never filled up");
+    drop(dev);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    if p.state().volumes["v"].in_sync.len() < 2 {
+        assert!(
+            p.wait_in_sync(Duration::from_secs(20)).await,
+            "b1 never rejoined: {:?}",
+            p.state().volumes["v"]
+        );
+    }
+    assert_identical(&p, &format!("after {failed} local write failures")).await;
+}
