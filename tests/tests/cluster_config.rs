@@ -96,7 +96,11 @@ async fn the_cluster_config_lives_in_etcd_and_the_leader_applies_it_and_publishe
     tracing::info!("--- the leader publishes the summary to etcd");
     lab.wait_for("a summary with the new config and the volume", APPLY_WITHIN, |l| {
         let s = summary_via_etcdctl(l)?;
-        Ok(s["config_generation"].as_u64() == Some(generation + 1) && s["volumes"]["total"] == 1)
+        // The summary is rewritten every few seconds; the first one may come
+        // before the leader's first RTT sample of the witness.
+        Ok(s["config_generation"].as_u64() == Some(generation + 1)
+            && s["volumes"]["total"] == 1
+            && s["witness"]["rtt_us"].as_u64().is_some_and(|us| us > 0))
     })
     .await?;
     let s = summary_via_etcdctl(&lab)?;
