@@ -200,15 +200,7 @@ impl Pair {
 
     /// `cache_lost`: the machine lost power (unflushed writes are gone).
     async fn restart_with(&mut self, id: &str, cache_lost: bool) {
-        let node = self.nodes.remove(id).unwrap();
-        let _ = node.stop.send(true);
-        self.net.nodes.lock().unwrap().remove(&node.id);
-        for t in self.net.servers.lock().unwrap().remove(&node.id).unwrap_or_default() {
-            t.abort();
-        }
-        let dir = node.dir.clone();
-        drop(node);
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let dir = self.stop(id).await;
         self.start_with(id, &dir, cache_lost);
     }
 

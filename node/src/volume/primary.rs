@@ -495,64 +495,38 @@ impl PrimaryVolume {
         Ok(())
     }
 
+    /// Send one resync-class op (a FLUSH, `QueryHot` or `ClearHot`) to
+    /// `peer` at this primary's current epoch and wait up to `within` for
+    /// its answer. None: no link, no answer in time, or the link failed.
+    async fn ask_peer(&self, peer: &str, op: OpKind, within: Duration) -> Option<Ack> {
+        let link = self.ctl.link(peer)?;
+        let epoch = self.state.lock().await.epoch;
+        let fua = matches!(op, OpKind::Flush);
+        let out = OutOp { volume: self.name.clone(), epoch, size: self.size, fua, resync: true, op };
+        match tokio::time::timeout(within, link.enqueue(out).await).await {
+            Ok(Ok(Ok(ack))) => Some(ack),
+            _ => None,
+        }
+    }
+
     /// Make everything `peer` acknowledged so far durable there (a FLUSH on
     /// the link, ordered after every op sent before). True when it did.
     pub async fn flush_peer(&self, peer: &str) -> bool {
-        let Some(link) = self.ctl.link(peer) else { return false };
-        let epoch = self.state.lock().await.epoch;
-        let rx = link
-            .enqueue(OutOp {
-                volume: self.name.clone(),
-                epoch,
-                size: self.size,
-                fua: true,
-                resync: true,
-                op: OpKind::Flush,
-            })
-            .await;
-        matches!(
-            tokio::time::timeout(self.ack_timeout * 5, rx).await,
-            Ok(Ok(Ok(Ack { status: AckStatus::Ok, .. })))
-        )
+        let ack = self.ask_peer(peer, OpKind::Flush, self.ack_timeout * 5).await;
+        ack.is_some_and(|a| a.status == AckStatus::Ok)
     }
 
     /// Ask `peer` for its activity-log extents of this volume (a `QueryHot`
     /// op at this primary's epoch). None if it did not answer.
     pub async fn query_hot(&self, peer: &str) -> Option<Vec<(u64, u64)>> {
-        let link = self.ctl.link(peer)?;
-        let epoch = self.state.lock().await.epoch;
-        let rx = link
-            .enqueue(OutOp {
-                volume: self.name.clone(),
-                epoch,
-                size: self.size,
-                fua: false,
-                resync: true,
-                op: OpKind::QueryHot,
-            })
-            .await;
-        match tokio::time::timeout(self.ack_timeout * 3, rx).await {
-            Ok(Ok(Ok(Ack { status: AckStatus::Ok, ranges, .. }))) => Some(ranges),
-            _ => None,
-        }
+        let ack = self.ask_peer(peer, OpKind::QueryHot, self.ack_timeout * 3).await?;
+        (ack.status == AckStatus::Ok).then_some(ack.ranges)
     }
 
     /// Tell `peer` to forget its activity-log extents (our copies over them
     /// are durable there). Best effort: kept extents only cost a copy later.
     pub async fn clear_peer_hot(&self, peer: &str) {
-        let Some(link) = self.ctl.link(peer) else { return };
-        let epoch = self.state.lock().await.epoch;
-        let rx = link
-            .enqueue(OutOp {
-                volume: self.name.clone(),
-                epoch,
-                size: self.size,
-                fua: false,
-                resync: true,
-                op: OpKind::ClearHot,
-            })
-            .await;
-        let _ = tokio::time::timeout(self.ack_timeout, rx).await;
+        let _ = self.ask_peer(peer, OpKind::ClearHot, self.ack_timeout).await;
     }
 
     /// `peer` answered from a new session: it may have lost every write no
