@@ -147,6 +147,7 @@ pub async fn run(cfg: DaemonConfig, config_path: &str) -> anyhow::Result<()> {
         data_dir: cfg.data_dir.join("quorum"),
         timings: cfg.quorum.clone(),
         tls: Some(tls.clone()),
+        declared_timings: None,
     })
     .await
     .context("starting the quorum member")?;

@@ -69,6 +69,13 @@ pub struct EngineConfig {
     pub timings: QuorumConfig,
     /// None = plaintext (tests, simulator). Some = mTLS, callers must be `node:*` or `witness`.
     pub tls: Option<metro_api::tls::TlsFiles>,
+    /// The lease timings this member declares at registration, when they are
+    /// not `timings`' own. None in every daemon. The simulator emulates a
+    /// drifting clock by scaling a host's configured durations (a fast clock
+    /// makes every configured duration elapse early), while the operator's
+    /// configuration, which registration compares across members, is the
+    /// nominal one: it declares that here.
+    pub declared_timings: Option<crate::state::LeaseTimings>,
 }
 
 /// A snapshot of the member's raft view, in node names.
@@ -383,8 +390,10 @@ impl Quorum {
     /// when they differ from the committed ones (`state::LeaseTimings`).
     fn with_timings(&self, mut me: NodeRecord) -> NodeRecord {
         let t = &self.inner.cfg.timings;
-        me.timings =
-            Some(crate::state::LeaseTimings { lease_ms: t.lease_ms, drift_margin_ms: t.drift_margin_ms });
+        me.timings = Some(self.inner.cfg.declared_timings.unwrap_or(crate::state::LeaseTimings {
+            lease_ms: t.lease_ms,
+            drift_margin_ms: t.drift_margin_ms,
+        }));
         me
     }
 

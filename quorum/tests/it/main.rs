@@ -292,6 +292,7 @@ async fn a_restarted_member_recovers_its_log_and_state_from_its_data_dir() {
         data_dir: dir.clone(),
         timings: timings(),
         tls: None,
+        declared_timings: None,
     })
     .await
     .unwrap();

@@ -128,6 +128,7 @@ pub async fn start_member_with(
         data_dir: dir.to_path_buf(),
         timings,
         tls: tls.clone(),
+        declared_timings: None,
     };
     let q = Quorum::start(cfg).await.expect("start quorum member");
     let mut builder = tonic::transport::Server::builder();
