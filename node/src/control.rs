@@ -154,7 +154,10 @@ impl ControlService {
                 }
             })
             .collect();
-        let state_str = crate::summary::volume_state(v);
+        let mut state_str = crate::summary::volume_state(v);
+        if self.manager.as_ref().and_then(|m| m.primary_ready(&v.name)) == Some(false) {
+            state_str = crate::summary::RECONCILING;
+        }
         pb::VolumeStatus {
             name: v.name.clone(),
             size_bytes: v.size_bytes,
@@ -206,7 +209,11 @@ impl ControlService {
         mine.stale = hop != Some("final") && !leading;
         if leading && v.primary.as_deref().is_some_and(|p| p != self.cfg.node_id) {
             if let Some(r) = self.forward_volume(v.primary.as_deref(), name, "final").await {
-                // The leader's record wins; the primary adds what only it knows.
+                // The leader's record wins; the primary adds what only it
+                // knows: resync figures, and whether it still reconciles.
+                if r.state == crate::summary::RECONCILING {
+                    mine.state = r.state.clone();
+                }
                 for rs in &mut mine.replica_status {
                     if let Some(theirs) = r.replica_status.iter().find(|x| x.node == rs.node) {
                         rs.dirty_bytes = theirs.dirty_bytes;

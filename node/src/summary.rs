@@ -18,6 +18,12 @@ use std::collections::BTreeMap;
 /// Summary format version.
 pub const SUMMARY_SCHEMA: u32 = 1;
 
+/// The state `volume show` reports while the primary holds client I/O
+/// before it serves: waiting for its first lease, or copying the extents its
+/// activity log (or a replica's) names to every in-sync replica. Until it is
+/// done, in-sync copies may still differ in those extents.
+pub const RECONCILING: &str = "reconciling";
+
 /// A volume's state as shown by `metroctl` and counted in the summary.
 pub fn volume_state(v: &VolumeRecord) -> &'static str {
     if v.primary.is_none() {

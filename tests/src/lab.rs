@@ -471,7 +471,11 @@ pub fn primary_of(lab: &Lab, vol: &str) -> anyhow::Result<(String, String)> {
 pub async fn wait_fully_in_sync(lab: &Lab, vol: &str, deadline: Duration) -> anyhow::Result<Duration> {
     lab.wait_for("every replica back in sync", deadline, |l| {
         let v = l.volume(vol)?;
-        Ok(!v["primary"].is_null() && strings(&v["in_sync"]).len() == strings(&v["replicas"]).len())
+        // A primary that still reconciles its activity log with the
+        // replicas reports "reconciling": the copies may differ until then.
+        Ok(!v["primary"].is_null()
+            && strings(&v["in_sync"]).len() == strings(&v["replicas"]).len()
+            && v["state"].as_str() == Some("serving"))
     })
     .await
 }

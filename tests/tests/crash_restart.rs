@@ -75,7 +75,7 @@ async fn a_primary_killed_mid_burst_and_restarted_at_once_ends_identical_to_its_
             && status
                 .iter()
                 .all(|r| r["dirty_bytes"].as_u64() == Some(0) && r["resync_bytes_left"].as_u64() == Some(0));
-        Ok(in_sync && clean)
+        Ok(in_sync && clean && v["state"].as_str() == Some("serving"))
     })
     .await?;
     assert!(

@@ -375,6 +375,14 @@ impl VolumeManager {
         p
     }
 
+    /// Some(false) while this node is the volume's primary but still holds
+    /// client I/O (waiting for its first lease, or reconciling its activity
+    /// log with the replicas: `reconcile_new_primary`); the copies may
+    /// differ until it is done. None when not primary here.
+    pub fn primary_ready(&self, volume: &str) -> Option<bool> {
+        self.inner.lock().expect("poisoned").primaries.get(volume).map(|p| p.is_ready())
+    }
+
     pub fn is_primary_here(&self, volume: &str) -> bool {
         self.inner.lock().expect("poisoned").primaries.contains_key(volume)
     }
