@@ -154,10 +154,10 @@ impl ControlService {
                 }
             })
             .collect();
-        let mut state_str = crate::summary::volume_state(v);
-        if self.manager.as_ref().and_then(|m| m.primary_ready(&v.name)) == Some(false) {
-            state_str = crate::summary::RECONCILING;
-        }
+        let state_str = match self.manager.as_ref().and_then(|m| m.primary_ready(&v.name)) {
+            Some(false) => crate::summary::RECONCILING,
+            _ => crate::summary::volume_state(v),
+        };
         pb::VolumeStatus {
             name: v.name.clone(),
             size_bytes: v.size_bytes,

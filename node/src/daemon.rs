@@ -121,10 +121,7 @@ pub fn node_record(cfg: &DaemonConfig, capacity_bytes: u64) -> NodeRecord {
         nbd: cfg.listen.nbd.map(|a| host_port(&host, &a)),
         replication: cfg.listen.replication.map(|a| host_port(&host, &a)),
         capacity_bytes,
-        timings: Some(metro_quorum::state::LeaseTimings {
-            lease_ms: cfg.quorum.lease_ms,
-            drift_margin_ms: cfg.quorum.drift_margin_ms,
-        }),
+        timings: Some(metro_quorum::state::LeaseTimings::of(&cfg.quorum)),
     }
 }
 

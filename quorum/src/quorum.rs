@@ -389,11 +389,9 @@ impl Quorum {
     /// `me` carrying this member's lease timings: registration is refused
     /// when they differ from the committed ones (`state::LeaseTimings`).
     fn with_timings(&self, mut me: NodeRecord) -> NodeRecord {
-        let t = &self.inner.cfg.timings;
-        me.timings = Some(self.inner.cfg.declared_timings.unwrap_or(crate::state::LeaseTimings {
-            lease_ms: t.lease_ms,
-            drift_margin_ms: t.drift_margin_ms,
-        }));
+        let cfg = &self.inner.cfg;
+        me.timings =
+            Some(cfg.declared_timings.unwrap_or_else(|| crate::state::LeaseTimings::of(&cfg.timings)));
         me
     }
 

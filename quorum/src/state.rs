@@ -82,6 +82,11 @@ pub struct LeaseTimings {
 }
 
 impl LeaseTimings {
+    /// The lease timings of a member's `[quorum]` configuration.
+    pub fn of(q: &metro_api::config::QuorumConfig) -> LeaseTimings {
+        LeaseTimings { lease_ms: q.lease_ms, drift_margin_ms: q.drift_margin_ms }
+    }
+
     /// Refuse a member whose timings differ from the committed ones, naming
     /// both values and the config keys.
     pub fn check_member(committed: &LeaseTimings, node: &str, mine: &LeaseTimings) -> Result<(), String> {

@@ -174,10 +174,7 @@ pub async fn engine_host(
         timings: drifted_timings(drift_ppm),
         tls: None,
         // The operator configured the nominal timings; the drift is the clock's.
-        declared_timings: Some(metro_quorum::state::LeaseTimings {
-            lease_ms: timings().lease_ms,
-            drift_margin_ms: timings().drift_margin_ms,
-        }),
+        declared_timings: Some(metro_quorum::state::LeaseTimings::of(&timings())),
     };
     // A restarted host rejoins; only the very first start of a1 bootstraps.
     let first_start = !cfg.data_dir.join("raft").exists();
