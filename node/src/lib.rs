@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod nbd;
 pub mod registry;
 pub mod repl;
+pub mod rt;
 pub mod store;
 pub mod summary;
 pub mod volume;

@@ -5,6 +5,7 @@
 //! cargo test -p metro-tests --test sim_reproduce -- --reproduce <seed> [--bug] [--scenario NAME]
 //! cargo test -p metro-tests --test sim_reproduce -- --seeds <count> [--first <seed>]
 //! cargo test -p metro-tests --test sim_reproduce -- --engine --reproduce <seed>
+//! cargo test -p metro-tests --test sim_reproduce -- --datapath --reproduce <seed> [--bug Name,Name]   (RUST_LOG=info for the hosts' logs)
 //! ```
 //!
 //! `--engine` replays a random-fault run of the real quorum engine on turmoil
@@ -30,6 +31,16 @@ fn scenario(name: &str) -> Option<Scenario> {
     })
 }
 
+/// Log lines stamped with simulated time (turmoil's clock).
+struct SimTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for SimTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        let ms = turmoil::sim_elapsed().map(|d| d.as_millis()).unwrap_or(0);
+        write!(w, "{ms:>6}ms")
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
@@ -51,6 +62,35 @@ fn main() -> ExitCode {
         None => Scenario::Random,
     };
     let opts = |seed| SimOptions { scenario: scen, bugs, ..SimOptions::random(seed) };
+    if args.iter().any(|a| a == "--datapath") {
+        let Some(seed) = number("--reproduce") else {
+            eprintln!("--datapath needs --reproduce <seed>");
+            return ExitCode::FAILURE;
+        };
+        let mut bugs = Vec::new();
+        for name in value("--bug").unwrap_or_default().split(',').filter(|n| !n.is_empty()) {
+            match metro_node::rt::Bug::ALL.iter().find(|b| format!("{b:?}") == name) {
+                Some(b) => bugs.push(*b),
+                None => {
+                    eprintln!("unknown bug `{name}`; use one of {:?}", metro_node::rt::Bug::ALL);
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        if std::env::var("RUST_LOG").is_ok() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_timer(SimTime)
+                .try_init();
+        }
+        let opts = metro_tests::sim::datapath::DataPathOptions {
+            bugs,
+            ..metro_tests::sim::datapath::DataPathOptions::new(seed)
+        };
+        let r = metro_tests::sim::datapath::run_datapath(&opts);
+        println!("{r:#?}");
+        return if r.failed() { ExitCode::FAILURE } else { ExitCode::SUCCESS };
+    }
     if args.iter().any(|a| a == "--engine") {
         let Some(seed) = number("--reproduce") else {
             eprintln!("--engine needs --reproduce <seed>");

@@ -235,7 +235,7 @@ impl LocalVolume {
     ) -> StoreResult<()> {
         let inner = self.inner.clone();
         let meta = inner.dir.join(META_FILE);
-        tokio::task::spawn_blocking(move || {
+        crate::rt::blocking(move || {
             // Holding the lock across the rewrite serialises writers and
             // keeps memory and disk in the same order.
             let mut sb = inner.sb.lock().unwrap_or_else(|p| p.into_inner());
@@ -302,7 +302,7 @@ impl LocalVolume {
         f: impl FnOnce(&Inner) -> std::io::Result<T> + Send + 'static,
     ) -> BlockResult<T> {
         let inner = self.inner.clone();
-        match tokio::task::spawn_blocking(move || f(&inner)).await {
+        match crate::rt::blocking(move || f(&inner)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(classify(e)),
             Err(join) => Err(BlockError::Io(std::io::Error::other(join))),

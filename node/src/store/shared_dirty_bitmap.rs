@@ -115,7 +115,7 @@ impl SharedDirtyBitmap {
                 continue;
             };
             let path = self.path.clone();
-            let result = tokio::task::spawn_blocking(move || envelope::atomic_write(&path, &image))
+            let result = crate::rt::blocking(move || envelope::atomic_write(&path, &image))
                 .await
                 .unwrap_or_else(|e| {
                     Err(StoreError::io(&self.path, "join blocking task", std::io::Error::other(e)))

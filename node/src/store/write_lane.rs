@@ -56,12 +56,15 @@ pub fn submit(job: Job) -> Result<(), Job> {
 
 /// Run `job` on the lane, or on tokio's blocking pool when the lane is full.
 pub async fn run<T: Send + 'static>(job: impl FnOnce() -> T + Send + 'static) -> std::io::Result<T> {
+    if crate::rt::inline() {
+        return Ok(job());
+    }
     let (tx, rx) = tokio::sync::oneshot::channel();
     let wrapped: Job = Box::new(move || {
         let _ = tx.send(job());
     });
     if let Err(job) = submit(wrapped) {
-        tokio::task::spawn_blocking(job).await.map_err(std::io::Error::other)?;
+        crate::rt::blocking(job).await.map_err(std::io::Error::other)?;
     }
     rx.await.map_err(|_| std::io::Error::other("write lane dropped a job"))
 }

@@ -45,6 +45,34 @@ pub struct FileStorage {
     cache_lost: std::sync::atomic::AtomicBool,
     /// Test only: wrap every volume in a [`VolatileCache`].
     volatile: bool,
+    /// Simulator only: the caches belong to the simulated machine, not to
+    /// this process, so they outlive it (a kill keeps them; a power cut
+    /// empties them, [`MachineCache::power_cut`]).
+    machine: Option<Arc<MachineCache>>,
+}
+
+/// The simulated machine's page cache: one [`VolatileCache`] per volume
+/// directory and identity, kept across the "process" (a [`FileStorage`])
+/// restarting on the same data directory, as the kernel keeps its page cache
+/// across a `kill -9`. A power cut loses every pending write in it.
+#[derive(Default)]
+pub struct MachineCache {
+    caches: Mutex<HashMap<(std::path::PathBuf, VolumeId), Arc<VolatileCache>>>,
+}
+
+impl MachineCache {
+    /// Lose every unflushed write (the machine lost power); returns the
+    /// bytes discarded.
+    pub fn power_cut(&self) -> u64 {
+        let caches: Vec<Arc<VolatileCache>> =
+            self.caches.lock().expect("poisoned").drain().map(|(_, c)| c).collect();
+        caches.iter().map(|c| c.power_cut().bytes).sum()
+    }
+
+    /// Bytes written but not yet flushed, over every volume.
+    pub fn pending_bytes(&self) -> u64 {
+        self.caches.lock().expect("poisoned").values().map(|c| c.stats().pending_bytes).sum()
+    }
 }
 
 /// The kernel's boot id (changes on every boot).
@@ -94,6 +122,7 @@ impl FileStorage {
             vols: Mutex::default(),
             cache_lost: std::sync::atomic::AtomicBool::new(lost),
             volatile: cfg.storage.volatile_write_cache,
+            machine: None,
         })
     }
 
@@ -107,6 +136,29 @@ impl FileStorage {
             vols: Mutex::default(),
             cache_lost: std::sync::atomic::AtomicBool::new(false),
             volatile: false,
+            machine: None,
+        }
+    }
+
+    /// Over an open store whose volumes write into `machine`'s page cache
+    /// (the simulator: unflushed writes survive this process but not a
+    /// power cut of the machine). `cache_lost`: the machine lost power since
+    /// the last start on this directory.
+    pub fn with_machine_cache(
+        store: NodeStore,
+        region: u64,
+        extent: u64,
+        machine: Arc<MachineCache>,
+        cache_lost: bool,
+    ) -> FileStorage {
+        FileStorage {
+            store,
+            region,
+            extent,
+            vols: Mutex::default(),
+            cache_lost: std::sync::atomic::AtomicBool::new(cache_lost),
+            volatile: true,
+            machine: Some(machine),
         }
     }
 
@@ -182,8 +234,17 @@ impl VolumeStorage for FileStorage {
             tracing::info!(volume = %name, extents = recovered, "activity log holds hot extents from before a restart");
         }
         let cache = self.volatile.then(|| {
-            tracing::warn!(volume = %name, "volatile write cache (TEST ONLY): unflushed writes are lost on kill");
-            Arc::new(VolatileCache::new(Arc::new(dev.clone()), DEFAULT_VOLATILE_LIMIT_BYTES))
+            let fresh = || Arc::new(VolatileCache::new(Arc::new(dev.clone()), DEFAULT_VOLATILE_LIMIT_BYTES));
+            match &self.machine {
+                Some(m) => {
+                    let key = (dev.dir().to_path_buf(), dev.id());
+                    m.caches.lock().expect("poisoned").entry(key).or_insert_with(fresh).clone()
+                }
+                None => {
+                    tracing::warn!(volume = %name, "volatile write cache (TEST ONLY): unflushed writes are lost on kill");
+                    fresh()
+                }
+            }
         });
         let shared: Arc<dyn BlockDevice> = match &cache {
             Some(c) => c.clone(),
@@ -204,7 +265,9 @@ impl VolumeStorage for FileStorage {
     }
 
     fn delete(&self, name: &str) -> std::io::Result<()> {
-        self.vols.lock().expect("poisoned").remove(name);
+        if let (Some(v), Some(m)) = (self.vols.lock().expect("poisoned").remove(name), &self.machine) {
+            m.caches.lock().expect("poisoned").remove(&(v.local.dir().to_path_buf(), v.local.id()));
+        }
         self.store.delete_volume(name).map_err(io)
     }
 

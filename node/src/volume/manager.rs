@@ -24,7 +24,8 @@ use async_trait::async_trait;
 use metro_quorum::{ClusterState, Command, CommandResult, VolumeId};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use tokio::sync::watch;
 
 /// Largest chunk a resync reads and queues under the order lock at once.
@@ -148,6 +149,9 @@ impl VolumeManager {
     /// again. False if that could not be done yet (the link stays down and
     /// the next connect tries again).
     async fn peer_session_changed(&self, peer: &str) -> bool {
+        if crate::rt::bug(crate::rt::Bug::IgnorePeerSession) {
+            return true;
+        }
         let primaries: Vec<Arc<PrimaryVolume>> =
             self.inner.lock().expect("poisoned").primaries.values().cloned().collect();
         let mut ok = true;
@@ -189,8 +193,15 @@ impl VolumeManager {
             p.depose(&format!("local flush failed: {e}"));
             return;
         }
-        let own = self.storage.hot_extents(&name);
-        if !own.is_empty() && self.storage.cache_lost() && !in_sync_peers.is_empty() {
+        let mut own = self.storage.hot_extents(&name);
+        if crate::rt::bug(crate::rt::Bug::SkipPrimaryReconcile) {
+            own.clear();
+        }
+        if !own.is_empty()
+            && self.storage.cache_lost()
+            && !in_sync_peers.is_empty()
+            && !crate::rt::bug(crate::rt::Bug::ServeAfterCacheLoss)
+        {
             // This node lost its page cache (power cut, reboot) while it was
             // primary: its copy of the hot extents may lack writes an in-sync
             // replica acknowledged and still holds. Hand the volume to that
@@ -211,7 +222,11 @@ impl VolumeManager {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
-            match p.query_hot(peer).await {
+            let hot = match crate::rt::bug(crate::rt::Bug::SkipPeerHotQuery) {
+                true => Some(Vec::new()),
+                false => p.query_hot(peer).await,
+            };
+            match hot {
                 Some(r) => {
                     if !r.is_empty() {
                         reported.push(peer.clone());

@@ -586,6 +586,19 @@ impl PrimaryVolume {
                     for p in &still {
                         self.ctl.mark_all_outstanding(&self.name, p).map_err(BlockError::Io)?;
                     }
+                    // Every write acknowledged so far is on the leaving
+                    // replicas too, maybe only in caches. Once they leave,
+                    // the copies kept are the only in-sync ones: make those
+                    // writes durable here first, or a power cut here would
+                    // lose acknowledged writes that a copy still holds
+                    // (found by the data-path simulation, seed 15).
+                    if !crate::rt::bug(crate::rt::Bug::DegradeWithoutFlush) {
+                        if let Err(e) = self.local.flush().await {
+                            drop(s);
+                            self.depose(&format!("local flush before leaving replicas out failed: {e}"));
+                            return Err(e);
+                        }
+                    }
                     match self.ctl.shrink_in_sync(&self.name, s.epoch, in_sync).await {
                         Ok(new_epoch) => {
                             tracing::warn!(volume = %self.name, removed = ?still, new_epoch, "replicas removed from in_sync");

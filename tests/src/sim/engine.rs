@@ -61,7 +61,7 @@ impl Connector for TurmoilConnector {
 }
 
 /// A server-side turmoil connection tonic can serve.
-struct Conn(turmoil::net::TcpStream);
+pub struct Conn(pub turmoil::net::TcpStream);
 
 impl tonic::transport::server::Connected for Conn {
     type ConnectInfo = ();

@@ -28,6 +28,7 @@
 //! ```
 
 pub mod clock;
+pub mod datapath;
 pub mod disk;
 pub mod engine;
 pub mod engine_oracle;
