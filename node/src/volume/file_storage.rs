@@ -33,6 +33,21 @@ struct Vol {
     al: Mutex<ActivityLog>,
     bitmaps: Mutex<HashMap<String, DirtyBitmap>>,
     full_resyncs: AtomicU64,
+    /// Its copy may lack writes acknowledged from a lost page cache (the
+    /// [`CACHE_LOST_MARKER`] file exists).
+    suspect: std::sync::atomic::AtomicBool,
+}
+
+/// In a volume's directory: this copy lost its page cache since its hot
+/// extents were last reconciled. Durable, so that a second restart (a kill
+/// after the power cut, before any reconciliation) still knows.
+pub const CACHE_LOST_MARKER: &str = "cache-lost";
+
+fn write_marker(dir: &std::path::Path) -> std::io::Result<()> {
+    let path = dir.join(CACHE_LOST_MARKER);
+    let f = std::fs::File::create(&path)?;
+    f.sync_all()?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 pub struct FileStorage {
@@ -251,7 +266,20 @@ impl VolumeStorage for FileStorage {
             None => Arc::new(dev.clone()),
         };
         let epoch = dev.epoch();
+        let marker = dev.dir().join(CACHE_LOST_MARKER);
+        let suspect = if self.cache_lost.load(Ordering::SeqCst) && !marker.exists() {
+            write_marker(dev.dir()).map_err(|e| {
+                std::io::Error::other(format!("recording the lost page cache at {}: {e}", marker.display()))
+            })?;
+            true
+        } else {
+            marker.exists()
+        };
+        if suspect && recovered > 0 {
+            tracing::warn!(volume = %name, extents = recovered, "this copy lost its page cache since its hot extents were last reconciled: they may lack acknowledged writes");
+        }
         let v = Arc::new(Vol {
+            suspect: std::sync::atomic::AtomicBool::new(suspect),
             size: dev.superblock().size,
             local: dev,
             dev: shared.clone(),
@@ -309,6 +337,15 @@ impl VolumeStorage for FileStorage {
     fn clear_hot(&self, name: &str) -> std::io::Result<()> {
         let v = self.vol(name)?;
         let mut al = v.al.lock().expect("poisoned");
+        if v.suspect.load(Ordering::SeqCst) {
+            // Reconciled: the hot extents are what the copies agreed on.
+            match std::fs::remove_file(v.local.dir().join(CACHE_LOST_MARKER)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            v.suspect.store(false, Ordering::SeqCst);
+        }
         if al.hot_extents().is_empty() {
             return Ok(());
         }
@@ -391,8 +428,8 @@ impl VolumeStorage for FileStorage {
         (self.store.capacity_bytes().unwrap_or(0), self.store.used_bytes().unwrap_or(0))
     }
 
-    fn cache_lost(&self) -> bool {
-        self.cache_lost.load(Ordering::SeqCst)
+    fn cache_lost(&self, name: &str) -> bool {
+        self.vol(name).is_ok_and(|v| v.suspect.load(Ordering::SeqCst))
     }
 
     fn full_resyncs(&self, name: &str) -> u64 {

@@ -156,6 +156,16 @@ impl VolumeManager {
             self.inner.lock().expect("poisoned").primaries.values().cloned().collect();
         let mut ok = true;
         for p in primaries.into_iter().filter(|p| !p.is_deposed()) {
+            if !p.is_ready() && self.storage.cache_lost(&p.name) && !self.storage.hot_extents(&p.name).is_empty() {
+                // Our own copy is the suspect one: we lost our page cache as
+                // primary and have not reconciled. Taking the peer out of
+                // `in_sync` would leave this copy as the only in-sync one and
+                // lose acknowledged writes the peer may still hold (found by
+                // the data-path simulation, seed 5). Let the link come up;
+                // `reconcile_new_primary` hands the volume to the peer.
+                tracing::warn!(volume = %p.name, %peer, "replica restarted while this primary, after losing its page cache, waits to hand over: it stays in in_sync");
+                continue;
+            }
             if let Err(e) = p.peer_lost_cache(peer).await {
                 if !p.is_deposed() {
                     tracing::warn!(volume = %p.name, %peer, error = %e, "cannot take a restarted replica out of in_sync yet");
@@ -198,7 +208,7 @@ impl VolumeManager {
             own.clear();
         }
         if !own.is_empty()
-            && self.storage.cache_lost()
+            && self.storage.cache_lost(&name)
             && !in_sync_peers.is_empty()
             && !crate::rt::bug(crate::rt::Bug::ServeAfterCacheLoss)
         {
@@ -207,8 +217,23 @@ impl VolumeManager {
             // replica acknowledged and still holds. Hand the volume to that
             // replica instead of pushing our copy over it; it resyncs those
             // extents back to us (it asks for them as it takes over).
-            if self.step_down_after_cache_loss(&p, &in_sync_peers).await {
-                return;
+            // While no in-sync replica is reachable, hold I/O and try again:
+            // serving this copy (or copying it over a replica) could lose
+            // acknowledged writes that the replica still holds (found by the
+            // data-path simulation, seed 5: the replica was down for a second).
+            let mut warned = false;
+            loop {
+                if self.step_down_after_cache_loss(&p, &in_sync_peers).await {
+                    return;
+                }
+                if p.is_deposed() {
+                    return;
+                }
+                if !warned {
+                    tracing::warn!(volume = %name, peers = ?in_sync_peers, "lost the page cache as primary and no in-sync replica can take over yet: holding I/O until one can (serving this copy could lose acknowledged writes)");
+                    warned = true;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
         let mut ranges: Vec<(u64, u64)> = own.clone();

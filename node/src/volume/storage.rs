@@ -83,9 +83,12 @@ pub trait VolumeStorage: Send + Sync + 'static {
     fn data_ranges(&self, name: &str, offset: u64, len: u64) -> Vec<(u64, u64)>;
     /// (capacity, used) in bytes.
     fn capacity(&self) -> (u64, u64);
-    /// Did this start follow a loss of the page cache (reboot, power cut)?
-    /// Then writes acknowledged from it may be gone from the local copies.
-    fn cache_lost(&self) -> bool {
+    /// May this copy of `name` lack writes acknowledged from a page cache
+    /// that is gone (a reboot or power cut since they were written)? Set
+    /// when a start follows such a loss, and it stays set, across later
+    /// restarts too, until the volume's hot extents are reconciled
+    /// (`clear_hot`).
+    fn cache_lost(&self, _name: &str) -> bool {
         false
     }
     /// Full resyncs done so far (for reporting).

@@ -252,7 +252,9 @@ impl DataOracle {
                 let covers = self
                     .writes
                     .iter()
-                    .filter(|(_, w)| w.outcome == Outcome::Acked && !w.durable)
+                    // A write every copy of which lost power before this
+                    // flush was issued may be gone: no flush brings it back.
+                    .filter(|(_, w)| w.outcome == Outcome::Acked && !w.durable && !self.exempt(w))
                     .map(|(id, _)| *id)
                     .collect();
                 Op::Flush { covers }
