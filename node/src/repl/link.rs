@@ -26,6 +26,16 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// (TCP_USER_TIMEOUT); keeps silent drops from hanging forever.
 pub const TCP_USER_TIMEOUT: Duration = Duration::from_millis(1500);
 const BACKOFF_MAX: Duration = Duration::from_millis(500);
+/// The link's own dead-peer check, beside TCP_USER_TIMEOUT (which only the
+/// daemon's TCP transport sets, and which a middlebox or another transport
+/// may not honour): an op unacknowledged this long with nothing received
+/// meanwhile ends the connection, and the link reconnects. Without it, a
+/// connection whose segments were dropped hangs forever (found by the
+/// data-path simulation: a resync's final flush waited on a dead connection
+/// after a partition healed).
+pub const LINK_STALL: Duration = Duration::from_secs(5);
+/// How often the dead-peer check runs.
+const STALL_CHECK: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum LinkError {
@@ -288,20 +298,27 @@ pub fn tune(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Ops written and not yet acknowledged, by sequence number, with when
+/// each was written.
+type Pending = Arc<Mutex<HashMap<u64, (Responder, tokio::time::Instant)>>>;
+
 async fn run_connection(stream: BoxStream, mut rx: mpsc::Receiver<(OutOp, Responder)>) -> String {
-    let pending: Arc<Mutex<HashMap<u64, Responder>>> = Arc::default();
+    let pending: Pending = Arc::default();
+    let last_rx = Arc::new(Mutex::new(tokio::time::Instant::now()));
     let (mut rd, wr) = tokio::io::split(stream);
-    let p2 = pending.clone();
+    let (p2, rx2) = (pending.clone(), last_rx.clone());
     let mut reader = tokio::spawn(async move {
         loop {
-            match read_frame(&mut rd).await {
+            let frame = read_frame(&mut rd).await;
+            *rx2.lock().expect("poisoned") = tokio::time::Instant::now();
+            match frame {
                 Ok(Frame::Ack { seq, status, epoch }) => {
-                    if let Some(r) = p2.lock().expect("poisoned").remove(&seq) {
+                    if let Some((r, _)) = p2.lock().expect("poisoned").remove(&seq) {
                         let _ = r.send(Ok(Ack { status, epoch, ranges: Vec::new() }));
                     }
                 }
                 Ok(Frame::HotAck { seq, status, epoch, ranges }) => {
-                    if let Some(r) = p2.lock().expect("poisoned").remove(&seq) {
+                    if let Some((r, _)) = p2.lock().expect("poisoned").remove(&seq) {
                         let _ = r.send(Ok(Ack { status, epoch, ranges }));
                     }
                 }
@@ -313,9 +330,21 @@ async fn run_connection(stream: BoxStream, mut rx: mpsc::Receiver<(OutOp, Respon
     });
     let mut wr = BufWriter::with_capacity(256 * 1024, wr);
     let mut seq: u64 = 0;
+    let mut check = tokio::time::interval(STALL_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let reason = loop {
         tokio::select! {
             r = &mut reader => break r.unwrap_or_else(|e| e.to_string()),
+            _ = check.tick() => {
+                let now = tokio::time::Instant::now();
+                let oldest = pending.lock().expect("poisoned").values().map(|(_, at)| *at).min();
+                let heard = *last_rx.lock().expect("poisoned");
+                if let Some(oldest) = oldest {
+                    if now.duration_since(oldest) > LINK_STALL && now.duration_since(heard) > LINK_STALL {
+                        break format!("no acknowledgement and nothing received for {LINK_STALL:?}: the connection is dead");
+                    }
+                }
+            }
             m = rx.recv() => {
                 let Some((op, resp)) = m else { break "link closed".to_string() };
                 let mut batch = vec![(op, resp)];
@@ -325,7 +354,7 @@ async fn run_connection(stream: BoxStream, mut rx: mpsc::Receiver<(OutOp, Respon
                 let mut failed = None;
                 for (op, resp) in batch {
                     seq += 1;
-                    pending.lock().expect("poisoned").insert(seq, resp);
+                    pending.lock().expect("poisoned").insert(seq, (resp, tokio::time::Instant::now()));
                     let f = Frame::Op { seq, volume: op.volume, epoch: op.epoch, size: op.size, fua: op.fua, resync: op.resync, op: op.op };
                     if let Err(e) = wr.write_all(&f.encode()).await { failed = Some(e); break; }
                 }
@@ -337,7 +366,7 @@ async fn run_connection(stream: BoxStream, mut rx: mpsc::Receiver<(OutOp, Respon
     reader.abort();
     rx.close();
     let peer_down = LinkError::Down("peer".into());
-    for (_, r) in pending.lock().expect("poisoned").drain() {
+    for (_, (r, _)) in pending.lock().expect("poisoned").drain() {
         let _ = r.send(Err(peer_down.clone()));
     }
     while let Ok((_, r)) = rx.try_recv() {
