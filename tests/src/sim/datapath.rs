@@ -515,6 +515,7 @@ async fn host(id: String, dir: PathBuf, world: Shared, drift_ppm: i64) -> turmoi
         tokio::spawn(client(id.clone(), m.clone(), q.state(), world.clone()));
         tokio::spawn(operator(id.clone(), q.clone(), m.clone(), world.clone()));
     }
+    let (mut leases, mut states) = (q.lease_watch(), q.state());
     loop {
         let state = q.state().borrow().clone();
         if id == "a1" && state.nodes.len() == HOSTS.len() && !state.volumes.contains_key(VOL) {
@@ -541,7 +542,14 @@ async fn host(id: String, dir: PathBuf, world: Shared, drift_ppm: i64) -> turmoi
             }
         }
         lock(&world).engine.report(&id, &status, state, serving);
-        tokio::time::sleep(Duration::from_millis(SAMPLE_MS)).await;
+        // Report at once when a lease or the state changes (a released lease
+        // must not look held for a sampling period after a planned move).
+        tokio::select! {
+            biased;
+            _ = leases.changed() => {}
+            _ = states.changed() => {}
+            _ = tokio::time::sleep(Duration::from_millis(SAMPLE_MS)) => {}
+        }
     }
 }
 
