@@ -63,6 +63,18 @@ pub enum Bug {
 }
 
 impl Bug {
+    /// The bugs the data-path simulation's CI sweep must catch in most
+    /// seeds. `SkipPeerHotQuery` is not among them yet: its damage needs an
+    /// old primary's write to lose a race with the move's commit, which the
+    /// focused scenario produces in about 1 seed of 16 (the two-node test
+    /// `node/tests/crash_safety.rs::class4_*` shows it directly).
+    pub const SWEPT: [Bug; 4] = [
+        Bug::SkipPrimaryReconcile,
+        Bug::ServeAfterCacheLoss,
+        Bug::IgnorePeerSession,
+        Bug::DegradeWithoutFlush,
+    ];
+
     pub const ALL: [Bug; 5] = [
         Bug::SkipPrimaryReconcile,
         Bug::ServeAfterCacheLoss,

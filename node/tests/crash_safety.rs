@@ -508,3 +508,41 @@ async fn class10_a_local_write_that_fails_after_the_replicas_applied_it_leaves_i
     }
     assert_identical(&p, &format!("after {failed} local write failures")).await;
 }
+
+#[tokio::test]
+async fn a_lost_page_cache_is_remembered_across_restarts_until_the_hot_extents_are_reconciled() {
+    let tmp = tempfile::tempdir().unwrap();
+    let id = VolumeId { serial: 1, nonce: 7 };
+    let open = |lost: bool| {
+        let fs = FileStorage::with_store(
+            NodeStore::open(tmp.path(), Some(1 << 30)).unwrap(),
+            DEFAULT_REGION_BYTES,
+            EXTENT,
+        );
+        if lost {
+            fs.assume_cache_lost();
+        }
+        let (dev, _) = fs.open_or_create("v", SIZE, id).unwrap();
+        (fs, dev)
+    };
+    let (fs, dev) = open(false);
+    fs.touch_extent("v", 0, BLOCK as u64).unwrap();
+    dev.write(0, block(1), false).await.unwrap();
+    assert!(!fs.cache_lost("v"));
+    drop((fs, dev));
+    // A power cut: this start knows.
+    let (fs, dev) = open(true);
+    assert!(fs.cache_lost("v"));
+    drop((fs, dev));
+    // Killed before it reconciled; the next start is on the same boot. It
+    // must still know its hot extents may lack acknowledged writes.
+    let (fs, dev) = open(false);
+    assert!(fs.cache_lost("v"), "a second restart forgot the power cut before reconciling");
+    assert!(!fs.hot_extents("v").is_empty());
+    // Reconciled (the extents were copied between the copies): forgotten.
+    fs.clear_hot("v").unwrap();
+    assert!(!fs.cache_lost("v"));
+    drop((fs, dev));
+    let (fs, _dev) = open(false);
+    assert!(!fs.cache_lost("v"));
+}

@@ -5,7 +5,7 @@
 //! cargo test -p metro-tests --test sim_reproduce -- --reproduce <seed> [--bug] [--scenario NAME]
 //! cargo test -p metro-tests --test sim_reproduce -- --seeds <count> [--first <seed>]
 //! cargo test -p metro-tests --test sim_reproduce -- --engine --reproduce <seed>
-//! cargo test -p metro-tests --test sim_reproduce -- --datapath --reproduce <seed> [--bug Name,Name]   (RUST_LOG=info for the hosts' logs)
+//! cargo test -p metro-tests --test sim_reproduce -- --datapath --reproduce <seed> [--scenario Name] [--bug Name,Name]   (RUST_LOG=info for the hosts' logs)
 //! ```
 //!
 //! `--engine` replays a random-fault run of the real quorum engine on turmoil
@@ -51,7 +51,8 @@ fn main() -> ExitCode {
         promote_without_lease_wait: args.iter().any(|a| a == "--bug"),
         release_while_serving: args.iter().any(|a| a == "--bug-release"),
     };
-    let scen = match value("--scenario") {
+    let datapath = args.iter().any(|a| a == "--datapath");
+    let scen = match value("--scenario").filter(|_| !datapath) {
         Some(n) => match scenario(&n) {
             Some(s) => s,
             None => {
@@ -83,8 +84,20 @@ fn main() -> ExitCode {
                 .with_timer(SimTime)
                 .try_init();
         }
+        use metro_tests::sim::datapath::DScenario;
+        let scenario = match value("--scenario") {
+            None => DScenario::Random,
+            Some(n) => match DScenario::ALL.iter().find(|s| format!("{s:?}") == n) {
+                Some(s) => *s,
+                None => {
+                    eprintln!("unknown data-path scenario `{n}`; use one of {:?}", DScenario::ALL);
+                    return ExitCode::FAILURE;
+                }
+            },
+        };
         let opts = metro_tests::sim::datapath::DataPathOptions {
             bugs,
+            scenario,
             ..metro_tests::sim::datapath::DataPathOptions::new(seed)
         };
         let r = metro_tests::sim::datapath::run_datapath(&opts);

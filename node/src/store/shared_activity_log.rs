@@ -122,11 +122,10 @@ impl SharedActivityLog {
                 continue;
             };
             let path = self.path.clone();
-            let result = crate::rt::blocking(move || envelope::atomic_write(&path, &image))
-                .await
-                .unwrap_or_else(|e| {
-                    Err(StoreError::io(&self.path, "join blocking task", std::io::Error::other(e)))
-                });
+            let result =
+                crate::rt::blocking(move || envelope::atomic_write(&path, &image)).await.unwrap_or_else(
+                    |e| Err(StoreError::io(&self.path, "join blocking task", std::io::Error::other(e))),
+                );
             {
                 let mut st = self.lock();
                 st.writing = false;

@@ -64,6 +64,8 @@ pub struct FileStorage {
     /// this process, so they outlive it (a kill keeps them; a power cut
     /// empties them, [`MachineCache::power_cut`]).
     machine: Option<Arc<MachineCache>>,
+    /// Activity-log extents kept hot before flushed ones are evicted.
+    max_hot: usize,
 }
 
 /// The simulated machine's page cache: one [`VolatileCache`] per volume
@@ -138,6 +140,7 @@ impl FileStorage {
             cache_lost: std::sync::atomic::AtomicBool::new(lost),
             volatile: cfg.storage.volatile_write_cache,
             machine: None,
+            max_hot: MAX_HOT_EXTENTS,
         })
     }
 
@@ -152,17 +155,18 @@ impl FileStorage {
             cache_lost: std::sync::atomic::AtomicBool::new(false),
             volatile: false,
             machine: None,
+            max_hot: MAX_HOT_EXTENTS,
         }
     }
 
     /// Over an open store whose volumes write into `machine`'s page cache
     /// (the simulator: unflushed writes survive this process but not a
     /// power cut of the machine). `cache_lost`: the machine lost power since
-    /// the last start on this directory.
+    /// the last start on this directory. `max_hot`: activity-log extents kept
+    /// hot (a small volume needs a small log, or every extent stays hot).
     pub fn with_machine_cache(
         store: NodeStore,
-        region: u64,
-        extent: u64,
+        (region, extent, max_hot): (u64, u64, usize),
         machine: Arc<MachineCache>,
         cache_lost: bool,
     ) -> FileStorage {
@@ -174,6 +178,7 @@ impl FileStorage {
             cache_lost: std::sync::atomic::AtomicBool::new(cache_lost),
             volatile: true,
             machine: Some(machine),
+            max_hot,
         }
     }
 
@@ -240,7 +245,7 @@ impl VolumeStorage for FileStorage {
         }
         let dev = self.store.open_identified(name, size, id).map_err(io)?;
         let (al, outcome) =
-            ActivityLog::open(&dev.activity_log_path(), size, self.extent, MAX_HOT_EXTENTS).map_err(io)?;
+            ActivityLog::open(&dev.activity_log_path(), size, self.extent, self.max_hot).map_err(io)?;
         if let AlOutcome::AllHot { reason } = &outcome {
             tracing::warn!(volume = %name, %reason, "activity log untrusted: every extent counts as hot");
         }

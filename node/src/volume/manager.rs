@@ -25,8 +25,8 @@ use metro_quorum::{ClusterState, Command, CommandResult, VolumeId};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
-use tokio::time::Instant;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// Largest chunk a resync reads and queues under the order lock at once.
 const RESYNC_CHUNK: u64 = 1024 * 1024;
@@ -156,7 +156,10 @@ impl VolumeManager {
             self.inner.lock().expect("poisoned").primaries.values().cloned().collect();
         let mut ok = true;
         for p in primaries.into_iter().filter(|p| !p.is_deposed()) {
-            if !p.is_ready() && self.storage.cache_lost(&p.name) && !self.storage.hot_extents(&p.name).is_empty() {
+            if !p.is_ready()
+                && self.storage.cache_lost(&p.name)
+                && !self.storage.hot_extents(&p.name).is_empty()
+            {
                 // Our own copy is the suspect one: we lost our page cache as
                 // primary and have not reconciled. Taking the peer out of
                 // `in_sync` would leave this copy as the only in-sync one and
@@ -265,8 +268,22 @@ impl VolumeManager {
         let total: u64 = ranges.iter().map(|r| r.1).sum();
         for peer in &stale_peers {
             let mut mine = ranges.clone();
-            if let Some(r) = p.query_hot(peer).await {
-                mine.extend(r);
+            match self.query_stale_peer_hot(&p, peer, &state).await {
+                StaleHot::Known(r) => mine.extend(r),
+                // Down: it reports its extents in the link handshake when it
+                // returns (`peer_reported_hot`), before any resync to it.
+                StaleHot::Unreachable => {}
+                StaleHot::Unknown => {
+                    // Connected but no answer (for example a just-deposed
+                    // primary that has not opened its replica yet): it may
+                    // hold writes of its own anywhere. A resync of only our
+                    // ranges would rejoin it with them (found by the
+                    // data-path simulation, a drain under load).
+                    tracing::warn!(volume = %name, %peer, "a stale replica did not report its hot extents: marking the whole volume dirty for it");
+                    if let Err(e) = self.storage.mark_all_dirty(&name, peer) {
+                        tracing::error!(volume = %name, %peer, error = %e, "cannot mark the volume dirty");
+                    }
+                }
             }
             for (off, len) in mine {
                 if let Err(e) = self.storage.mark_dirty(&name, peer, off, len) {
@@ -314,6 +331,26 @@ impl VolumeManager {
         }
         p.set_ready();
         tracing::info!(volume = %name, bytes = total, copied_to = ?copy_to.iter().filter(|x| !failed.contains(x)).collect::<Vec<_>>(), degraded = ?failed, ms = started.elapsed().as_millis() as u64, "primary reconciled its activity log with its replicas; serving");
+    }
+
+    /// A stale replica's activity-log extents (a previous primary's writes
+    /// that may be on it only). Asks again for a while when the link is up
+    /// but the peer cannot answer yet.
+    async fn query_stale_peer_hot(&self, p: &Arc<PrimaryVolume>, peer: &str, state: &ClusterState) -> StaleHot {
+        let Some(link) = self.link_for(peer, state) else { return StaleHot::Unreachable };
+        let deadline = Instant::now() + RECONCILE_CONNECT_WAIT;
+        loop {
+            if !link.is_connected() {
+                return StaleHot::Unreachable;
+            }
+            if let Some(r) = p.query_hot(peer).await {
+                return StaleHot::Known(r);
+            }
+            if Instant::now() >= deadline || p.is_deposed() {
+                return StaleHot::Unknown;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Move the primary role of `p` to a reachable in-sync replica and leave
@@ -626,6 +663,13 @@ impl VolumeManager {
                 if !link.is_connected() || !self.cluster.lease_valid(&p.name, p.first_epoch()) {
                     continue;
                 }
+                // Not before the new primary reconciled: it marks what stale
+                // replicas may hold of an old primary's writes; a resync that
+                // ran first found nothing dirty and rejoined the old primary
+                // with them (found by the data-path simulation, a drain).
+                if !p.is_ready() {
+                    continue;
+                }
                 if !self.inner.lock().expect("poisoned").resyncing.insert(key.clone()) {
                     continue;
                 }
@@ -852,6 +896,15 @@ impl ExportRegistry for VolumeManager {
 /// restart of the daemon (or a re-exec) changes the incarnation. Either may
 /// have lost writes acknowledged from the page cache (the test-only volatile
 /// cache loses them on any restart), so peers compare it on every connect.
+/// What a stale replica reported of its activity log.
+enum StaleHot {
+    Known(Vec<(u64, u64)>),
+    /// No link to it now: it reports its extents when it connects again.
+    Unreachable,
+    /// Connected, but it did not answer in time.
+    Unknown,
+}
+
 pub fn local_session() -> String {
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_string())

@@ -60,12 +60,17 @@ use std::time::Duration;
 pub const REPL_PORT: u16 = 7444;
 pub const VOL: &str = "v";
 const BLOCK: u64 = 4096;
-/// 256 blocks: small enough that writes often hit blocks an earlier fault
-/// touched, large enough for 16 activity-log extents.
-pub const SIZE: u64 = 1 << 20;
+/// 1024 blocks in 64 activity-log extents: writes often hit blocks an
+/// earlier fault touched, yet a divergence a fault leaves near the end of
+/// the run is rarely overwritten before the copies are compared.
+pub const SIZE: u64 = 4 << 20;
 const BLOCKS: u64 = SIZE / BLOCK;
 const EXTENT: u64 = 64 << 10;
 const REGION: u64 = 64 << 10;
+/// Hot activity-log extents (of 64): a quarter of the volume, as a real
+/// log covers a fraction of a real volume; a full log makes the primary
+/// issue a mirrored FLUSH before it takes a new extent (class 3).
+const MAX_HOT: usize = 16;
 const STORAGE: [&str; 2] = ["a1", "b1"];
 const HOSTS: [&str; 3] = ["a1", "b1", "w1"];
 /// Requests a client keeps in flight.
@@ -218,13 +223,13 @@ impl DataOracle {
             return None;
         }
         let op = match self.rng.gen_range(0..100) {
-            0..=59 => {
+            0..=69 => {
                 let n = self.rng.gen_range(1..=4u64);
                 let first = self.rng.gen_range(0..=BLOCKS - n);
                 if (first..first + n).any(|b| self.busy.contains(&b)) {
                     return None;
                 }
-                let fua = self.rng.gen_bool(0.15);
+                let fua = self.rng.gen_bool(0.1);
                 let mut ids = Vec::new();
                 for b in first..first + n {
                     let id = self.next_id;
@@ -248,7 +253,7 @@ impl DataOracle {
                 }
                 Op::Write { ids, first, fua }
             }
-            60..=74 => {
+            70..=73 => {
                 let covers = self
                     .writes
                     .iter()
@@ -292,7 +297,9 @@ impl DataOracle {
             let touches = match op {
                 Op::Write { ids, first, .. } => (*first..*first + ids.len() as u64).contains(&blk),
                 Op::Read { first, blocks, .. } => (*first..*first + blocks).contains(&blk),
-                Op::Flush { covers } => covers.iter().any(|c| self.writes.get(c).is_some_and(|w| w.block == blk)),
+                Op::Flush { covers } => {
+                    covers.iter().any(|c| self.writes.get(c).is_some_and(|w| w.block == blk))
+                }
             };
             if touches {
                 let shown = match op {
@@ -382,7 +389,13 @@ impl DataOracle {
                     .take(4)
                     .map(|i| {
                         let r = &self.writes[i];
-                        format!("{i}:{}@{}:{:?}{}", r.by, r.acked_at, r.outcome, if r.durable { ":durable" } else { "" })
+                        format!(
+                            "{i}:{}@{}:{:?}{}",
+                            r.by,
+                            r.acked_at,
+                            r.outcome,
+                            if r.durable { ":durable" } else { "" }
+                        )
                     })
                     .collect();
                 Err(format!(
@@ -453,6 +466,8 @@ struct World {
     engine: EngineOracle,
     /// Clients issue requests only while this is set.
     io_on: bool,
+    /// ... and not before this simulated instant (a pause).
+    io_paused_until: u64,
     /// The harness asks the serving node's client for a final FLUSH.
     final_flush: Option<Option<Result<(), String>>>,
 }
@@ -570,7 +585,7 @@ async fn start_storage(
     let data = dir.join("data");
     std::fs::create_dir_all(&data)?;
     let store = NodeStore::open(&data, Some(1 << 30))?;
-    let fs = Arc::new(FileStorage::with_machine_cache(store, REGION, EXTENT, cache, lost));
+    let fs = Arc::new(FileStorage::with_machine_cache(store, (REGION, EXTENT, MAX_HOT), cache, lost));
     let storage: Arc<dyn VolumeStorage> = fs.clone();
     let dialer =
         Dialer { my_node: id.into(), transport: Arc::new(TurmoilTransport), on_hot: None, on_session: None };
@@ -627,10 +642,10 @@ async fn client(
         }
         let op = {
             let mut w = lock(&world);
-            if !w.io_on {
+            let now = now_ms();
+            if !w.io_on || now < w.io_paused_until {
                 continue;
             }
-            let now = now_ms();
             w.data.now_ms = now;
             w.data.next_op(&me, now)
         };
@@ -713,10 +728,64 @@ pub enum DFault {
     /// The operator drains the current primary (a planned move over the
     /// links that already exist).
     DrainPrimary,
+    /// Kill the current primary's process and start it again at once.
+    KillPrimary,
+    /// The current primary's machine loses power and boots again at once.
+    PowerCutPrimary,
+    /// The current replica's machine loses power and boots again at once.
+    PowerCutReplica,
+    /// The clients issue nothing new for this long.
+    PauseIo(u64),
+}
+
+/// What the faults of a run aim at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DScenario {
+    /// Every kind of fault, at random.
+    Random,
+    /// Cut the data sites, kill the primary while its writes wait for the
+    /// replica (they are local only), start it again at once, heal (class 1).
+    PrimaryKilledMidWrite,
+    /// The primary loses power with acknowledged, unflushed writes in its
+    /// cache (the replica holds them) and boots again at once (class 1).
+    PrimaryPowerCut,
+    /// I/O pauses, the replica loses power while idle and boots again at
+    /// once; I/O resumes (class 2).
+    IdleReplicaPowerCut,
+    /// The operator drains the primary under load (class 4).
+    DrainUnderLoad,
+    /// Cut the data sites until the primary takes the replica out of
+    /// `in_sync`, heal, then the primary loses power.
+    DegradeThenPrimaryPowerCut,
+}
+
+impl DScenario {
+    pub const ALL: [DScenario; 6] = [
+        DScenario::Random,
+        DScenario::PrimaryKilledMidWrite,
+        DScenario::PrimaryPowerCut,
+        DScenario::IdleReplicaPowerCut,
+        DScenario::DrainUnderLoad,
+        DScenario::DegradeThenPrimaryPowerCut,
+    ];
+
+    /// The scenario whose faults let `bug` do its damage.
+    pub fn exposing(bug: Bug) -> DScenario {
+        match bug {
+            Bug::SkipPrimaryReconcile => DScenario::PrimaryKilledMidWrite,
+            Bug::ServeAfterCacheLoss => DScenario::PrimaryPowerCut,
+            Bug::IgnorePeerSession => DScenario::IdleReplicaPowerCut,
+            Bug::SkipPeerHotQuery => DScenario::DrainUnderLoad,
+            Bug::DegradeWithoutFlush => DScenario::DegradeThenPrimaryPowerCut,
+        }
+    }
 }
 
 /// The fault schedule of a seed: `(at_ms, fault)`, sorted.
-pub fn schedule(seed: u64, safety_ms: u64) -> Vec<(u64, DFault)> {
+pub fn schedule(seed: u64, safety_ms: u64, scenario: DScenario) -> Vec<(u64, DFault)> {
+    if scenario != DScenario::Random {
+        return focused(seed, safety_ms, scenario);
+    }
     let mut rng = StdRng::seed_from_u64(seed ^ 0xd47a_fa17);
     let mut out = Vec::new();
     let mut t = 6_000 + rng.gen_range(0..1_000);
@@ -752,6 +821,53 @@ pub fn schedule(seed: u64, safety_ms: u64) -> Vec<(u64, DFault)> {
     out
 }
 
+/// Two or three rounds of one scenario's faults, the last ending shortly
+/// before the heal (I/O stops there, so what a fault leaves behind is not
+/// overwritten before the copies are compared).
+fn focused(seed: u64, safety_ms: u64, scenario: DScenario) -> Vec<(u64, DFault)> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0xf0c0_5ed5);
+    let rounds = rng.gen_range(2..=3u64);
+    let mut out = Vec::new();
+    for r in 0..rounds {
+        // Rounds 2.5 s apart, the last about 1.5 s before the heal.
+        let spacing = 2_500;
+        let t = safety_ms - 1_500 - (rounds - 1 - r) * spacing - rng.gen_range(0..300);
+        match scenario {
+            DScenario::Random => unreachable!("random schedules are drawn by `schedule`"),
+            DScenario::PrimaryKilledMidWrite => {
+                out.push((t, DFault::CutDataSites));
+                out.push((t + rng.gen_range(100..600), DFault::KillPrimary));
+                out.push((t + 800, DFault::HealNet));
+            }
+            DScenario::PrimaryPowerCut => out.push((t, DFault::PowerCutPrimary)),
+            DScenario::IdleReplicaPowerCut => {
+                out.push((t, DFault::PauseIo(900)));
+                out.push((t + 300, DFault::PowerCutReplica));
+            }
+            DScenario::DrainUnderLoad => {
+                // A slow link with jitter keeps writes in flight across the
+                // move and reorders them against the raft messages.
+                out.push((t - 300, DFault::Slow("a1", "b1", rng.gen_range(10..40))));
+                out.push((t, DFault::DrainPrimary));
+                out.push((t + 1_000, DFault::HealNet));
+            }
+            DScenario::DegradeThenPrimaryPowerCut => {
+                // The cut lasts: the replica is out of in_sync when the
+                // primary loses power. The writes in flight when I/O pauses
+                // time out and make the primary drop the replica; no flush
+                // comes after that before the power cut.
+                out.push((t - 1_500, DFault::CutDataSites));
+                out.push((t - 1_500, DFault::PauseIo(2_700)));
+                out.push((t, DFault::PowerCutPrimary));
+                out.push((t + 500, DFault::HealNet));
+            }
+        }
+    }
+    out.sort_by_key(|(t, _)| *t);
+    out.push((safety_ms, DFault::HealNet));
+    out
+}
+
 /// Options of one run.
 #[derive(Debug, Clone)]
 pub struct DataPathOptions {
@@ -761,11 +877,18 @@ pub struct DataPathOptions {
     /// After the heal: time to converge (in sync, serving) before the checks.
     pub liveness_ms: u64,
     pub bugs: Vec<Bug>,
+    pub scenario: DScenario,
 }
 
 impl DataPathOptions {
     pub fn new(seed: u64) -> DataPathOptions {
-        DataPathOptions { seed, safety_ms: 16_000, liveness_ms: 20_000, bugs: Vec::new() }
+        DataPathOptions {
+            seed,
+            safety_ms: 16_000,
+            liveness_ms: 20_000,
+            bugs: Vec::new(),
+            scenario: DScenario::Random,
+        }
     }
 }
 
@@ -773,6 +896,7 @@ impl DataPathOptions {
 #[derive(Debug, Default)]
 pub struct DataPathReport {
     pub seed: u64,
+    pub scenario: Option<DScenario>,
     pub faults: Vec<(u64, DFault)>,
     pub violations: Vec<String>,
     /// The run never reached a quiescent point where the copies can be compared.
@@ -786,6 +910,9 @@ pub struct DataPathReport {
     pub promotions: usize,
     pub sim_ms: u64,
     pub wall_ms: u64,
+    /// The engine oracle's digest of every report (see `EngineOracle::trace`);
+    /// with the counters above, two runs of one seed must agree.
+    pub trace: u64,
 }
 
 impl DataPathReport {
@@ -799,8 +926,12 @@ impl DataPathReport {
         } else {
             format!(" --bug {}", bugs.iter().map(|b| format!("{b:?}")).collect::<Vec<_>>().join(","))
         };
+        let scenario = match self.scenario {
+            Some(s) if s != DScenario::Random => format!(" --scenario {s:?}"),
+            _ => String::new(),
+        };
         format!(
-            "cargo test -p metro-tests --test sim_reproduce -- --datapath --reproduce {}{bugs}",
+            "cargo test -p metro-tests --test sim_reproduce -- --datapath --reproduce {}{scenario}{bugs}",
             self.seed
         )
     }
@@ -844,6 +975,7 @@ pub fn run_datapath(opts: &DataPathOptions) -> DataPathReport {
         data: DataOracle::new(opts.seed),
         engine: EngineOracle::default(),
         io_on: false,
+        io_paused_until: 0,
         final_flush: None,
     }));
     let end_ms = opts.safety_ms + opts.liveness_ms;
@@ -861,8 +993,13 @@ pub fn run_datapath(opts: &DataPathOptions) -> DataPathReport {
         sim.host(id, move || host(id.to_string(), dir.clone(), w.clone(), drift));
     }
     base_latency(&sim);
-    let faults = schedule(opts.seed, opts.safety_ms);
-    let mut report = DataPathReport { seed: opts.seed, faults: faults.clone(), ..Default::default() };
+    let faults = schedule(opts.seed, opts.safety_ms, opts.scenario);
+    let mut report = DataPathReport {
+        seed: opts.seed,
+        scenario: Some(opts.scenario),
+        faults: faults.clone(),
+        ..Default::default()
+    };
     let mut pending = faults.iter().cloned().peekable();
     // (at_ms, host): crashed hosts waiting to start again.
     let mut restarts: Vec<(u64, &'static str)> = Vec::new();
@@ -905,7 +1042,9 @@ pub fn run_datapath(opts: &DataPathOptions) -> DataPathReport {
                 sim.bounce(h);
             }
             restarts.clear();
-            quiesce_from = Some(now + 3_000);
+            // I/O stops here: what the faults left behind is compared, not
+            // overwritten first.
+            quiesce_from = Some(now);
         }
         if let Some(q) = quiesce_from {
             if now >= q {
@@ -957,6 +1096,7 @@ pub fn run_datapath(opts: &DataPathOptions) -> DataPathReport {
     report.acked_flushes = w.data.acked_flushes;
     report.reads_checked = w.data.reads_checked;
     report.promotions = w.engine.promotions.len();
+    report.trace = w.engine.trace;
     report.sim_ms = sim.elapsed().as_millis() as u64;
     report.wall_ms = started.elapsed().as_millis() as u64;
     drop(w);
@@ -1040,14 +1180,38 @@ fn apply(
         }
         DFault::DrainPrimary => {
             let mut w = lock(world);
-            let primary = w.engine.statuses.keys().find_map(|h| {
-                w.engine.state_of(h).and_then(|s| s.volumes.get(VOL).and_then(|v| v.primary.clone()))
-            });
-            if let Some(m) = primary.and_then(|p| w.machines.get_mut(&p)) {
+            if let Some(m) = current_primary(&w).and_then(|p| w.machines.get_mut(&p)) {
                 m.hand_off = true;
             }
         }
+        DFault::KillPrimary | DFault::PowerCutPrimary | DFault::PowerCutReplica => {
+            let primary = current_primary(&lock(world));
+            let Some(primary) = STORAGE.iter().copied().find(|h| primary.as_deref() == Some(*h)) else {
+                return;
+            };
+            let target = match f {
+                DFault::PowerCutReplica => STORAGE.iter().copied().find(|h| *h != primary).expect("two"),
+                _ => primary,
+            };
+            let next = match f {
+                DFault::KillPrimary => DFault::Kill(target, 0),
+                _ => DFault::PowerCut(target, 0),
+            };
+            apply(sim, world, &next, now, restarts, down, report);
+        }
+        DFault::PauseIo(ms) => lock(world).io_paused_until = now + ms,
     }
+}
+
+/// The primary of the volume in the newest state any member reported.
+fn current_primary(w: &World) -> Option<String> {
+    w.engine
+        .statuses
+        .keys()
+        .filter_map(|h| w.engine.state_of(h))
+        .filter_map(|s| s.volumes.get(VOL).map(|v| (v.epoch, v.primary.clone())))
+        .max_by_key(|(e, _)| *e)
+        .and_then(|(_, p)| p)
 }
 
 /// Ready to compare? Every request done, every host up, the volume in sync
