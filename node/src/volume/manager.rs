@@ -82,6 +82,9 @@ struct Inner {
     primaries: HashMap<String, Arc<PrimaryVolume>>,
     links: HashMap<String, Arc<Link>>,
     resyncing: HashSet<(String, String)>,
+    /// Volumes this replica is proposing to leave `in_sync` of (its copy lost
+    /// its page cache), so that one proposal runs at a time.
+    leaving: HashSet<String>,
     progress: HashMap<(String, String), ResyncProgress>,
     /// The volume id each open replica was opened for.
     ids: HashMap<String, VolumeId>,
@@ -207,6 +210,15 @@ impl VolumeManager {
             return;
         }
         let mut own = self.storage.hot_extents(&name);
+        if own.is_empty() && self.storage.cache_lost(&name) {
+            // This copy lost its page cache as a replica (its own activity
+            // log knows nothing of the writes it acknowledged): any write no
+            // flush here covered may be gone, anywhere in the volume. Found
+            // by the data-path simulation: a replica promoted after its
+            // power cut while the old primary, isolated, still held the
+            // write.
+            own = vec![(0, crate::block::BlockDevice::size(&*p))];
+        }
         if crate::rt::bug(crate::rt::Bug::SkipPrimaryReconcile) {
             own.clear();
         }
@@ -333,10 +345,41 @@ impl VolumeManager {
         tracing::info!(volume = %name, bytes = total, copied_to = ?copy_to.iter().filter(|x| !failed.contains(x)).collect::<Vec<_>>(), degraded = ?failed, ms = started.elapsed().as_millis() as u64, "primary reconciled its activity log with its replicas; serving");
     }
 
+    /// This replica's copy of `v` lost its page cache (a power cut since
+    /// its primary last reconciled it) and still counts as in sync: propose
+    /// leaving `in_sync`, so that no failover promotes a copy that may lack
+    /// acknowledged writes while the primary that holds them is cut off
+    /// (found by the data-path simulation). The primary resyncs it back.
+    fn leave_in_sync(&self, v: &metro_quorum::VolumeRecord) {
+        if !self.inner.lock().expect("poisoned").leaving.insert(v.name.clone()) {
+            return;
+        }
+        let Some(me) = self.weak.upgrade() else { return };
+        let (name, epoch, primary) = (v.name.clone(), v.epoch, v.primary.clone());
+        let in_sync: Vec<String> = v.in_sync.iter().filter(|n| **n != self.me).cloned().collect();
+        tokio::spawn(async move {
+            let r = change_volume(&*me.cluster, &name, epoch, primary, in_sync, None, RESOLVE_WAIT).await;
+            match &r {
+                Ok(e) => {
+                    tracing::warn!(volume = %name, epoch = e, "this copy lost its page cache: left in_sync until its primary resyncs it")
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %name, error = %e, "this copy lost its page cache but cannot leave in_sync yet; trying again")
+                }
+            }
+            me.inner.lock().expect("poisoned").leaving.remove(&name);
+        });
+    }
+
     /// A stale replica's activity-log extents (a previous primary's writes
     /// that may be on it only). Asks again for a while when the link is up
     /// but the peer cannot answer yet.
-    async fn query_stale_peer_hot(&self, p: &Arc<PrimaryVolume>, peer: &str, state: &ClusterState) -> StaleHot {
+    async fn query_stale_peer_hot(
+        &self,
+        p: &Arc<PrimaryVolume>,
+        peer: &str,
+        state: &ClusterState,
+    ) -> StaleHot {
         let Some(link) = self.link_for(peer, state) else { return StaleHot::Unreachable };
         let deadline = Instant::now() + RECONCILE_CONNECT_WAIT;
         loop {
@@ -496,6 +539,9 @@ impl VolumeManager {
                 r.observe(&primary, v.epoch);
             }
             let am_primary = v.primary.as_deref() == Some(self.me.as_str());
+            if !am_primary && v.in_sync.contains(&self.me) && self.storage.cache_lost(&v.name) {
+                self.leave_in_sync(v);
+            }
             // A replica's activity log is cleared only by its primary (a
             // `ClearHot` op), once that primary's copies over those extents
             // are durable here: clearing it on seeing another primary would
@@ -653,6 +699,12 @@ impl VolumeManager {
 
     fn start_resyncs(&self) {
         let state = self.cluster.state().borrow().clone();
+        for v in state.volumes.values() {
+            let replica_here = v.primary.as_deref() != Some(self.me.as_str()) && v.in_sync.contains(&self.me);
+            if replica_here && self.storage.cache_lost(&v.name) {
+                self.leave_in_sync(v);
+            }
+        }
         let primaries: Vec<Arc<PrimaryVolume>> =
             self.inner.lock().expect("poisoned").primaries.values().cloned().collect();
         for p in primaries {
