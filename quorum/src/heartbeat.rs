@@ -128,9 +128,13 @@ pub(crate) async fn heartbeat_loop(s: Arc<Shared>, primaries: PrimariesFn) {
                 None => std::future::pending().await,
             }
         };
+        // `biased`: tokio picks among ready branches at random otherwise
+        // (its generator is seeded only under `tokio_unstable`), and the
+        // simulator needs a seed to replay exactly.
         tokio::select! {
-            _ = tick.tick() => {}
+            biased;
             _ = s.heartbeat_now.notified() => quick_left = QUICK_RETRIES,
+            _ = tick.tick() => {}
             _ = retry => {}
         }
         retry_at = None;

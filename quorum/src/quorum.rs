@@ -333,8 +333,9 @@ impl Quorum {
         let mut stop = self.inner.stop.subscribe();
         let h = tokio::spawn(async move {
             tokio::select! {
-                _ = fut => {}
+                biased;
                 _ = stop.wait_for(|s| *s) => {}
+                _ = fut => {}
             }
         });
         self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()).push(h);

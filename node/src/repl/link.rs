@@ -333,7 +333,11 @@ async fn run_connection(stream: BoxStream, mut rx: mpsc::Receiver<(OutOp, Respon
     let mut check = tokio::time::interval(STALL_CHECK);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let reason = loop {
+        // `biased` (a seed replays exactly in the simulator): a finished
+        // reader first, then the dead-connection check (every 250 ms, so it
+        // cannot starve behind a busy queue), then the queue.
         tokio::select! {
+            biased;
             r = &mut reader => break r.unwrap_or_else(|e| e.to_string()),
             _ = check.tick() => {
                 let now = tokio::time::Instant::now();

@@ -43,6 +43,7 @@ pub async fn serve(
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
         tokio::select! {
+            biased;
             _ = shutdown.changed() => return,
             r = listener.accept() => {
                 let Ok((tcp, peer)) = r else { continue };

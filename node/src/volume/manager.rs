@@ -466,6 +466,7 @@ impl VolumeManager {
                 let state = rx.borrow_and_update().clone();
                 me.reconcile(&state).await;
                 tokio::select! {
+                    biased;
                     _ = shutdown.changed() => {
                         me.depose_all("daemon shutting down");
                         return;
