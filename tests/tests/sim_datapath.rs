@@ -32,6 +32,8 @@ const SWEEP_THREADS: u64 = 2;
 ///   one sampling period (hosts now report when a lease changes);
 /// - 22: an oracle defect (a flush after a power cut counted as covering
 ///   the writes the cut had already lost);
+/// - 638032196: a primary that lost its cache retried handing over to a
+///   replica that had since left `in_sync` forever (it now re-reads the set);
 /// - 635865114: a replica that lost power was promoted while the isolated
 ///   primary held the acknowledged write (it now leaves `in_sync` itself);
 /// - 635865007 (a drain under load): the new primary's resync of the old
@@ -45,6 +47,7 @@ const REGRESSION: &[(u64, DScenario)] = &[
     (16, DScenario::Random),
     (10, DScenario::Random),
     (22, DScenario::Random),
+    (638_032_196, DScenario::Random),
     (635_865_114, DScenario::Random),
     (635_865_007, DScenario::DrainUnderLoad),
 ];

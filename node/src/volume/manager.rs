@@ -237,12 +237,22 @@ impl VolumeManager {
             // acknowledged writes that the replica still holds (found by the
             // data-path simulation, seed 5: the replica was down for a second).
             let mut warned = false;
+            let mut peers = in_sync_peers.clone();
             loop {
-                if self.step_down_after_cache_loss(&p, &in_sync_peers).await {
+                if self.step_down_after_cache_loss(&p, &peers).await {
                     return;
                 }
                 if p.is_deposed() {
                     return;
+                }
+                // The in-sync set may have shrunk meanwhile (a replica that
+                // lost power leaves it itself): with none left, this copy is
+                // the only in-sync one and serves (found by the data-path
+                // simulation: the hand-over was retried forever).
+                peers = p.repl_state().await.in_sync_peers;
+                if peers.is_empty() {
+                    tracing::warn!(volume = %name, "no in-sync replica is left to hand over to: this copy serves");
+                    break;
                 }
                 if !warned {
                     tracing::warn!(volume = %name, peers = ?in_sync_peers, "lost the page cache as primary and no in-sync replica can take over yet: holding I/O until one can (serving this copy could lose acknowledged writes)");
@@ -540,7 +550,11 @@ impl VolumeManager {
                 r.observe(&primary, v.epoch);
             }
             let am_primary = v.primary.as_deref() == Some(self.me.as_str());
-            if !am_primary && v.in_sync.contains(&self.me) && self.storage.cache_lost(&v.name) {
+            if !am_primary
+                && v.in_sync.contains(&self.me)
+                && self.storage.cache_lost(&v.name)
+                && !crate::rt::bug(crate::rt::Bug::IgnorePeerSession)
+            {
                 self.leave_in_sync(v);
             }
             // A replica's activity log is cleared only by its primary (a
@@ -702,7 +716,10 @@ impl VolumeManager {
         let state = self.cluster.state().borrow().clone();
         for v in state.volumes.values() {
             let replica_here = v.primary.as_deref() != Some(self.me.as_str()) && v.in_sync.contains(&self.me);
-            if replica_here && self.storage.cache_lost(&v.name) {
+            if replica_here
+                && self.storage.cache_lost(&v.name)
+                && !crate::rt::bug(crate::rt::Bug::IgnorePeerSession)
+            {
                 self.leave_in_sync(v);
             }
         }
