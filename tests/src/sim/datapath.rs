@@ -35,11 +35,11 @@
 //! schedule, the workload and turmoil's network come from the seed, and
 //! openraft draws its timeouts from the seeded `metro_quorum::runtime`.
 
-use super::engine::{drift_ppm_of, drifted_timings, timings, Conn, TurmoilConnector, ENGINE_PORT};
+use super::engine::{drift_ppm_of, ENGINE_PORT};
 use super::engine_oracle::EngineOracle;
 use async_trait::async_trait;
 use bytes::Bytes;
-use metro_api::config::{Role, SiteKind};
+use metro_api::config::Role;
 use metro_node::block::ExportRegistry;
 use metro_node::daemon::QuorumView;
 use metro_node::repl::link::{BoxStream, Dialer, LinkError, Transport};
@@ -49,7 +49,7 @@ use metro_node::volume::file_storage::{FileStorage, MachineCache};
 use metro_node::volume::manager::VolumeManager;
 use metro_node::volume::storage::VolumeStorage;
 use metro_quorum::state::{raft_id_of, Command, LeasePolicy, NodeRecord};
-use metro_quorum::{EngineConfig, Quorum};
+use metro_quorum::Quorum;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -479,28 +479,8 @@ fn lock(w: &Shared) -> std::sync::MutexGuard<'_, World> {
 }
 
 async fn host(id: String, dir: PathBuf, world: Shared, drift_ppm: i64) -> turmoil::Result {
-    let (site, role) = site_of(&id);
-    let cfg = EngineConfig {
-        node_id: id.clone(),
-        site: site.into(),
-        role,
-        api_addr: format!("{id}:{ENGINE_PORT}"),
-        data_dir: dir.join("quorum"),
-        timings: drifted_timings(drift_ppm),
-        tls: None,
-        declared_timings: Some(metro_quorum::state::LeaseTimings::of(&timings())),
-    };
-    let first_start = !cfg.data_dir.join("raft").exists();
-    let q = Quorum::start_with_connector(cfg, Arc::new(TurmoilConnector)).await?;
-    let listener = turmoil::net::TcpListener::bind(("0.0.0.0", ENGINE_PORT)).await?;
-    let incoming = futures::stream::unfold(listener, |l| async move {
-        let next = l.accept().await.map(|(s, _)| Conn(s));
-        Some((next, l))
-    });
-    let router = tonic::transport::Server::builder().add_service(q.internal_service());
-    tokio::spawn(async move {
-        let _ = router.serve_with_incoming(incoming).await;
-    });
+    let role = site_of(&id).1;
+    let (q, first_start) = super::engine::start_member(&id, dir.join("quorum"), drift_ppm).await?;
 
     let manager =
         if role == Role::Storage { Some(start_storage(&id, &dir, &q, &world).await?) } else { None };
@@ -511,21 +491,7 @@ async fn host(id: String, dir: PathBuf, world: Shared, drift_ppm: i64) -> turmoi
         }
         None => q.spawn_heartbeat(Vec::new),
     }
-    if id == "a1" && first_start {
-        let sites = vec![
-            ("dc-a".to_string(), SiteKind::Data),
-            ("dc-b".to_string(), SiteKind::Data),
-            ("witness".to_string(), SiteKind::Witness),
-        ];
-        q.initialize(sites, Some("dc-a".into()), record(&id)).await?;
-    } else {
-        let peers: Vec<String> =
-            HOSTS.iter().filter(|p| **p != id).map(|p| format!("{p}:{ENGINE_PORT}")).collect();
-        while let Err(e) = q.join(record(&id), peers.clone()).await {
-            tracing::debug!(%id, error = %e, "join failed; retrying");
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
+    super::engine::enter_cluster(&q, &id, first_start, record(&id), &HOSTS).await?;
     if let Some(m) = &manager {
         tokio::spawn(client(id.clone(), m.clone(), q.state(), world.clone()));
         tokio::spawn(operator(id.clone(), q.clone(), m.clone(), world.clone()));

@@ -157,20 +157,20 @@ fn sim_now_ms() -> u64 {
     turmoil::sim_elapsed().unwrap_or_default().as_millis() as u64
 }
 
-/// The software of one host: start the member, serve, join, heartbeat, report.
-pub async fn engine_host(
-    id: String,
-    dir: PathBuf,
-    oracle: Arc<Mutex<EngineOracle>>,
+/// Start host `id`'s quorum member on `data_dir` with drifted timings and
+/// serve its internal API on turmoil TCP. True: its very first start.
+pub(crate) async fn start_member(
+    id: &str,
+    data_dir: PathBuf,
     drift_ppm: i64,
-) -> turmoil::Result {
-    let (site, role) = site_of(&id);
+) -> turmoil::Result<(Quorum, bool)> {
+    let (site, role) = site_of(id);
     let cfg = EngineConfig {
-        node_id: id.clone(),
+        node_id: id.to_string(),
         site: site.into(),
         role,
         api_addr: format!("{id}:{ENGINE_PORT}"),
-        data_dir: dir,
+        data_dir,
         timings: drifted_timings(drift_ppm),
         tls: None,
         // The operator configured the nominal timings; the drift is the clock's.
@@ -188,24 +188,45 @@ pub async fn engine_host(
     tokio::spawn(async move {
         let _ = router.serve_with_incoming(incoming).await;
     });
+    Ok((q, first_start))
+}
+
+/// a1's first start bootstraps the cluster; every other start joins through
+/// the other `hosts`, retrying until it is in.
+pub(crate) async fn enter_cluster(
+    q: &Quorum,
+    id: &str,
+    first_start: bool,
+    me: NodeRecord,
+    hosts: &[&str],
+) -> turmoil::Result {
     if id == "a1" && first_start {
         let sites = vec![
             ("dc-a".to_string(), SiteKind::Data),
             ("dc-b".to_string(), SiteKind::Data),
             ("witness".to_string(), SiteKind::Witness),
         ];
-        q.initialize(sites, Some("dc-a".into()), record(&id)).await?;
+        q.initialize(sites, Some("dc-a".into()), me).await?;
     } else {
-        let peers: Vec<String> = ["a1", "a2", "b1", "b2", "w1"]
-            .iter()
-            .filter(|p| **p != id)
-            .map(|p| format!("{p}:{ENGINE_PORT}"))
-            .collect();
-        while let Err(e) = q.join(record(&id), peers.clone()).await {
+        let peers: Vec<String> =
+            hosts.iter().filter(|p| **p != id).map(|p| format!("{p}:{ENGINE_PORT}")).collect();
+        while let Err(e) = q.join(me.clone(), peers.clone()).await {
             tracing::debug!(%id, error = %e, "join failed; retrying");
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
+    Ok(())
+}
+
+/// The software of one host: start the member, serve, join, heartbeat, report.
+pub async fn engine_host(
+    id: String,
+    dir: PathBuf,
+    oracle: Arc<Mutex<EngineOracle>>,
+    drift_ppm: i64,
+) -> turmoil::Result {
+    let (q, first_start) = start_member(&id, dir, drift_ppm).await?;
+    enter_cluster(&q, &id, first_start, record(&id), &["a1", "a2", "b1", "b2", "w1"]).await?;
     let rx = q.state();
     let me = id.clone();
     q.spawn_heartbeat(move || {
