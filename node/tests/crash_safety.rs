@@ -151,6 +151,7 @@ impl Pair {
                 in_sync: vec!["a1".into(), "b1".into()],
                 primary: Some("a1".into()),
                 epoch: 1,
+                primary_since: 1,
             },
         );
         s.volume_serial = 1;

@@ -32,7 +32,7 @@ impl VolumeControl for Script {
         assert_eq!(min_epoch, 1, "the primary asks for a lease from the epoch it began at");
         *self.lease.lock().unwrap()
     }
-    fn still_primary(&self, _: &str) -> bool {
+    fn still_primary(&self, _: &str, _: u64) -> bool {
         *self.primary.lock().unwrap()
     }
     fn link(&self, _: &str) -> Option<Arc<Link>> {

@@ -72,6 +72,7 @@ fn state_with(volumes: &[(&str, u64)], volume_serial: u64) -> ClusterState {
                 in_sync: vec!["a1".into(), "b1".into()],
                 primary: Some("b1".into()),
                 epoch: 1,
+                primary_since: 1,
             },
         );
     }

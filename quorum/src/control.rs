@@ -316,6 +316,14 @@ pub(crate) fn should_hand_over(s: &Shared, requester: &str, state: &ClusterState
     if !healthy {
         return false;
     }
+    // A leader timing a fenced site's return keeps leading until that site
+    // is active: a new leader would start the stability window from zero
+    // (seeds 128 and 639325102 of the data-path simulation: a hand-over
+    // mid-window kept a volume whose only in-sync copy is in the returning
+    // site suspended for twice `site_stable_ms` after the heal).
+    if s.leader_state().as_ref().is_some_and(|ls| ls.sites.timing_a_return(state)) {
+        return false;
+    }
     let now = s.now_ms();
     let cooldown = s.cfg.timings.election_timeout_max_ms * 10;
     {

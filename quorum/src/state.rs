@@ -166,6 +166,14 @@ pub struct VolumeRecord {
     pub in_sync: Vec<NodeId>,
     pub primary: Option<NodeId>,
     pub epoch: u64,
+    /// The epoch at which `primary` became primary: the start of the current
+    /// primaryship (0 in records from before this field: unknown). A node
+    /// that was primary, missed a stretch of the log in which others were
+    /// primary, and is primary again sees the same `primary` but a newer
+    /// `primary_since`: its old primaryship ended, and whatever it still
+    /// held from then must not be carried into the new one.
+    #[serde(default)]
+    pub primary_since: u64,
 }
 
 impl VolumeRecord {
@@ -461,6 +469,7 @@ impl ClusterState {
                         in_sync: replicas.clone(),
                         primary: Some(primary.clone()),
                         epoch: 1,
+                        primary_since: 1,
                     },
                 );
                 CommandResult::Ok { epoch: 1 }
@@ -507,8 +516,11 @@ impl ClusterState {
                     return reject(Rejection::Invalid, "in_sync lists a replica twice");
                 }
                 v.in_sync = in_sync.clone();
-                v.primary = primary.clone();
                 v.epoch += 1;
+                if v.primary != *primary {
+                    v.primary_since = v.epoch;
+                }
+                v.primary = primary.clone();
                 CommandResult::Ok { epoch: v.epoch }
             }
             Command::ForceInSync { name, expected_epoch, in_sync } => {
@@ -528,6 +540,7 @@ impl ClusterState {
                 v.in_sync = in_sync.clone();
                 v.primary = None;
                 v.epoch += 1;
+                v.primary_since = v.epoch;
                 CommandResult::Ok { epoch: v.epoch }
             }
             Command::SetSiteMode { site, mode } => match self.sites.get_mut(site) {
@@ -642,6 +655,27 @@ mod tests {
         let mut s = cluster();
         assert_eq!(s.apply(&change(1, Some("a1"), &["a1"], None)), CommandResult::Ok { epoch: 2 });
         assert_eq!(s.volumes["v"].in_sync, vec!["a1"]);
+    }
+
+    /// A primaryship starts where the primary changes; changes under the
+    /// same primary keep it; a move away and back starts a new one.
+    #[test]
+    fn primary_since_marks_where_each_primaryship_began() {
+        let mut s = cluster();
+        assert_eq!(s.volumes["v"].primary_since, 1);
+        assert!(s.apply(&change(1, Some("a1"), &["a1"], None)).is_ok());
+        assert!(s.apply(&change(2, Some("a1"), &["a1", "b1"], Some("b1"))).is_ok());
+        assert_eq!((s.volumes["v"].epoch, s.volumes["v"].primary_since), (3, 1));
+        assert!(s.apply(&change(3, Some("b1"), &["a1", "b1"], None)).is_ok());
+        assert_eq!(s.volumes["v"].primary_since, 4);
+        assert!(s.apply(&change(4, Some("a1"), &["a1", "b1"], None)).is_ok());
+        assert_eq!((s.volumes["v"].primary.as_deref(), s.volumes["v"].primary_since), (Some("a1"), 5));
+        assert!(s
+            .apply(&Command::ForceInSync { name: "v".into(), expected_epoch: 5, in_sync: vec!["a1".into()] })
+            .is_ok());
+        assert_eq!(s.volumes["v"].primary_since, 6);
+        assert!(s.apply(&change(6, Some("a1"), &["a1"], None)).is_ok());
+        assert_eq!(s.volumes["v"].primary_since, 7);
     }
 
     #[test]

@@ -36,8 +36,10 @@ pub enum LabError {
     Certs(#[from] crate::certs::CertError),
     #[error("daemon config: {0}")]
     Config(String),
-    #[error("{id} exited during start-up; last lines of {log}:\n{tail}")]
-    Exited { id: String, log: PathBuf, tail: String },
+    /// `last` is the log's last line (usually the error), up front so that
+    /// a truncated report still shows it.
+    #[error("{id} exited during start-up; its log ends with: {last}\nlast lines of {log}:\n{tail}")]
+    Exited { id: String, log: PathBuf, last: String, tail: String },
     #[error("not healthy after {waited_s} s: {pending}; see the logs in {logs}")]
     Unhealthy { waited_s: u64, pending: String, logs: PathBuf },
     #[error("the lab in {dir} is not in power-cut mode: its daemons keep no unflushed writes in memory, so a kill would lose nothing (the page cache is shared); start the lab with `metroctl lab down --dir {dir} --purge` then `metroctl lab up --dir {dir} --power-cut-mode`, or use `lab kill-site`/`kill-node` for a process crash")]

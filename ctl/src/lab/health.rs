@@ -99,11 +99,12 @@ pub async fn wait_healthy_subset(
     while !pending.is_empty() {
         for (id, _, p) in &pending {
             if !p.pid.is_some_and(|pid| process::alive(pid, &p.command)) {
-                return Err(LabError::Exited {
-                    id: id.clone(),
-                    log: p.log.clone(),
-                    tail: process::tail(&p.log, 20),
-                });
+                let tail = process::tail(&p.log, 20);
+                let last = match tail.lines().rev().find(|l| !l.trim().is_empty()) {
+                    Some(l) => l.to_string(),
+                    None => "(nothing: killed from outside? the OOM killer logs to dmesg)".to_string(),
+                };
+                return Err(LabError::Exited { id: id.clone(), log: p.log.clone(), last, tail });
             }
         }
         let checks = pending.iter().map(|(_, probe, ..)| async move {

@@ -13,8 +13,10 @@ pub trait VolumeControl: Send + Sync + 'static {
     /// at `min_epoch` or later? (The epoch this primaryship began at: a lease
     /// left over from an earlier time as primary never counts.)
     fn lease_valid(&self, volume: &str, min_epoch: u64) -> bool;
-    /// Is this node still the primary in the latest applied state?
-    fn still_primary(&self, volume: &str) -> bool;
+    /// Is this node still the primary in the latest applied state, in the
+    /// primaryship that includes `first_epoch` (not a newer one that began
+    /// after it)?
+    fn still_primary(&self, volume: &str, first_epoch: u64) -> bool;
     fn link(&self, peer: &str) -> Option<Arc<Link>>;
     /// Durably record that the extent holding `[offset, offset+len)` is hot.
     fn touch_extent(&self, volume: &str, offset: u64, len: u64) -> std::io::Result<()>;

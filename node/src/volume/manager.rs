@@ -561,7 +561,21 @@ impl VolumeManager {
             // `ClearHot` op), once that primary's copies over those extents
             // are durable here: clearing it on seeing another primary would
             // race with that primary's query for them.
-            let existing = self.inner.lock().expect("poisoned").primaries.get(&v.name).cloned();
+            let mut existing = self.inner.lock().expect("poisoned").primaries.get(&v.name).cloned();
+            // Primary again, but in a newer primaryship: this node missed
+            // (in one jump of its state) a stretch where others were primary.
+            // The old primaryship's held writes and view must not carry over
+            // into the new one: depose it and start afresh (seed 134: the
+            // old primary adopted the new epoch and acknowledged, at its
+            // stale epoch, writes the copies in between never held).
+            if let Some(p) = existing
+                .as_ref()
+                .filter(|p| am_primary && !p.is_deposed() && v.primary_since > p.first_epoch())
+            {
+                p.depose(&format!("a newer primaryship of this node began at epoch {}", v.primary_since));
+                self.inner.lock().expect("poisoned").primaries.remove(&v.name);
+                existing = None;
+            }
             let in_sync_peers: Vec<String> = v.in_sync.iter().filter(|n| **n != self.me).cloned().collect();
             let stale_peers: Vec<String> =
                 v.replicas.iter().filter(|n| **n != self.me && !v.in_sync.contains(n)).cloned().collect();
@@ -1059,9 +1073,11 @@ impl VolumeControl for CtlRef {
         self.0.upgrade().is_some_and(|m| m.cluster.lease_valid(volume, min_epoch))
     }
 
-    fn still_primary(&self, volume: &str) -> bool {
+    fn still_primary(&self, volume: &str, first_epoch: u64) -> bool {
         self.0.upgrade().is_some_and(|m| {
-            m.state_now().volumes.get(volume).and_then(|v| v.primary.as_deref()) == Some(m.me.as_str())
+            m.state_now().volumes.get(volume).is_some_and(|v| {
+                v.primary.as_deref() == Some(m.me.as_str()) && v.primary_since <= first_epoch
+            })
         })
     }
 

@@ -295,7 +295,7 @@ impl PrimaryVolume {
                     return Err(BlockError::Io(std::io::Error::other("lease lost (policy error)")))
                 }
                 LeasePolicy::Suspend => {
-                    if !self.ctl.still_primary(&self.name) {
+                    if !self.ctl.still_primary(&self.name, self.first_epoch) {
                         self.depose("the volume moved while suspended");
                         continue;
                     }
@@ -573,6 +573,9 @@ impl PrimaryVolume {
         region: Option<(u64, u64)>,
     ) -> BlockResult<()> {
         loop {
+            if self.is_deposed() {
+                return Err(BlockError::Shutdown(format!("{} is no longer the primary", self.me)));
+            }
             {
                 let mut s = self.state.lock().await;
                 let still: Vec<String> =
@@ -614,7 +617,7 @@ impl PrimaryVolume {
                         Err(e) => {
                             drop(s);
                             tracing::warn!(volume = %self.name, error = %e, "cannot remove replica from in_sync yet; holding I/O");
-                            if !self.ctl.still_primary(&self.name) {
+                            if !self.ctl.still_primary(&self.name, self.first_epoch) {
                                 self.depose("lost primaryship while degrading");
                                 return Err(BlockError::Shutdown("volume moved".into()));
                             }

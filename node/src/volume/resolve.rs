@@ -6,9 +6,15 @@
 //! failed, nor to have succeeded. It is resolved from the committed state:
 //! once the local state machine shows the volume past `expected_epoch`
 //! (the leader's apply moved it there, so the local replay gets there too),
-//! the change counts as done if that record shows its intended result (same
-//! volume id, primary and `in_sync`), returning the committed epoch; any
-//! other record is a definite rejection. Without such a record within the
+//! the change counts as done only if that record is the one the change
+//! itself makes: epoch `expected_epoch + 1` (every change bumps the epoch by
+//! one), same volume id, primary and `in_sync`. Any other record is a
+//! definite rejection, including a later epoch that happens to show the same
+//! primary and `in_sync` after other changes (seed 134: a failover away and
+//! back, then a degrade, ended where a stale primary's degrade wanted; taking
+//! it as done acknowledged writes that the copies in between never held).
+//! When another change follows ours too quickly to be seen, that rejection
+//! is a false negative, which is safe: held writes are failed, never acked. Without such a record within the
 //! wait, the outcome stays unknown ([`ChangeError::OutcomeUnknown`]): the
 //! caller keeps I/O held and asks again with the same expected epoch, which
 //! resolves it.
@@ -84,8 +90,9 @@ pub async fn change_volume(
     })
 }
 
-/// Does the committed `state` show the intended change (volume `id` past
-/// `expected_epoch` with exactly this primary and `in_sync`)? `Ok(epoch)`.
+/// Does the committed `state` show the intended change (volume `id` at
+/// exactly `expected_epoch + 1` with exactly this primary and `in_sync`)?
+/// `Ok(epoch)`.
 fn judge(
     state: &ClusterState,
     name: &str,
@@ -102,12 +109,16 @@ fn judge(
     let mut have: Vec<&String> = v.in_sync.iter().collect();
     want.sort();
     have.sort();
-    if v.epoch > expected_epoch && v.primary.as_deref() == primary && want == have {
+    if v.epoch == expected_epoch + 1 && v.primary.as_deref() == primary && want == have {
         Ok(v.epoch)
     } else {
         Err(format!(
-            "committed epoch {} has primary {:?} and in_sync {:?}, not {primary:?} and {in_sync:?}",
-            v.epoch, v.primary, v.in_sync
+            "the volume is at epoch {} with primary {:?} and in_sync {:?}; the change would have made epoch {} \
+             with primary {primary:?} and in_sync {in_sync:?}",
+            v.epoch,
+            v.primary,
+            v.in_sync,
+            expected_epoch + 1
         ))
     }
 }
@@ -132,6 +143,11 @@ mod tests {
         LostThenTimeout,
         /// Another change (the leader's failover) commits first.
         OtherChangeFirst,
+        /// Our change never commits, but others do, and the volume ends up
+        /// (at a later epoch) with the very primary and `in_sync` we asked
+        /// for: a failover away, a failover back, a degrade by the new
+        /// primary. Seed 134 of the data-path simulation.
+        SameShapeLater,
     }
 
     struct Stub {
@@ -165,6 +181,21 @@ mod tests {
                     Ok(retry)
                 }
                 Mode::LostThenTimeout => timeout,
+                Mode::SameShapeLater => {
+                    let change = |e: u64, p: &str, i: &[&str], rejoin: Option<&str>| Command::ChangeVolume {
+                        name: "v".into(),
+                        expected_epoch: e,
+                        primary: Some(p.into()),
+                        in_sync: i.iter().map(|n| n.to_string()).collect(),
+                        rejoin: rejoin.map(str::to_string),
+                    };
+                    assert!(s.apply(&change(5, "b1", &["b1"], None)).is_ok());
+                    assert!(s.apply(&change(6, "b1", &["a1", "b1"], Some("a1"))).is_ok());
+                    assert!(s.apply(&change(7, "a1", &["a1", "b1"], None)).is_ok());
+                    assert!(s.apply(&change(8, "a1", &["a1"], None)).is_ok());
+                    self.tx.send_replace(Arc::new(s));
+                    timeout
+                }
                 Mode::OtherChangeFirst => {
                     let failover = Command::ChangeVolume {
                         name: "v".into(),
@@ -197,6 +228,7 @@ mod tests {
                 in_sync: vec!["a1".into(), "b1".into()],
                 primary: Some("a1".into()),
                 epoch: 5,
+                primary_since: 1,
             },
         );
         s.volume_serial = 1;
@@ -223,6 +255,18 @@ mod tests {
     async fn a_timeout_without_a_commit_stays_unknown_never_a_success() {
         let r = shrink(&stub(Mode::LostThenTimeout)).await;
         assert!(matches!(r, Err(ChangeError::OutcomeUnknown { .. })), "{r:?}");
+    }
+
+    /// A later record that only looks like the intended result is not it:
+    /// writes held for the change were never on the copies in between, so
+    /// counting it as done would acknowledge them at a stale epoch.
+    #[tokio::test]
+    async fn the_same_primary_and_in_sync_at_a_later_epoch_is_not_our_change() {
+        let r = shrink(&stub(Mode::SameShapeLater)).await;
+        assert!(
+            matches!(&r, Err(ChangeError::Rejected { detail, .. }) if detail.contains("epoch 9")),
+            "{r:?}"
+        );
     }
 
     #[tokio::test]

@@ -50,6 +50,15 @@ impl SiteTracker {
         self.reachable_since_ms.get(site).copied()
     }
 
+    /// Is a fenced data site on its way back (reachable, its stability
+    /// window running)? Only this leader knows since when; a new leader
+    /// starts the window from zero, so leadership stays put meanwhile.
+    pub fn timing_a_return(&self, state: &ClusterState) -> bool {
+        state
+            .data_sites()
+            .any(|s| s.mode == SiteMode::Fenced && self.reachable_since_ms.contains_key(&s.name))
+    }
+
     /// Feed the current alive set; returns the `SetSiteMode` commands to commit.
     pub fn observe(&mut self, state: &ClusterState, alive: &BTreeSet<NodeId>, now_ms: u64) -> Vec<Command> {
         let mut out = Vec::new();
@@ -180,6 +189,22 @@ mod tests {
         assert!(hand_over_wanted(&s, "witness", "dc-a", false));
         assert!(hand_over_wanted(&s, "witness", "dc-b", false));
         assert!(!hand_over_wanted(&s, "dc-a", "dc-b", false), "no ping-pong between data sites");
+    }
+
+    #[test]
+    fn a_fenced_site_that_is_reachable_again_is_a_return_being_timed() {
+        let mut s = lab();
+        let mut t = SiteTracker::new(10_000);
+        assert!(!t.timing_a_return(&s));
+        ok(&mut s, fence("dc-a"));
+        let none_of_a = all_but(&s, &["a1", "a2"]);
+        assert!(t.observe(&s, &none_of_a, 0).is_empty());
+        assert!(!t.timing_a_return(&s), "unreachable: nothing to time");
+        assert!(t.observe(&s, &all_but(&s, &[]), 1_000).is_empty());
+        assert!(t.timing_a_return(&s));
+        assert_eq!(t.observe(&s, &all_but(&s, &[]), 11_000), vec![activate("dc-a")]);
+        ok(&mut s, activate("dc-a"));
+        assert!(!t.timing_a_return(&s), "active again");
     }
 
     #[test]
