@@ -62,6 +62,10 @@ pub enum Bug {
     /// A primary takes replicas out of `in_sync` without first making the
     /// writes they acknowledged durable on its own copy.
     DegradeWithoutFlush = 1 << 4,
+    /// The only in-sync copy, which lost its page cache before its
+    /// primaryship's first flush, serves without pulling the previous
+    /// primary's hot extents back from it.
+    SkipPullFromPreviousPrimary = 1 << 5,
 }
 
 impl Bug {
@@ -73,12 +77,13 @@ impl Bug {
     /// `DegradeWithoutFlush` (caught in 8-9 of 16 seeds, not "most").
     pub const SWEPT: [Bug; 3] = [Bug::SkipPrimaryReconcile, Bug::ServeAfterCacheLoss, Bug::IgnorePeerSession];
 
-    pub const ALL: [Bug; 5] = [
+    pub const ALL: [Bug; 6] = [
         Bug::SkipPrimaryReconcile,
         Bug::ServeAfterCacheLoss,
         Bug::IgnorePeerSession,
         Bug::SkipPeerHotQuery,
         Bug::DegradeWithoutFlush,
+        Bug::SkipPullFromPreviousPrimary,
     ];
 }
 

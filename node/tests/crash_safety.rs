@@ -12,7 +12,9 @@
 //! Classes covered here: 1 (a primary restarting after a crash reconciles
 //! its activity log before serving), 2 (a replica that restarts under a new
 //! session leaves `in_sync` and is resynced), 4 (a planned move reconciles
-//! the old primary's unacknowledged extents over an existing link).
+//! the old primary's unacknowledged extents over an existing link), 5 (a
+//! failover's new primary that lost power before its first flush pulls the
+//! old primary's writes back).
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -152,6 +154,7 @@ impl Pair {
                 primary: Some("a1".into()),
                 epoch: 1,
                 primary_since: 1,
+                previous_primary: None,
             },
         );
         s.volume_serial = 1;
@@ -451,6 +454,63 @@ async fn class9_after_a_forced_activation_the_returning_replica_ends_identical_t
     p.start("a1", &a1_dir);
     assert!(p.wait_in_sync(Duration::from_secs(20)).await, "a1 never rejoined: {:?}", p.state().volumes["v"]);
     assert_identical(&p, "after a1 returned to the forced survivor").await;
+}
+
+/// Class 5 (a failover's new primary): the new primary is the only in-sync
+/// copy, and it loses power before its primaryship ever flushed, so the
+/// writes the old primary acknowledged from its cache are gone from it. The
+/// old primary (now a stale replica) still holds them: the new primary pulls
+/// the old one's hot extents back before serving, and resyncing the old one
+/// from this copy does not erase them (seed 639325170 of the data-path
+/// simulation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn class5_a_new_primary_that_lost_power_before_its_first_flush_pulls_the_old_primarys_writes() {
+    let mut p = Pair::new().await;
+    let dev = p.export("a1").await;
+    dev.write(0, block(0x0f), false).await.unwrap();
+    dev.flush().await.unwrap();
+    // Acknowledged by both, never flushed: a1's activity log has it hot.
+    dev.write(2 << 20, block(0xa5), false).await.unwrap();
+    drop(dev);
+    // a1 is cut off; the leader fails the volume over to b1, which has no
+    // lease yet (it cannot reach the leader either), so it never flushes.
+    let a1_dir = p.stop("a1").await;
+    p.cluster.leased.lock().unwrap().clear();
+    let r = p
+        .propose(Command::ChangeVolume {
+            name: "v".into(),
+            expected_epoch: 1,
+            primary: Some("b1".into()),
+            in_sync: vec!["b1".into()],
+            rejoin: None,
+        })
+        .await;
+    assert!(matches!(r, CommandResult::Ok { .. }), "{r:?}");
+    assert_eq!(p.state().volumes["v"].previous_primary.as_deref(), Some("a1"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // b1 loses power: its cached copy of the write is gone.
+    let b1 = &p.nodes["b1"];
+    let (local, _) = b1.storage.open_or_create("v", SIZE, p.state().volumes["v"].id).unwrap();
+    local.write(2 << 20, Bytes::from(vec![0u8; BLOCK]), false).await.unwrap();
+    drop(local);
+    p.restart_with("b1", true).await;
+    // a1 comes back (a stale replica now), and b1 gets its lease.
+    p.start("a1", &a1_dir);
+    *p.cluster.leased.lock().unwrap() = vec!["a1".into(), "b1".into()];
+    let dev = p.export("b1").await;
+    let got = dev.read(2 << 20, BLOCK as u32).await.unwrap();
+    assert!(
+        got == block(0xa5),
+        "the write a1 acknowledged is gone from the new primary (first byte {:#x})",
+        got[0]
+    );
+    drop(dev);
+    assert!(p.wait_in_sync(Duration::from_secs(20)).await, "a1 never rejoined: {:?}", p.state().volumes["v"]);
+    assert_identical(&p, "after b1's power cut before its first flush").await;
+    assert!(
+        p.replica_bytes("a1").await[2 << 20..(2 << 20) + BLOCK] == block(0xa5)[..],
+        "a1 lost it in the resync"
+    );
 }
 
 /// A small tmpfs for one node's directory (needs root), unmounted on drop.

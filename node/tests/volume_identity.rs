@@ -73,6 +73,7 @@ fn state_with(volumes: &[(&str, u64)], volume_serial: u64) -> ClusterState {
                 primary: Some("b1".into()),
                 epoch: 1,
                 primary_since: 1,
+                previous_primary: None,
             },
         );
     }

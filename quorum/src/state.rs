@@ -174,6 +174,13 @@ pub struct VolumeRecord {
     /// held from then must not be carried into the new one.
     #[serde(default)]
     pub primary_since: u64,
+    /// The primary of the primaryship before the current one (None for a
+    /// new volume, after an operator's `ForceInSync`, or in old records).
+    /// Its activity log covers every write of that primaryship that a copy
+    /// may still lack: a new primary that lost its page cache before its
+    /// first flush pulls those extents from it.
+    #[serde(default)]
+    pub previous_primary: Option<NodeId>,
 }
 
 impl VolumeRecord {
@@ -470,6 +477,7 @@ impl ClusterState {
                         primary: Some(primary.clone()),
                         epoch: 1,
                         primary_since: 1,
+                        previous_primary: None,
                     },
                 );
                 CommandResult::Ok { epoch: 1 }
@@ -519,6 +527,7 @@ impl ClusterState {
                 v.epoch += 1;
                 if v.primary != *primary {
                     v.primary_since = v.epoch;
+                    v.previous_primary = v.primary.take();
                 }
                 v.primary = primary.clone();
                 CommandResult::Ok { epoch: v.epoch }
@@ -541,6 +550,7 @@ impl ClusterState {
                 v.primary = None;
                 v.epoch += 1;
                 v.primary_since = v.epoch;
+                v.previous_primary = None;
                 CommandResult::Ok { epoch: v.epoch }
             }
             Command::SetSiteMode { site, mode } => match self.sites.get_mut(site) {
@@ -668,12 +678,15 @@ mod tests {
         assert_eq!((s.volumes["v"].epoch, s.volumes["v"].primary_since), (3, 1));
         assert!(s.apply(&change(3, Some("b1"), &["a1", "b1"], None)).is_ok());
         assert_eq!(s.volumes["v"].primary_since, 4);
+        assert_eq!(s.volumes["v"].previous_primary.as_deref(), Some("a1"));
         assert!(s.apply(&change(4, Some("a1"), &["a1", "b1"], None)).is_ok());
         assert_eq!((s.volumes["v"].primary.as_deref(), s.volumes["v"].primary_since), (Some("a1"), 5));
+        assert_eq!(s.volumes["v"].previous_primary.as_deref(), Some("b1"));
         assert!(s
             .apply(&Command::ForceInSync { name: "v".into(), expected_epoch: 5, in_sync: vec!["a1".into()] })
             .is_ok());
         assert_eq!(s.volumes["v"].primary_since, 6);
+        assert_eq!(s.volumes["v"].previous_primary, None, "an operator's override: no previous primary");
         assert!(s.apply(&change(6, Some("a1"), &["a1"], None)).is_ok());
         assert_eq!(s.volumes["v"].primary_since, 7);
     }

@@ -52,6 +52,8 @@ pub struct Ack {
     pub epoch: u64,
     /// The ranges a `QueryHot` op returned (empty for every other op).
     pub ranges: Vec<(u64, u64)>,
+    /// The bytes a `Read` op returned (empty for every other op).
+    pub data: bytes::Bytes,
 }
 
 /// An op as queued by a volume; the link assigns the sequence number.
@@ -314,12 +316,18 @@ async fn run_connection(stream: BoxStream, mut rx: mpsc::Receiver<(OutOp, Respon
             match frame {
                 Ok(Frame::Ack { seq, status, epoch }) => {
                     if let Some((r, _)) = p2.lock().expect("poisoned").remove(&seq) {
-                        let _ = r.send(Ok(Ack { status, epoch, ranges: Vec::new() }));
+                        let _ =
+                            r.send(Ok(Ack { status, epoch, ranges: Vec::new(), data: bytes::Bytes::new() }));
                     }
                 }
                 Ok(Frame::HotAck { seq, status, epoch, ranges }) => {
                     if let Some((r, _)) = p2.lock().expect("poisoned").remove(&seq) {
-                        let _ = r.send(Ok(Ack { status, epoch, ranges }));
+                        let _ = r.send(Ok(Ack { status, epoch, ranges, data: bytes::Bytes::new() }));
+                    }
+                }
+                Ok(Frame::DataAck { seq, status, epoch, data }) => {
+                    if let Some((r, _)) = p2.lock().expect("poisoned").remove(&seq) {
+                        let _ = r.send(Ok(Ack { status, epoch, ranges: Vec::new(), data }));
                     }
                 }
                 Ok(Frame::Error { message }) => return format!("peer error: {message}"),

@@ -192,6 +192,14 @@ async fn apply_batch(sink: &Arc<dyn ReplicaSink>, from: &str, frames: Vec<Frame>
                         continue;
                     }
                     OpKind::ClearHot => sink.clear_hot(&volume).map_err(BlockError::Io),
+                    OpKind::Read { offset, len } => {
+                        let (status, data) = match vol.device.read(offset, len).await {
+                            Ok(d) => (AckStatus::Ok, d),
+                            Err(e) => (status_of(Err(e)), bytes::Bytes::new()),
+                        };
+                        acks[idx] = Frame::DataAck { seq, status, epoch, data };
+                        continue;
+                    }
                     OpKind::Write { .. } | OpKind::Flush => Ok(()),
                 };
                 let status = status_of(r);

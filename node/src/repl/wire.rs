@@ -17,6 +17,8 @@ pub const VERSION: u16 = metro_api::PROTOCOL_VERSION as u16;
 pub const HEADER_LEN: usize = 12;
 /// Largest payload accepted: the largest NBD request plus headroom for fields.
 pub const MAX_PAYLOAD: u32 = 33 * 1024 * 1024;
+/// Largest `Read` op: its answer must fit in one frame.
+pub const MAX_READ: u32 = 32 * 1024 * 1024;
 /// Bound on hot ranges reported in one HelloAck (1 M ranges ≈ 30 MB).
 pub const MAX_HOT_RANGES: usize = 1_000_000;
 
@@ -83,6 +85,14 @@ pub enum OpKind {
     /// The primary copied its data over those ranges and the copies are
     /// durable here: forget them.
     ClearHot,
+    /// Read `len` bytes of this replica's copy at `offset` (ordered after
+    /// every op before it), answered with [`Frame::DataAck`]. A primary whose
+    /// copy may lack writes of the previous primaryship pulls them from a
+    /// replica that was in sync then.
+    Read {
+        offset: u64,
+        len: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,6 +138,13 @@ pub enum Frame {
         epoch: u64,
         ranges: Vec<(u64, u64)>,
     },
+    /// The answer to a `Read` op: the bytes read (empty unless `Ok`).
+    DataAck {
+        seq: u64,
+        status: AckStatus,
+        epoch: u64,
+        data: Bytes,
+    },
     /// Keepalive / fence: raises the replica's epoch floor for a volume.
     Fence {
         seq: u64,
@@ -147,6 +164,8 @@ const K_FENCE: u8 = 8;
 const K_QUERY_HOT: u8 = 9;
 const K_CLEAR_HOT: u8 = 10;
 const K_HOT_ACK: u8 = 11;
+const K_READ: u8 = 12;
+const K_DATA_ACK: u8 = 13;
 
 const F_FUA: u8 = 1;
 const F_RESYNC: u8 = 2;
@@ -233,6 +252,11 @@ impl Frame {
                     OpKind::Flush => (K_FLUSH, f),
                     OpKind::QueryHot => (K_QUERY_HOT, f),
                     OpKind::ClearHot => (K_CLEAR_HOT, f),
+                    OpKind::Read { offset, len } => {
+                        p.put_u64(*offset);
+                        p.put_u32(*len);
+                        (K_READ, f)
+                    }
                 }
             }
             Frame::Ack { seq, status, epoch } => {
@@ -251,6 +275,14 @@ impl Frame {
                     p.put_u64(*len);
                 }
                 (K_HOT_ACK, 0)
+            }
+            Frame::DataAck { seq, status, epoch, data } => {
+                p.put_u64(*seq);
+                p.put_u8(*status as u8);
+                p.put_u64(*epoch);
+                p.reserve(data.len());
+                p.put_slice(data);
+                (K_DATA_ACK, 0)
             }
             Frame::Fence { seq, volume, epoch } => {
                 p.put_u64(*seq);
@@ -317,7 +349,7 @@ impl Frame {
                 Frame::HelloAck { version, node, session, hot }
             }
             K_ERROR => Frame::Error { message: get_str(&mut b)? },
-            K_WRITE | K_ZERO | K_FLUSH | K_QUERY_HOT | K_CLEAR_HOT => {
+            K_WRITE | K_ZERO | K_FLUSH | K_QUERY_HOT | K_CLEAR_HOT | K_READ => {
                 need(&b, 8)?;
                 let seq = b.get_u64();
                 let volume = get_str(&mut b)?;
@@ -336,6 +368,14 @@ impl Frame {
                     }
                     K_QUERY_HOT => OpKind::QueryHot,
                     K_CLEAR_HOT => OpKind::ClearHot,
+                    K_READ => {
+                        need(&b, 12)?;
+                        let (offset, len) = (b.get_u64(), b.get_u32());
+                        if len > MAX_READ {
+                            return Err(WireError::TooLarge(len));
+                        }
+                        OpKind::Read { offset, len }
+                    }
                     _ => OpKind::Flush,
                 };
                 Frame::Op {
@@ -365,6 +405,11 @@ impl Frame {
                     ranges.push((b.get_u64(), b.get_u64()));
                 }
                 Frame::HotAck { seq, status, epoch, ranges }
+            }
+            K_DATA_ACK => {
+                need(&b, 17)?;
+                let (seq, status, epoch) = (b.get_u64(), AckStatus::from_u8(b.get_u8()), b.get_u64());
+                Frame::DataAck { seq, status, epoch, data: b }
             }
             K_FENCE => {
                 need(&b, 8)?;
@@ -445,7 +490,13 @@ mod tests {
         });
         roundtrip(Frame::Ack { seq: 11, status: AckStatus::StaleEpoch, epoch: 4 });
         roundtrip(Frame::Fence { seq: 12, volume: "v".into(), epoch: 5 });
-        for op in [OpKind::QueryHot, OpKind::ClearHot] {
+        roundtrip(Frame::DataAck {
+            seq: 14,
+            status: AckStatus::Ok,
+            epoch: 6,
+            data: Bytes::from_static(b"copy"),
+        });
+        for op in [OpKind::QueryHot, OpKind::ClearHot, OpKind::Read { offset: 1 << 20, len: 65536 }] {
             roundtrip(Frame::Op {
                 seq: 13,
                 volume: "v".into(),

@@ -43,6 +43,12 @@ struct Vol {
 /// after the power cut, before any reconciliation) still knows.
 pub const CACHE_LOST_MARKER: &str = "cache-lost";
 
+/// In a volume's directory: the first epoch of the latest primaryship in
+/// which this node flushed its copy before serving
+/// ([`VolumeStorage::primary_flushed`]).
+pub const PRIMARY_FLUSHED: &str = "primary-flushed";
+const PRIMARY_FLUSHED_MAGIC: &[u8; 8] = b"METROPFL";
+
 fn write_marker(dir: &std::path::Path) -> std::io::Result<()> {
     let path = dir.join(CACHE_LOST_MARKER);
     let f = std::fs::File::create(&path)?;
@@ -439,5 +445,31 @@ impl VolumeStorage for FileStorage {
 
     fn full_resyncs(&self, name: &str) -> u64 {
         self.vol(name).map(|v| v.full_resyncs.load(Ordering::Relaxed)).unwrap_or(0)
+    }
+
+    fn primary_flushed(&self, name: &str) -> Option<u64> {
+        let path = self.vol(name).ok()?.local.dir().join(PRIMARY_FLUSHED);
+        match crate::store::envelope::read_file(&path, PRIMARY_FLUSHED_MAGIC, 1) {
+            Ok(p) if p.len() == 8 => Some(u64::from_le_bytes(p[..8].try_into().expect("8 bytes"))),
+            Ok(_) => {
+                tracing::warn!(volume = %name, path = %path.display(), "primary-flushed record has a bad length: ignored");
+                None
+            }
+            Err(crate::store::StoreError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                None
+            }
+            Err(e) => {
+                tracing::warn!(volume = %name, error = %e, "primary-flushed record unreadable: ignored");
+                None
+            }
+        }
+    }
+
+    fn set_primary_flushed(&self, name: &str, first_epoch: u64) -> std::io::Result<()> {
+        let path = self.vol(name)?.local.dir().join(PRIMARY_FLUSHED);
+        let bytes = crate::store::envelope::encode(PRIMARY_FLUSHED_MAGIC, 1, &first_epoch.to_le_bytes());
+        crate::store::envelope::atomic_write(&path, &bytes).map_err(io)
     }
 }

@@ -202,6 +202,17 @@ impl VolumeManager {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let ReplState { in_sync_peers, stale_peers, .. } = p.repl_state().await;
+        // Did this node, in this primaryship, already make its copy durable
+        // before serving (then a power cut since cost only writes it
+        // acknowledged itself)? Read before this start records anything.
+        let (primary_since, previous_primary) = self
+            .state_now()
+            .volumes
+            .get(&name)
+            .map(|v| (v.primary_since, v.previous_primary.clone()))
+            .unwrap_or((0, None));
+        let flushed_in_this_primaryship =
+            self.storage.primary_flushed(&name).is_some_and(|e| e >= primary_since && primary_since > 0);
         // Everything this copy holds must be durable before copies of it
         // count (it may hold writes it received as a replica, unflushed).
         if let Err(e) = p.local.flush().await {
@@ -260,6 +271,38 @@ impl VolumeManager {
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
+        }
+        // The only in-sync copy lost its page cache before this primaryship
+        // ever flushed it: it may lack writes the previous primary
+        // acknowledged (they were only in this node's cache), and that
+        // primary, now a stale replica, still holds them. Pull its
+        // activity-log extents from it before serving, or resyncing it from
+        // this copy would erase them (found by the data-path simulation,
+        // seed 639325170: a failover to a replica that was then cut off and
+        // lost power before its first flush).
+        let prev = previous_primary.filter(|prev| *prev != self.me && !in_sync_peers.contains(prev));
+        let sole_copy = p.repl_state().await.in_sync_peers.is_empty();
+        if let Some(prev) = prev.filter(|_| {
+            self.storage.cache_lost(&name)
+                && !flushed_in_this_primaryship
+                && sole_copy
+                && !crate::rt::bug(crate::rt::Bug::SkipPullFromPreviousPrimary)
+        }) {
+            if !self.pull_from_previous_primary(&p, &prev).await {
+                return;
+            }
+            if let Err(e) = p.local.flush().await {
+                tracing::error!(volume = %name, error = %e, "local flush after pulling from the previous primary failed");
+                p.depose(&format!("local flush failed: {e}"));
+                return;
+            }
+        }
+        // From here on this primaryship's copy is durable: a later power cut
+        // costs only writes this node acknowledges itself.
+        if let Err(e) = self.storage.set_primary_flushed(&name, p.first_epoch()) {
+            tracing::error!(volume = %name, error = %e, "cannot record the primary's flush");
+            p.depose(&format!("cannot record the primary's flush: {e}"));
+            return;
         }
         let mut ranges: Vec<(u64, u64)> = own.clone();
         let mut failed: Vec<String> = Vec::new();
@@ -404,6 +447,65 @@ impl VolumeManager {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Copy `prev`'s activity-log extents of `p` from `prev`'s copy into
+    /// ours. Holds (retrying) until `prev` answers; false if `p` was deposed
+    /// meanwhile.
+    async fn pull_from_previous_primary(&self, p: &Arc<PrimaryVolume>, prev: &str) -> bool {
+        let name = p.name.clone();
+        let started = Instant::now();
+        let mut warned = false;
+        loop {
+            if p.is_deposed() {
+                return false;
+            }
+            let state = self.state_now();
+            let connected = self.link_for(prev, &state).is_some_and(|l| l.is_connected());
+            if connected {
+                if let Some(ranges) = p.query_hot(prev).await {
+                    let ranges = crate::store::ranges::normalize(&ranges);
+                    match self.pull_ranges(p, prev, &ranges).await {
+                        Ok(bytes) => {
+                            tracing::warn!(volume = %name, from = %prev, bytes, ranges = ranges.len(), ms = started.elapsed().as_millis() as u64, "lost the page cache before this primaryship's first flush: pulled the previous primary's hot extents");
+                            return true;
+                        }
+                        Err(e) => {
+                            tracing::warn!(volume = %name, from = %prev, error = %e, "pulling from the previous primary failed; trying again")
+                        }
+                    }
+                }
+            }
+            if !warned {
+                tracing::warn!(volume = %name, previous_primary = %prev, "lost the page cache before this primaryship's first flush: holding I/O until the previous primary can give back the writes it acknowledged (if it is gone for good, `metroctl site activate --force` accepts this copy)");
+                warned = true;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Read `ranges` from `peer`'s copy and write them into ours; the bytes copied.
+    async fn pull_ranges(
+        &self,
+        p: &Arc<PrimaryVolume>,
+        peer: &str,
+        ranges: &[(u64, u64)],
+    ) -> Result<u64, String> {
+        let mut total = 0;
+        for &(off, len) in ranges {
+            let mut pos = off;
+            while pos < off + len {
+                let chunk = RESYNC_CHUNK.min(off + len - pos);
+                let data = p
+                    .read_from_peer(peer, pos, chunk as u32)
+                    .await
+                    .ok_or_else(|| format!("{peer} did not answer a read at {pos}+{chunk}"))?;
+                p.local.write(pos, data, false).await.map_err(|e| format!("local write at {pos}: {e}"))?;
+                total += chunk;
+                pos += chunk;
+            }
+        }
+        Ok(total)
     }
 
     /// Move the primary role of `p` to a reachable in-sync replica and leave

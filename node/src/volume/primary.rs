@@ -410,7 +410,7 @@ impl PrimaryVolume {
             OpKind::Write { offset, data } => self.local.write(*offset, data.clone(), fua).await,
             OpKind::Zero { offset, len, punch } => self.local.write_zeroes(*offset, *len, fua, *punch).await,
             OpKind::Flush => self.local.flush().await,
-            OpKind::QueryHot | OpKind::ClearHot => Ok(()),
+            OpKind::QueryHot | OpKind::ClearHot | OpKind::Read { .. } => Ok(()),
         };
         drop(guard);
         let mut failed = Vec::new();
@@ -521,6 +521,14 @@ impl PrimaryVolume {
     pub async fn query_hot(&self, peer: &str) -> Option<Vec<(u64, u64)>> {
         let ack = self.ask_peer(peer, OpKind::QueryHot, self.ack_timeout * 3).await?;
         (ack.status == AckStatus::Ok).then_some(ack.ranges)
+    }
+
+    /// Read `[offset, offset+len)` of `peer`'s copy (a `Read` op at this
+    /// primary's epoch, ordered after every op sent to it before). None if it
+    /// did not answer in full.
+    pub async fn read_from_peer(&self, peer: &str, offset: u64, len: u32) -> Option<bytes::Bytes> {
+        let ack = self.ask_peer(peer, OpKind::Read { offset, len }, self.ack_timeout * 3).await?;
+        (ack.status == AckStatus::Ok && ack.data.len() == len as usize).then_some(ack.data)
     }
 
     /// Tell `peer` to forget its activity-log extents (our copies over them

@@ -229,6 +229,7 @@ mod tests {
                 primary: Some("a1".into()),
                 epoch: 5,
                 primary_since: 1,
+                previous_primary: None,
             },
         );
         s.volume_serial = 1;

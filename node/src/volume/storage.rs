@@ -93,4 +93,12 @@ pub trait VolumeStorage: Send + Sync + 'static {
     }
     /// Full resyncs done so far (for reporting).
     fn full_resyncs(&self, name: &str) -> u64;
+    /// The first epoch of the latest primaryship in which this node, as
+    /// primary of `name`, made its copy durable before serving (None: never
+    /// recorded). Durable: a power cut before that flush leaves the copy
+    /// without writes of the previous primaryship, after it only without
+    /// writes this node acknowledged itself.
+    fn primary_flushed(&self, name: &str) -> Option<u64>;
+    /// Record [`primary_flushed`](Self::primary_flushed) durably.
+    fn set_primary_flushed(&self, name: &str, first_epoch: u64) -> std::io::Result<()>;
 }

@@ -743,6 +743,10 @@ impl DScenario {
             Bug::IgnorePeerSession => DScenario::IdleReplicaPowerCut,
             Bug::SkipPeerHotQuery => DScenario::DrainUnderLoad,
             Bug::DegradeWithoutFlush => DScenario::DegradeThenPrimaryPowerCut,
+            // No focused scenario yet: it needs a failover whose new primary
+            // loses power before its first flush (random seeds 639325170,
+            // 639325046 in the regression set).
+            Bug::SkipPullFromPreviousPrimary => DScenario::Random,
         }
     }
 }
