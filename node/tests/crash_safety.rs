@@ -513,6 +513,47 @@ async fn class5_a_new_primary_that_lost_power_before_its_first_flush_pulls_the_o
     );
 }
 
+/// A node whose state jumps over a stretch in which another node was
+/// primary (failover away and back, seen in one step) is primary again in a
+/// new primaryship: its old `PrimaryVolume` must not adopt the new epoch
+/// (seed 134 of the data-path simulation) but stop serving, and a fresh one
+/// reconciles and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_missed_another_primaryship_starts_a_new_one() {
+    let p = Pair::new().await;
+    let old = p.export("a1").await;
+    old.write(0, block(0x11), false).await.unwrap();
+    // Away to b1 and back to a1, committed elsewhere and seen at once.
+    let mut s = (*p.state()).clone();
+    for (e, primary) in [(1, "b1"), (2, "a1")] {
+        let r = s.apply(&Command::ChangeVolume {
+            name: "v".into(),
+            expected_epoch: e,
+            primary: Some(primary.into()),
+            in_sync: vec!["a1".into(), "b1".into()],
+            rejoin: None,
+        });
+        assert!(matches!(r, CommandResult::Ok { .. }), "{r:?}");
+    }
+    assert_eq!((s.volumes["v"].epoch, s.volumes["v"].primary_since), (3, 3));
+    p.cluster.tx.send_replace(Arc::new(s));
+    let mut refused = false;
+    for _ in 0..100 {
+        if tokio::time::timeout(Duration::from_millis(200), old.write(4096, block(0x22), false))
+            .await
+            .is_ok_and(|r| r.is_err())
+        {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "the old primaryship's export kept serving after a newer one began");
+    let new = p.export("a1").await;
+    new.write(8192, block(0x33), false).await.unwrap();
+    assert_identical(&p, "after the new primaryship's first write").await;
+}
+
 /// A small tmpfs for one node's directory (needs root), unmounted on drop.
 struct TinyFs(PathBuf);
 
