@@ -274,6 +274,27 @@ fn differing_blocks(a: &[u8], b: &[u8]) -> Vec<usize> {
     a.chunks(BLOCK).zip(b.chunks(BLOCK)).enumerate().filter(|(_, (x, y))| x != y).map(|(i, _)| i).collect()
 }
 
+/// Where [`write_acked_unflushed`] writes.
+const UNFLUSHED_AT: u64 = 2 << 20;
+
+/// Through a1 (primary): a flushed block at 0, then `0xa5` at
+/// [`UNFLUSHED_AT`], acknowledged by both and never flushed (a1's activity
+/// log has its extent hot).
+async fn write_acked_unflushed(p: &Pair) {
+    let dev = p.export("a1").await;
+    dev.write(0, block(0x0f), false).await.unwrap();
+    dev.flush().await.unwrap();
+    dev.write(UNFLUSHED_AT, block(0xa5), false).await.unwrap();
+}
+
+/// `id`'s machine loses the unflushed write of [`write_acked_unflushed`]
+/// (what a power cut does to its page cache); restart it with
+/// `restart_with(id, true)` afterwards.
+async fn lose_unflushed_write(p: &Pair, id: &str) {
+    let (local, _) = p.nodes[id].storage.open_or_create("v", SIZE, p.state().volumes["v"].id).unwrap();
+    local.write(UNFLUSHED_AT, Bytes::from(vec![0u8; BLOCK]), false).await.unwrap();
+}
+
 async fn assert_identical(p: &Pair, what: &str) {
     let (a, b) = (p.replica_bytes("a1").await, p.replica_bytes("b1").await);
     let diff = differing_blocks(&a, &b);
@@ -372,17 +393,9 @@ async fn class4_a_planned_move_over_an_existing_link_reconciles_the_old_primarys
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn class1_a_primary_restarting_after_a_power_cut_hands_over_and_keeps_acknowledged_writes() {
     let mut p = Pair::new().await;
-    let dev = p.export("a1").await;
-    dev.write(0, block(0x0f), false).await.unwrap();
-    dev.flush().await.unwrap();
-    // Acknowledged by both, never flushed: a1's activity log has it hot.
-    dev.write(2 << 20, block(0xa5), false).await.unwrap();
-    drop(dev);
+    write_acked_unflushed(&p).await;
     // a1 loses power: its cached copy of the write is gone.
-    let a1 = &p.nodes["a1"];
-    let (local, _) = a1.storage.open_or_create("v", SIZE, p.state().volumes["v"].id).unwrap();
-    local.write(2 << 20, Bytes::from(vec![0u8; BLOCK]), false).await.unwrap();
-    drop(local);
+    lose_unflushed_write(&p, "a1").await;
     p.restart_with("a1", true).await;
     // b1 holds the acknowledged write: it must be the copy that serves it.
     let mut served_by = None;
@@ -403,7 +416,7 @@ async fn class1_a_primary_restarting_after_a_power_cut_hands_over_and_keeps_ackn
     );
     let dev = p.export("b1").await;
     assert_eq!(
-        dev.read(2 << 20, BLOCK as u32).await.unwrap(),
+        dev.read(UNFLUSHED_AT, BLOCK as u32).await.unwrap(),
         block(0xa5),
         "the acknowledged write survived"
     );
@@ -466,12 +479,7 @@ async fn class9_after_a_forced_activation_the_returning_replica_ends_identical_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn class5_a_new_primary_that_lost_power_before_its_first_flush_pulls_the_old_primarys_writes() {
     let mut p = Pair::new().await;
-    let dev = p.export("a1").await;
-    dev.write(0, block(0x0f), false).await.unwrap();
-    dev.flush().await.unwrap();
-    // Acknowledged by both, never flushed: a1's activity log has it hot.
-    dev.write(2 << 20, block(0xa5), false).await.unwrap();
-    drop(dev);
+    write_acked_unflushed(&p).await;
     // a1 is cut off; the leader fails the volume over to b1, which has no
     // lease yet (it cannot reach the leader either), so it never flushes.
     let a1_dir = p.stop("a1").await;
@@ -489,16 +497,13 @@ async fn class5_a_new_primary_that_lost_power_before_its_first_flush_pulls_the_o
     assert_eq!(p.state().volumes["v"].previous_primary.as_deref(), Some("a1"));
     tokio::time::sleep(Duration::from_millis(100)).await;
     // b1 loses power: its cached copy of the write is gone.
-    let b1 = &p.nodes["b1"];
-    let (local, _) = b1.storage.open_or_create("v", SIZE, p.state().volumes["v"].id).unwrap();
-    local.write(2 << 20, Bytes::from(vec![0u8; BLOCK]), false).await.unwrap();
-    drop(local);
+    lose_unflushed_write(&p, "b1").await;
     p.restart_with("b1", true).await;
     // a1 comes back (a stale replica now), and b1 gets its lease.
     p.start("a1", &a1_dir);
     *p.cluster.leased.lock().unwrap() = vec!["a1".into(), "b1".into()];
     let dev = p.export("b1").await;
-    let got = dev.read(2 << 20, BLOCK as u32).await.unwrap();
+    let got = dev.read(UNFLUSHED_AT, BLOCK as u32).await.unwrap();
     assert!(
         got == block(0xa5),
         "the write a1 acknowledged is gone from the new primary (first byte {:#x})",
@@ -508,7 +513,7 @@ async fn class5_a_new_primary_that_lost_power_before_its_first_flush_pulls_the_o
     assert!(p.wait_in_sync(Duration::from_secs(20)).await, "a1 never rejoined: {:?}", p.state().volumes["v"]);
     assert_identical(&p, "after b1's power cut before its first flush").await;
     assert!(
-        p.replica_bytes("a1").await[2 << 20..(2 << 20) + BLOCK] == block(0xa5)[..],
+        p.replica_bytes("a1").await[UNFLUSHED_AT as usize..UNFLUSHED_AT as usize + BLOCK] == block(0xa5)[..],
         "a1 lost it in the resync"
     );
 }

@@ -226,30 +226,34 @@ fn every_injected_bug_is_caught_by_the_real_code_simulation() {
 #[test]
 fn a_datapath_run_is_reproducible_from_its_seed() {
     for (seed, scenario) in [(3, DScenario::Random), (8, DScenario::PrimaryPowerCut)] {
-        let replay = || {
-            let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
-                .args(["--exact", "replay_one_seed_when_asked", "--nocapture", "--test-threads=1"])
-                .env("METRO_DP_REPLAY", format!("{seed}:{scenario:?}"))
-                .output()
-                .expect("run the replay");
-            let text = String::from_utf8_lossy(&out.stdout).to_string();
-            text.lines().find_map(|l| l.find("REPLAY ").map(|i| l[i..].to_string())).unwrap_or_else(|| {
-                panic!(
-                    "seed {seed}: the replay printed no digest:\n{text}\n{}",
-                    String::from_utf8_lossy(&out.stderr)
-                )
-            })
-        };
-        let (a, b) = (replay(), replay());
+        let (a, b) = (replay_in_child(seed, scenario, &[]), replay_in_child(seed, scenario, &[]));
         println!("seed {seed}: {a} / {b}");
         assert!(!a.contains("acked_writes=0 "), "seed {seed} acknowledged nothing: {a}");
         assert_eq!(a, b, "seed {seed}: the runs diverged");
     }
 }
 
-/// The child half of [`a_datapath_run_is_reproducible_from_its_seed`]: with
-/// `METRO_DP_REPLAY=<seed>:<scenario>`, run that seed once and print its
-/// digest; without it, there is nothing to do.
+/// Run `seed` once in a fresh process of this test binary (the way a
+/// printed seed replays exactly), with `bugs` on; its printed digest.
+fn replay_in_child(seed: u64, scenario: DScenario, bugs: &[Bug]) -> String {
+    let mut spec = format!("{seed}:{scenario:?}");
+    for b in bugs {
+        spec.push_str(&format!(":{b:?}"));
+    }
+    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", "replay_one_seed_when_asked", "--nocapture", "--test-threads=1"])
+        .env("METRO_DP_REPLAY", spec)
+        .output()
+        .expect("run the replay");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.lines().find_map(|l| l.find("REPLAY ").map(|i| l[i..].to_string())).unwrap_or_else(|| {
+        panic!("seed {seed}: the replay printed no digest:\n{text}\n{}", String::from_utf8_lossy(&out.stderr))
+    })
+}
+
+/// The child half of [`replay_in_child`]: with
+/// `METRO_DP_REPLAY=<seed>:<scenario>[:<bug>...]`, run that seed once and
+/// print its digest; without it, there is nothing to do.
 #[test]
 fn replay_one_seed_when_asked() {
     let Ok(spec) = std::env::var("METRO_DP_REPLAY") else {
@@ -273,27 +277,13 @@ fn replay_one_seed_when_asked() {
     );
 }
 
-/// Replay `seed` (Random scenario) with `bug` on, in a fresh process (the
-/// way a printed seed replays exactly); its violations.
-fn replay_with_bug(seed: u64, bug: Bug) -> String {
-    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
-        .args(["--exact", "replay_one_seed_when_asked", "--nocapture", "--test-threads=1"])
-        .env("METRO_DP_REPLAY", format!("{seed}:Random:{bug:?}"))
-        .output()
-        .expect("run the replay");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    text.lines().find_map(|l| l.find("REPLAY ").map(|i| l[i..].to_string())).unwrap_or_else(|| {
-        panic!("seed {seed}: the replay printed no digest:\n{text}\n{}", String::from_utf8_lossy(&out.stderr))
-    })
-}
-
 /// The regression seeds of the previous-primary pull (639325170,
 /// 639325046) lose acknowledged writes once the pull is switched off: the
 /// oracle catches that breakage, so their passing runs mean something.
 #[test]
 fn switching_off_the_previous_primary_pull_loses_writes_in_its_seeds() {
     for seed in [639_325_170, 639_325_046] {
-        let digest = replay_with_bug(seed, Bug::SkipPullFromPreviousPrimary);
+        let digest = replay_in_child(seed, DScenario::Random, &[Bug::SkipPullFromPreviousPrimary]);
         println!("seed {seed} with SkipPullFromPreviousPrimary: {digest}");
         assert!(
             digest.contains("an acknowledged write was lost"),

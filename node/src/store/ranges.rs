@@ -86,10 +86,25 @@ pub fn total(ranges: &[Range64]) -> u64 {
     ranges.iter().map(|r| r.1).sum()
 }
 
+/// Each range cut into pieces of at most `max` bytes, in order.
+pub fn chunks(ranges: &[Range64], max: u64) -> impl Iterator<Item = Range64> + '_ {
+    assert!(max > 0, "chunk size 0");
+    ranges.iter().flat_map(move |&(off, len)| {
+        (off..off + len).step_by(max as usize).map(move |pos| (pos, max.min(off + len - pos)))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn chunks_cut_each_range_at_most_max_long() {
+        let got: Vec<Range64> = chunks(&[(0, 10), (20, 4)], 4).collect();
+        assert_eq!(got, vec![(0, 4), (4, 4), (8, 2), (20, 4)]);
+        assert_eq!(chunks(&[], 4).count(), 0);
+    }
 
     fn to_set(r: &[Range64], n: u64) -> Vec<bool> {
         let mut v = vec![false; n as usize];

@@ -212,7 +212,7 @@ impl VolumeManager {
             .map(|v| (v.primary_since, v.previous_primary.clone()))
             .unwrap_or((0, None));
         let flushed_in_this_primaryship =
-            self.storage.primary_flushed(&name).is_some_and(|e| e >= primary_since && primary_since > 0);
+            self.storage.primary_flushed(&name).is_some_and(|e| e >= primary_since);
         // Everything this copy holds must be durable before copies of it
         // count (it may hold writes it received as a replica, unflushed).
         if let Err(e) = p.local.flush().await {
@@ -363,15 +363,13 @@ impl VolumeManager {
         } else if total > 0 {
             for peer in &copy_to {
                 let mut ok = true;
-                for &(off, len) in &ranges {
-                    let mut pos = off;
-                    while pos < off + len && ok {
-                        let chunk = RESYNC_CHUNK.min(off + len - pos);
-                        let storage = self.storage.clone();
-                        let n = name.clone();
-                        let data = move |o: u64, l: u64| storage.data_ranges(&n, o, l);
-                        ok = matches!(p.copy_to_peer(peer, pos, chunk, data).await, Ok(Some(_)));
-                        pos += chunk;
+                for (pos, chunk) in crate::store::ranges::chunks(&ranges, RESYNC_CHUNK) {
+                    let storage = self.storage.clone();
+                    let n = name.clone();
+                    let data = move |o: u64, l: u64| storage.data_ranges(&n, o, l);
+                    ok = matches!(p.copy_to_peer(peer, pos, chunk, data).await, Ok(Some(_)));
+                    if !ok {
+                        break;
                     }
                 }
                 if !(ok && p.flush_peer(peer).await) {
@@ -491,21 +489,14 @@ impl VolumeManager {
         peer: &str,
         ranges: &[(u64, u64)],
     ) -> Result<u64, String> {
-        let mut total = 0;
-        for &(off, len) in ranges {
-            let mut pos = off;
-            while pos < off + len {
-                let chunk = RESYNC_CHUNK.min(off + len - pos);
-                let data = p
-                    .read_from_peer(peer, pos, chunk as u32)
-                    .await
-                    .ok_or_else(|| format!("{peer} did not answer a read at {pos}+{chunk}"))?;
-                p.local.write(pos, data, false).await.map_err(|e| format!("local write at {pos}: {e}"))?;
-                total += chunk;
-                pos += chunk;
-            }
+        for (pos, chunk) in crate::store::ranges::chunks(ranges, RESYNC_CHUNK) {
+            let data = p
+                .read_from_peer(peer, pos, chunk as u32)
+                .await
+                .ok_or_else(|| format!("{peer} did not answer a read at {pos}+{chunk}"))?;
+            p.local.write(pos, data, false).await.map_err(|e| format!("local write at {pos}: {e}"))?;
         }
-        Ok(total)
+        Ok(crate::store::ranges::total(ranges))
     }
 
     /// Move the primary role of `p` to a reachable in-sync replica and leave
@@ -911,12 +902,7 @@ impl VolumeManager {
                 }
                 let total_left: u64 = regions.iter().map(|r| r.1).sum();
                 let mut unpersisted: u64 = 0;
-                let chunks = regions.into_iter().flat_map(|(off, len)| {
-                    (off..off + len)
-                        .step_by(RESYNC_CHUNK as usize)
-                        .map(move |pos| (pos, RESYNC_CHUNK.min(off + len - pos)))
-                });
-                for (pos, chunk) in chunks {
+                for (pos, chunk) in crate::store::ranges::chunks(&regions, RESYNC_CHUNK) {
                     self.storage.begin_copy(&p.name, peer, pos, chunk).map_err(|e| e.to_string())?;
                     let storage = self.storage.clone();
                     let name = p.name.clone();
