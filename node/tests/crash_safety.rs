@@ -359,6 +359,36 @@ async fn class2_a_replica_under_a_new_session_leaves_in_sync_and_comes_back_iden
     assert_identical(&p, "after b1 rejoined").await;
 }
 
+/// A replica restarted after a power cut is resynced and rejoins; then it
+/// stays in sync. Failed before the fix (real processes,
+/// `power_cut::a_replica_power_cut_in_the_middle_of_its_resync_*`): the
+/// primary committed the rejoin before telling the replica that its copy was
+/// reconciled, so the replica, still "lost its page cache" for a moment,
+/// saw itself in `in_sync` and left again. A check that read the volume in
+/// between saw every replica in sync, and a failover then found none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn class2_a_replica_resynced_after_a_power_cut_stays_in_sync_once_it_rejoins() {
+    let mut p = Pair::new().await;
+    let dev = p.export("a1").await;
+    for i in 0..16u64 {
+        dev.write(i * (1 << 20), block(i as u8 + 1), false).await.unwrap();
+    }
+    p.restart_with("b1", true).await;
+    // b1 leaves in_sync once (epoch 2: its new session, its lost cache; by
+    // its own change or its primary's, whichever commits first), is
+    // resynced and rejoins (epoch 3), and that is all.
+    assert!(p.wait_in_sync(Duration::from_secs(15)).await, "b1 never rejoined: {:?}", p.state().volumes["v"]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let v = p.state().volumes["v"].clone();
+    assert!(
+        v.epoch == 3 && v.in_sync.len() == 2,
+        "b1 should have left in_sync once and rejoined once (epoch 3), then stayed: {v:?}"
+    );
+    assert!(!p.nodes["b1"].storage.cache_lost("v"), "b1 rejoined but still counts its copy as unreconciled");
+    dev.write(3 << 20, block(0x77), false).await.unwrap();
+    assert_identical(&p, "after b1 rejoined").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn class4_a_planned_move_over_an_existing_link_reconciles_the_old_primarys_extents() {
     let p = Pair::new().await;

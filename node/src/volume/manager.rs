@@ -957,12 +957,11 @@ impl VolumeManager {
             Ok(()) => p.rejoin(peer).await,
             Err(e) => Err(e),
         };
+        // On success the rejoin already told it to forget its activity-log
+        // extents (reported when it came back; resynced from here, durable
+        // there), before committing.
         if result.is_err() {
             p.abort_catch_up(peer).await;
-        } else {
-            // Its activity-log extents (reported when it came back) were
-            // resynced from here and are durable there.
-            p.clear_peer_hot(peer).await;
         }
         tracing::info!(volume = %p.name, %peer, dirty_bytes = done, data_bytes_sent = sent, ms = started.elapsed().as_millis() as u64, ok = result.is_ok(), "resync pass");
         result

@@ -746,6 +746,26 @@ impl PrimaryVolume {
             Ok(Ok(Ok(Ack { status: AckStatus::Ok, .. }))) => {}
             other => return Err(format!("final flush on {peer} failed: {other:?}")),
         }
+        // Its copy now equals ours and is durable there: it may forget its
+        // activity-log extents and that it lost its page cache. Before the
+        // commit, never after: a replica that sees itself in `in_sync` while
+        // it still counts its copy as unreconciled leaves again (found with
+        // real processes: a check between the two saw every replica in sync,
+        // and a failover right after found none).
+        let rx = link
+            .enqueue(OutOp {
+                volume: self.name.clone(),
+                epoch: s.epoch,
+                size: self.size,
+                fua: false,
+                resync: true,
+                op: OpKind::ClearHot,
+            })
+            .await;
+        match tokio::time::timeout(self.ack_timeout, rx).await {
+            Ok(Ok(Ok(Ack { status: AckStatus::Ok, .. }))) => {}
+            other => return Err(format!("{peer} could not forget its reconciled extents: {other:?}")),
+        }
         let mut in_sync = s.in_sync_peers.clone();
         in_sync.push(peer.to_string());
         in_sync.push(self.me.clone());
