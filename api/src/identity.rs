@@ -7,6 +7,10 @@
 //! | `witness`     | yes               | no           | yes  |
 //! | `admin:<n>`   | no                | yes          | yes  |
 //! | `viewer:<n>`  | no                | no           | yes  |
+//! | `client:<h>`  | no                | no           | yes  |
+//!
+//! `client:<host>` is an application host's attach agent (`metro-attach`):
+//! it reads where volumes are served and opens their exports.
 
 use crate::error::{ApiError, Code};
 
@@ -16,6 +20,8 @@ pub enum Identity {
     Witness(String),
     Admin(String),
     Viewer(String),
+    /// An application host (its attach agent).
+    Client(String),
 }
 
 /// What an RPC needs.
@@ -41,6 +47,7 @@ impl Identity {
             "witness" => Some(Identity::Witness(name.into())),
             "admin" => Some(Identity::Admin(name.into())),
             "viewer" => Some(Identity::Viewer(name.into())),
+            "client" => Some(Identity::Client(name.into())),
             _ => None,
         }
     }
@@ -52,6 +59,7 @@ impl Identity {
             Identity::Witness(n) => format!("witness:{n}"),
             Identity::Admin(n) => format!("admin:{n}"),
             Identity::Viewer(n) => format!("viewer:{n}"),
+            Identity::Client(n) => format!("client:{n}"),
         }
     }
 
@@ -89,7 +97,7 @@ pub fn authorize<T>(req: &tonic::Request<T>, access: Access) -> Result<Identity,
         tonic::Status::from(ApiError::new(
             Code::PermissionDenied,
             "client certificate has no metro identity in its common name",
-            "issue certificates with `metroctl certs issue` (CN node:<id>, admin:<n>, viewer:<n>)",
+            "issue certificates with `metroctl certs issue` (CN node:<id>, admin:<n>, viewer:<n>, client:<host>)",
         ))
     })?;
     if !id.allows(access) {
@@ -117,6 +125,11 @@ mod tests {
         assert!(witness.allows(Access::Internal) && !witness.allows(Access::Write));
         assert!(!admin.allows(Access::Internal) && admin.allows(Access::Write));
         assert!(!viewer.allows(Access::Write) && viewer.allows(Access::Read));
+        let client = Identity::parse("client:app1").unwrap();
+        assert!(
+            client.allows(Access::Read) && !client.allows(Access::Write) && !client.allows(Access::Internal)
+        );
+        assert_eq!(client.common_name(), "client:app1");
         assert_eq!(Identity::parse("root"), None);
         assert_eq!(Identity::parse("node:"), None);
     }

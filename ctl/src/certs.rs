@@ -46,7 +46,9 @@ pub enum CertError {
     Rcgen(#[from] rcgen::Error),
     #[error("no CA in {dir}: run `metroctl certs init --dir {dir}` first")]
     NoCa { dir: String },
-    #[error("invalid common name `{0}`: use node:<id>, witness, admin:<name> or viewer:<name>")]
+    #[error(
+        "invalid common name `{0}`: use node:<id>, witness, admin:<name>, viewer:<name> or client:<host>"
+    )]
     BadCn(String),
 }
 

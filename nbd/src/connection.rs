@@ -25,8 +25,6 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
@@ -159,7 +157,11 @@ impl Conn {
 }
 
 /// The writer task: drains replies in batches and flushes once per batch.
-async fn write_replies(wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Reply>, stop: watch::Sender<bool>) {
+async fn write_replies<W: tokio::io::AsyncWrite + Unpin>(
+    wr: W,
+    mut rx: mpsc::Receiver<Reply>,
+    stop: watch::Sender<bool>,
+) {
     let mut wr = BufWriter::with_capacity(IO_BUFFER_BYTES, wr);
     while let Some(first) = rx.recv().await {
         let batch = async {
@@ -200,14 +202,14 @@ enum StopReason {
 }
 
 /// Serve the transmission phase until the connection ends.
-pub(crate) async fn transmit(
-    stream: TcpStream,
+pub(crate) async fn transmit<S: NbdStream>(
+    stream: S,
     neg: Negotiated,
     max_in_flight: usize,
     stats: Arc<NbdStats>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let (rd, wr) = stream.into_split();
+    let (rd, wr) = stream.split_owned();
     let (tx, rx) = mpsc::channel::<Reply>(max_in_flight.max(1));
     let (stop, mut stopped) = watch::channel(false);
     let writer = tokio::spawn(write_replies(wr, rx, stop.clone()));
@@ -234,6 +236,30 @@ pub(crate) async fn transmit(
     let _ = writer.await;
 }
 
+/// A connected byte stream the server can serve: split into halves that
+/// the reader and the writer tasks own (lock-free for TCP and unix sockets).
+pub trait NbdStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {
+    type Read: tokio::io::AsyncRead + Unpin + Send + 'static;
+    type Write: tokio::io::AsyncWrite + Unpin + Send + 'static;
+    fn split_owned(self) -> (Self::Read, Self::Write);
+}
+
+impl NbdStream for tokio::net::TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    fn split_owned(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+impl NbdStream for tokio::net::UnixStream {
+    type Read = tokio::net::unix::OwnedReadHalf;
+    type Write = tokio::net::unix::OwnedWriteHalf;
+    fn split_owned(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
 /// Resolves once the flag is true; never, if its sender is gone.
 pub(crate) async fn wait_true(rx: &mut watch::Receiver<bool>) {
     if rx.wait_for(|v| *v).await.is_err() {
@@ -242,8 +268,8 @@ pub(crate) async fn wait_true(rx: &mut watch::Receiver<bool>) {
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn read_requests(
-    rd: &mut BufReader<OwnedReadHalf>,
+async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
+    rd: &mut BufReader<R>,
     conn: &Arc<Conn>,
     geometry: &Geometry,
     max_in_flight: usize,

@@ -9,16 +9,16 @@
 //!   requests and answers what is in flight, and `serve` returns after at most
 //!   [`SHUTDOWN_GRACE`].
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use super::connection::{transmit, wait_true, DRAIN_TIMEOUT};
+use super::connection::{transmit, wait_true, NbdStream, DRAIN_TIMEOUT};
 use super::handshake::{negotiate, HandshakeError, HandshakeOutcome};
 use super::stats::{NbdStats, NbdStatsSnapshot};
 use crate::block::ExportRegistry;
@@ -102,6 +102,54 @@ impl NbdServer {
     ) -> std::io::Result<()> {
         let local = listener.local_addr()?;
         tracing::info!(%local, "nbd server listening");
+        let listener = Arc::new(listener);
+        self.accept_loop(shutdown, move || {
+            let listener = listener.clone();
+            async move {
+                let (stream, peer) = listener.accept().await?;
+                if let Err(e) = tune_socket(&stream) {
+                    tracing::warn!(error = %e, "nbd socket options not applied");
+                }
+                Ok((stream, peer.to_string()))
+            }
+        })
+        .await
+    }
+
+    /// Serve a unix-socket `listener` (the attach agent's local endpoint)
+    /// until `shutdown` becomes true.
+    pub async fn serve_unix(
+        self: Arc<Self>,
+        listener: UnixListener,
+        shutdown: watch::Receiver<bool>,
+    ) -> std::io::Result<()> {
+        let local = listener.local_addr()?;
+        tracing::info!(local = ?local.as_pathname(), "nbd server listening on a unix socket");
+        let listener = Arc::new(listener);
+        self.accept_loop(shutdown, move || {
+            let listener = listener.clone();
+            async move {
+                let (stream, _) = listener.accept().await?;
+                let peer = match stream.peer_cred() {
+                    Ok(c) => format!("unix:pid={}", c.pid().unwrap_or(0)),
+                    Err(_) => "unix".to_string(),
+                };
+                Ok((stream, peer))
+            }
+        })
+        .await
+    }
+
+    async fn accept_loop<S, F, Fut>(
+        self: Arc<Self>,
+        shutdown: watch::Receiver<bool>,
+        accept: F,
+    ) -> std::io::Result<()>
+    where
+        S: NbdStream + AsyncRead + AsyncWrite,
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = std::io::Result<(S, String)>>,
+    {
         let mut conns = JoinSet::new();
         let mut stop = shutdown.clone();
         loop {
@@ -109,7 +157,7 @@ impl NbdServer {
                 biased;
                 _ = wait_true(&mut stop) => break,
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                accepted = listener.accept() => match accepted {
+                accepted = accept() => match accepted {
                     Ok((stream, peer)) => {
                         if conns.len() >= MAX_CONNECTIONS {
                             tracing::warn!(%peer, "nbd connection refused: {MAX_CONNECTIONS} connections already open");
@@ -128,7 +176,7 @@ impl NbdServer {
             }
         }
         tracing::info!(open = conns.len(), "nbd server shutting down");
-        drop(listener);
+        drop(accept); // the listener: new clients are refused while the open ones drain
         let drained =
             tokio::time::timeout(SHUTDOWN_GRACE, async { while conns.join_next().await.is_some() {} }).await;
         if drained.is_err() {
@@ -141,16 +189,13 @@ impl NbdServer {
         Ok(())
     }
 
-    async fn serve_one(
+    async fn serve_one<S: NbdStream>(
         self: Arc<Self>,
-        mut stream: TcpStream,
-        peer: SocketAddr,
+        mut stream: S,
+        peer: String,
         mut shutdown: watch::Receiver<bool>,
     ) {
         NbdStats::add(&self.stats.connections_accepted, 1);
-        if let Err(e) = tune_socket(&stream) {
-            tracing::warn!(error = %e, "nbd socket options not applied");
-        }
         let handshake = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
             negotiate(&mut stream, self.registry.as_ref(), &self.limits),

@@ -102,6 +102,31 @@ fn committed(r: Result<CommandResult, QuorumError>) -> Result<u64, ApiError> {
     }
 }
 
+/// How many location updates a watch holds for a slow client, how long it
+/// waits for one to drain, and how often it repeats itself when nothing
+/// changes (so that a client notices a dead stream).
+const WATCH_QUEUE: usize = 16;
+const WATCH_SEND_TIMEOUT: Duration = Duration::from_secs(10);
+const WATCH_KEEPALIVE: Duration = Duration::from_secs(2);
+
+fn location_of(state: &ClusterState, v: &VolumeRecord, stale: bool, me: &str) -> pb::VolumeLocation {
+    pb::VolumeLocation {
+        name: v.name.clone(),
+        size_bytes: v.size_bytes,
+        primary: v.primary.clone().unwrap_or_default(),
+        primary_nbd: v
+            .primary
+            .as_ref()
+            .and_then(|p| state.nodes.get(p))
+            .and_then(|n| n.nbd.clone())
+            .unwrap_or_default(),
+        epoch: v.epoch,
+        state: crate::summary::volume_state(v).into(),
+        stale,
+        answered_by: me.to_string(),
+    }
+}
+
 impl ControlService {
     fn state(&self) -> Arc<ClusterState> {
         self.quorum.state().borrow().clone()
@@ -175,6 +200,18 @@ impl ControlService {
             stale: false,
             answered_by: self.cfg.node_id.clone(),
         }
+    }
+
+    fn volume_location(&self, name: &str) -> Result<pb::VolumeLocation, Status> {
+        let state = self.state();
+        let v = state.volumes.get(name).ok_or_else(|| {
+            Status::from(ApiError::new(
+                Code::NotFound,
+                format!("no volume `{name}`"),
+                "list volumes with `metroctl volume list`",
+            ))
+        })?;
+        Ok(location_of(&state, v, self.quorum.status().leader.is_none(), &self.cfg.node_id))
     }
 
     /// Whether reads answered here are authoritative: this node leads and a
@@ -410,6 +447,55 @@ impl ControlService {
 
 #[tonic::async_trait]
 impl pb::control_server::Control for ControlService {
+    type WatchVolumeStream = tokio_stream::wrappers::ReceiverStream<Result<pb::VolumeLocation, Status>>;
+
+    async fn watch_volume(
+        &self,
+        req: Request<pb::VolumeRef>,
+    ) -> Result<Response<Self::WatchVolumeStream>, Status> {
+        authorize(&req, Access::Read)?;
+        let name = req.into_inner().name;
+        let first = self.volume_location(&name)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(WATCH_QUEUE);
+        let mut state = self.quorum.state();
+        let quorum = self.quorum.clone();
+        let me = self.cfg.node_id.clone();
+        tokio::spawn(async move {
+            let mut last = first;
+            if tx.send(Ok(last.clone())).await.is_err() {
+                return;
+            }
+            let mut keepalive = tokio::time::interval(WATCH_KEEPALIVE);
+            keepalive.tick().await;
+            loop {
+                let changed = tokio::select! {
+                    r = state.changed() => {
+                        if r.is_err() {
+                            return;
+                        }
+                        true
+                    }
+                    _ = keepalive.tick() => false,
+                    _ = tx.closed() => return,
+                };
+                let s = state.borrow_and_update().clone();
+                let Some(v) = s.volumes.get(&name) else {
+                    let _ = tx.send(Err(Status::not_found(format!("volume `{name}` was deleted")))).await;
+                    return;
+                };
+                let now = location_of(&s, v, quorum.status().leader.is_none(), &me);
+                if now != last || !changed {
+                    last = now;
+                    // A bounded queue: a client that stops reading is dropped.
+                    if tokio::time::timeout(WATCH_SEND_TIMEOUT, tx.send(Ok(last.clone()))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
     async fn get_cluster_config(
         &self,
         req: Request<pb::GetClusterConfigRequest>,

@@ -116,7 +116,7 @@ impl Lab {
     ) -> anyhow::Result<Lab> {
         let guard = LAB_LOCK.lock().await;
         let bins = bin_dir();
-        for b in ["metro-node", "metro-witness", "metroctl"] {
+        for b in ["metro-node", "metro-witness", "metroctl", "metro-attach"] {
             if !bins.join(b).exists() {
                 bail!("{} missing: run `cargo build --workspace --bins` first", bins.join(b).display());
             }
@@ -262,7 +262,7 @@ impl Lab {
 
     /// Start an oracle writer with every knob (see [`WriterOpts`]).
     pub fn writer_with(&self, volume: &str, tag: &str, o: WriterOpts<'_>) -> Writer {
-        let WriterOpts { first_block, blocks, seconds, pin, flush_every } = o;
+        let WriterOpts { first_block, blocks, seconds, pin, flush_every, timeout } = o;
         let out = self.dir.join(format!("acks-{tag}.jsonl"));
         let mut cmd = Command::new("/usr/bin/python3");
         cmd.arg(workspace().join("tests/tools/oracle_writer.py"))
@@ -275,6 +275,7 @@ impl Lab {
             .args(["--seconds", &seconds.to_string(), "--first-block", &first_block.to_string()])
             .args(["--blocks", &blocks.to_string(), "--seq-base", &(first_block * 1_000_000).to_string()])
             .args(["--flush-every", &flush_every.to_string()])
+            .args(["--timeout", &timeout.to_string()])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         if let Some(p) = pin {
@@ -348,6 +349,90 @@ impl Lab {
     }
 }
 
+/// A running `metro-attach` for one volume of a lab, on the host (the
+/// lab's application host), with the lab's `client:lab` identity. Killed on
+/// drop.
+pub struct Attach {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Attach {
+    /// The libnbd URI of the agent's local endpoint.
+    pub fn uri(&self, volume: &str) -> String {
+        format!("nbd+unix:///{volume}?socket={}", self.socket.display())
+    }
+
+    /// SIGKILL the agent (its clients lose their connection).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The agent's log so far.
+    pub fn log_text(&self) -> String {
+        strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
+    }
+}
+
+impl Drop for Attach {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Lab {
+    /// Start `metro-attach` for `volume` (hold 120 s, policy `error`) and
+    /// wait until its socket serves.
+    pub async fn attach(&self, volume: &str) -> anyhow::Result<Attach> {
+        let dir = self.dir.join("attach");
+        std::fs::create_dir_all(&dir)?;
+        // In logs/, which a finished lab keeps (target/lab-logs/<name>).
+        let log = self.dir.join("logs").join(format!("agent-{volume}.log"));
+        let mut endpoints: Vec<String> = self.info.nodes.iter().map(|n| n.api.clone()).collect();
+        endpoints.push(self.info.witness.api.clone());
+        let child = Command::new(bin_dir().join("metro-attach"))
+            .arg("run")
+            .arg("--endpoints")
+            .arg(endpoints.join(","))
+            .arg("--ca")
+            .arg(&self.info.ca_cert)
+            .arg("--cert")
+            .arg(&self.info.client_cert)
+            .arg("--key")
+            .arg(&self.info.client_key)
+            .args(["--volume", volume, "--socket-dir"])
+            .arg(&dir)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("metro-attach (cargo build --workspace --bins)")?;
+        let mut a = Attach { child: Some(child), socket: dir.join(format!("{volume}.sock")), log };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            // Listed once it serves (the socket exists a little earlier).
+            let listed = std::fs::read(dir.join("attachments.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .is_some_and(|l| l.as_array().into_iter().flatten().any(|x| x["volume"] == volume));
+            if listed {
+                return Ok(a);
+            }
+            if let Some(Ok(Some(st))) = a.child.as_mut().map(|c| c.try_wait()) {
+                bail!("metro-attach exited ({st}) before serving: {}", a.log_text());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("metro-attach did not serve {volume} in 30 s: {}", a.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         // METRO_KEEP_LAB=1 keeps a failed test's lab (a panic); =always keeps
@@ -385,11 +470,14 @@ pub struct WriterOpts<'a> {
     pub seconds: f64,
     pub pin: Option<&'a str>,
     pub flush_every: u64,
+    /// Seconds a request may take before the writer counts an error and
+    /// reconnects.
+    pub timeout: f64,
 }
 
 impl Default for WriterOpts<'_> {
     fn default() -> Self {
-        WriterOpts { first_block: 0, blocks: 512, seconds: 10.0, pin: None, flush_every: 16 }
+        WriterOpts { first_block: 0, blocks: 512, seconds: 10.0, pin: None, flush_every: 16, timeout: 3.0 }
     }
 }
 
@@ -400,13 +488,26 @@ pub struct Writer {
 
 impl Writer {
     /// Wait for the writer to finish and return its acknowledged writes.
-    pub fn finish(mut self) -> anyhow::Result<Vec<Ack>> {
+    pub fn finish(self) -> anyhow::Result<Vec<Ack>> {
+        self.finish_counting_errors().map(|(acks, _)| acks)
+    }
+
+    /// Wait for the writer; its acknowledged writes and how many requests
+    /// failed or timed out (each made it reconnect).
+    pub fn finish_counting_errors(mut self) -> anyhow::Result<(Vec<Ack>, u64)> {
         let child = self.child.take().expect("running");
         let out = child.wait_with_output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
         if !out.status.success() {
-            bail!("writer failed: {}", String::from_utf8_lossy(&out.stdout));
+            bail!("writer failed: {stdout}");
         }
-        read_acks(&self.out)
+        let report: Value = stdout
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str(l).ok())
+            .with_context(|| format!("the writer printed no report: {stdout}"))?;
+        let errors = report["errors"].as_u64().context("the writer's report has no error count")?;
+        Ok((read_acks(&self.out)?, errors))
     }
 }
 

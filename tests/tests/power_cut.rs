@@ -24,7 +24,7 @@ const BS: usize = 4096;
 
 /// A plain-write writer (no FLUSH) over `blocks` blocks.
 fn plain(first_block: u64, blocks: u64, seconds: f64) -> WriterOpts<'static> {
-    WriterOpts { first_block, blocks, seconds, pin: None, flush_every: 0 }
+    WriterOpts { first_block, blocks, seconds, pin: None, flush_every: 0, ..WriterOpts::default() }
 }
 
 /// Create `vol` with its primary in dc-a; returns (primary, a replica in dc-b).

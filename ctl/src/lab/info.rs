@@ -79,6 +79,11 @@ pub struct LabInfo {
     pub admin_key: PathBuf,
     pub viewer_cert: PathBuf,
     pub viewer_key: PathBuf,
+    /// The application host's identity (`client:lab`), for `metro-attach`.
+    #[serde(default)]
+    pub client_cert: PathBuf,
+    #[serde(default)]
+    pub client_key: PathBuf,
     pub etcd_endpoints: Vec<String>,
     pub sites: Vec<SiteInfo>,
     pub nodes: Vec<DaemonInfo>,

@@ -179,6 +179,8 @@ pub fn build(opts: &LabOptions, dir: &Path, mode: NetMode) -> LabInfo {
         admin_key: client("admin", "key"),
         viewer_cert: client("viewer", "pem"),
         viewer_key: client("viewer", "key"),
+        client_cert: client("client", "pem"),
+        client_key: client("client", "key"),
         etcd_endpoints: etcd.iter().map(|e| e.client_url.clone()).collect(),
         sites: topo::SITES
             .iter()
@@ -202,8 +204,11 @@ pub fn build(opts: &LabOptions, dir: &Path, mode: NetMode) -> LabInfo {
 pub fn issue_certs(info: &LabInfo) -> Result<(), LabError> {
     let dir = info.dir.join("certs");
     let (ca, _) = certs::init(&dir)?;
-    let mut wanted: Vec<(String, Vec<IpAddr>)> =
-        vec![(format!("admin:{CLIENT_NAME}"), vec![]), (format!("viewer:{CLIENT_NAME}"), vec![])];
+    let mut wanted: Vec<(String, Vec<IpAddr>)> = vec![
+        (format!("admin:{CLIENT_NAME}"), vec![]),
+        (format!("viewer:{CLIENT_NAME}"), vec![]),
+        (format!("client:{CLIENT_NAME}"), vec![]),
+    ];
     for d in info.nodes.iter().chain(std::iter::once(&info.witness)) {
         let def = topo::daemon(&d.id).expect("planned daemons are in the topology");
         let ip: IpAddr = d.address.parse().expect("planned addresses are IPs");
