@@ -388,6 +388,11 @@ impl Lab {
     /// Start `metro-attach` for `volume` (hold 120 s, policy `error`) and
     /// wait until its socket serves.
     pub async fn attach(&self, volume: &str) -> anyhow::Result<Attach> {
+        self.attach_as(volume, &self.info.client_cert, &self.info.client_key).await
+    }
+
+    /// [`Lab::attach`] with another identity.
+    pub async fn attach_as(&self, volume: &str, cert: &Path, key: &Path) -> anyhow::Result<Attach> {
         let dir = self.dir.join("attach");
         std::fs::create_dir_all(&dir)?;
         // In logs/, which a finished lab keeps (target/lab-logs/<name>).
@@ -401,9 +406,9 @@ impl Lab {
             .arg("--ca")
             .arg(&self.info.ca_cert)
             .arg("--cert")
-            .arg(&self.info.client_cert)
+            .arg(cert)
             .arg("--key")
-            .arg(&self.info.client_key)
+            .arg(key)
             .args(["--volume", volume, "--socket-dir"])
             .arg(&dir)
             .env("RUST_LOG", "info")

@@ -135,3 +135,97 @@ async fn an_application_writing_through_the_agent_sees_no_error_across_every_kin
     wait_rejoined_identical(&lab, "v", REJOIN_DEADLINE).await?;
     Ok(())
 }
+
+/// fio with `--verify` through the agent, not time-based (so the verify
+/// phase really runs), across the loss of the primary's site; then bad
+/// input; then the agent itself is killed: its clients see errors, nothing
+/// acknowledged is lost, and a restarted agent serves again.
+#[tokio::test(flavor = "multi_thread")]
+async fn fio_verifies_through_the_agent_across_a_site_loss_and_the_agent_refuses_bad_input(
+) -> anyhow::Result<()> {
+    metro_tests::lab::init_tracing();
+    let lab = Lab::up("attach-fio").await?;
+    lab.ctl(&["volume", "create", "v", "--size", "128MiB", "--site", "dc-a"])?;
+
+    tracing::info!("--- bad input: an unknown volume, a socket path that is a file");
+    let e = match lab.attach("nope").await {
+        Ok(_) => anyhow::bail!("an agent attached a volume that does not exist"),
+        Err(e) => format!("{e:#}"),
+    };
+    anyhow::ensure!(e.contains("no volume `nope`"), "unclear error for an unknown volume: {e}");
+    let file = lab.dir.join("attach").join("v.sock");
+    std::fs::write(&file, b"not a socket")?;
+    let e = match lab.attach("v").await {
+        Ok(_) => anyhow::bail!("an agent replaced a regular file with its socket"),
+        Err(e) => format!("{e:#}"),
+    };
+    anyhow::ensure!(e.contains("not a socket"), "unclear error for a socket path that is a file: {e}");
+    anyhow::ensure!(std::fs::read(&file)? == b"not a socket", "the file was touched");
+    std::fs::remove_file(&file)?;
+
+    let mut agent = lab.attach("v").await?;
+    tracing::info!("--- fio --verify through the agent; dc-a is killed during the write phase");
+    let fio = std::process::Command::new("fio")
+        .args(["--name=attach", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--size=96M", "--iodepth=8"])
+        .arg(format!("--uri={}", agent.uri("v")))
+        .args(["--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--output-format=json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("fio is installed (scripts/install-deps)")?;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    lab.kill_site("dc-a")?;
+    let rto = lab
+        .wait_for("a dc-b primary", FAILOVER_DEADLINE, |l| Ok(primary_of(l, "v")?.0.starts_with('b')))
+        .await?;
+    let out = tokio::task::spawn_blocking(move || fio.wait_with_output()).await??;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    anyhow::ensure!(
+        out.status.success(),
+        "fio failed through the agent: {}\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        agent.log_text()
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&text[text.find('{').context("fio printed no JSON")?..])?;
+    let job = &report["jobs"][0];
+    let (written, read, errors) =
+        (job["write"]["io_bytes"].as_u64(), job["read"]["io_bytes"].as_u64(), job["error"].as_u64());
+    tracing::info!(?rto, ?written, ?read, ?errors, "fio through the agent across the site loss");
+    anyhow::ensure!(errors == Some(0), "fio reported errors: {job}");
+    anyhow::ensure!(written == Some(96 << 20), "fio wrote {written:?} bytes, not 96 MiB");
+    anyhow::ensure!(read == Some(96 << 20), "fio's verify phase read {read:?} bytes, not 96 MiB");
+    anyhow::ensure!(
+        agent.log_text().contains("following the primary again"),
+        "the agent never switched primaries"
+    );
+
+    tracing::info!("--- the agent is killed under writes: errors, and nothing acknowledged lost");
+    let uri = agent.uri("v");
+    let w = lab.writer_with(
+        "v",
+        "agent-kill",
+        WriterOpts {
+            first_block: 0,
+            blocks: 1024,
+            seconds: 8.0,
+            pin: Some(&uri),
+            flush_every: 16,
+            timeout: 3.0,
+        },
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    agent.kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _agent = lab.attach("v").await?;
+    let (acks, errors) = w.finish_counting_errors()?;
+    tracing::info!(acks = acks.len(), errors, "writer across the agent's restart");
+    anyhow::ensure!(errors > 0, "the writer saw no error although its agent was killed");
+    anyhow::ensure!(
+        acks.iter().any(|a| a.t > acks[0].t + 4.0),
+        "no write was acknowledged after the agent restarted"
+    );
+    let (_, direct) = primary_of(&lab, "v")?;
+    lab.verify(&direct, &[&lab.dir.join("acks-agent-kill.jsonl")])?;
+    Ok(())
+}
