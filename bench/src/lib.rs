@@ -6,6 +6,7 @@
 //! delayer processes, qemu-nbd) even on error, through `Drop` guards; every
 //! wait has a deadline.
 
+pub mod attach;
 pub mod ctl;
 pub mod delay;
 pub mod fio;
@@ -16,3 +17,8 @@ pub mod resync;
 pub mod rto;
 pub mod scale;
 pub mod stats;
+
+/// The repository root (for the test tools the bench reuses).
+pub fn workspace() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}

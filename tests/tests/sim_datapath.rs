@@ -16,6 +16,8 @@ use std::time::Instant;
 /// Seeds 0..200 are clean at stop 21 (128 and 134, once open, are also in
 /// [`REGRESSION`]).
 const CI_SEEDS: u64 = 200;
+/// Seeds drawn from the clock in every CI run, on top of the fixed ones.
+const CI_CLOCK_SEEDS: u64 = 24;
 const SOAK_SEEDS: u64 = 2_000;
 /// Seeds per injected bug.
 const BUG_SEEDS: u64 = 16;
@@ -151,26 +153,35 @@ fn mixed(seed: u64) -> DScenario {
     }
 }
 
-/// A fixed seed range in CI (and, with `METRO_DATAPATH_RANDOM=1`, a range
-/// drawn from the clock instead, printed), on top of the regression set.
-/// CI does not draw random seeds from the clock: a new failure there would
-/// turn CI red for a seed no one has looked at; the clock seeds are run by
-/// hand (and their failures join [`REGRESSION`] once fixed).
+/// Every CI run: a fixed seed range, the regression set, and
+/// [`CI_CLOCK_SEEDS`] seeds drawn from the clock (printed; a failure prints
+/// the command that replays it, and its seed joins [`REGRESSION`] once
+/// fixed). `METRO_DATAPATH_FIRST`/`METRO_DATAPATH_SEEDS` replace the fixed
+/// range; `METRO_DATAPATH_RANDOM=1` draws the whole range from the clock;
+/// `METRO_DATAPATH_CLOCK_SEEDS=0` leaves the clock seeds out.
 #[test]
 fn random_seeds_keep_every_acknowledged_write_and_identical_copies() {
     let count = env_u64("METRO_DATAPATH_SEEDS").unwrap_or(CI_SEEDS);
+    let clock_base = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() % 1_000_000)
+        * 1_000;
     let first = env_u64("METRO_DATAPATH_FIRST").unwrap_or_else(|| {
         if std::env::var("METRO_DATAPATH_RANDOM").is_ok() {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() % 1_000_000)
-                * 1_000
+            clock_base
         } else {
             0
         }
     });
-    println!("random seeds {first}..{}", first + count);
-    let seeds: Vec<u64> = (first..first + count).collect();
+    println!("fixed seeds {first}..{}", first + count);
+    let mut seeds: Vec<u64> = (first..first + count).collect();
+    let clock = env_u64("METRO_DATAPATH_CLOCK_SEEDS").unwrap_or(CI_CLOCK_SEEDS);
+    if clock > 0 && first != clock_base {
+        // Far from the fixed range and from each other run's (per second).
+        let from = 10_000_000 + clock_base;
+        println!("seeds drawn from the clock this run: {from}..{}", from + clock);
+        seeds.extend(from..from + clock);
+    }
     let mut reports = sweep(seeds, &[], mixed);
     reports.extend(sweep(REGRESSION.iter().map(|(s, _)| *s).collect(), &[], |seed| {
         REGRESSION.iter().find(|(s, _)| *s == seed).map_or(DScenario::Random, |(_, sc)| *sc)

@@ -17,7 +17,7 @@ struct Args {
     quick: bool,
     /// Run only these sections (comma-separated, e.g. `io,resync`); the other
     /// sections of today's results file are kept.
-    #[arg(long, value_delimiter = ',', value_parser = ["io", "rto", "resync", "witness", "scale"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["io", "rto", "resync", "witness", "scale", "attach"])]
     only: Vec<String>,
     /// Directory with metro-node, metro-witness, metroctl and metro-delay.
     #[arg(long, default_value = "target/release")]
@@ -53,7 +53,7 @@ struct Args {
 }
 
 /// Order of sections in the results.
-const SECTIONS: [&str; 5] = ["io", "resync", "witness", "scale", "rto"];
+const SECTIONS: [&str; 6] = ["io", "resync", "witness", "scale", "attach", "rto"];
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -177,6 +177,11 @@ async fn main() -> anyhow::Result<()> {
         let (w, s) = metro_bench::scale::run(&lab, volumes, window).await?;
         sections.push(("witness", w));
         sections.push(("scale", s));
+    }
+    if want("attach") {
+        let lab = BenchLab::up(&spec).await?;
+        let (rounds, stall_trials) = if a.quick { (1, 3) } else { (3, 10) };
+        sections.push(("attach", metro_bench::attach::run(&lab, fio_s, rounds, stall_trials).await?));
     }
     // Results so far are written before the long rto section, so they survive it.
     write_results(&a, &stem, started, &sections, &points)?;
