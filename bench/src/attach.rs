@@ -133,11 +133,22 @@ pub async fn run(
     }
 
     md += "\nStall: an application writing through the agent (libnbd, 4 KiB writes, a FLUSH every 16, request timeout 100 s) while the primary's site is killed with `kill -9`; its longest gap between acknowledged writes, next to the storage RTO (first write acknowledged by a new primary, direct).\n\n";
-    let (mut stalls, mut rtos, mut errors) = (Vec::new(), Vec::new(), 0u64);
+    let (mut stalls, mut rtos, mut errors, mut invalid) =
+        (Vec::new(), Vec::new(), 0u64, Vec::<String>::new());
     let writer = crate::workspace().join("tests/tools/oracle_writer.py");
-    for trial in 0..stall_trials {
+    let mut trial = 0;
+    while stalls.len() < stall_trials && trial < 2 * stall_trials {
+        trial += 1;
         lab.wait_in_sync(VOL, Duration::from_secs(120)).await?;
-        let (old, _) = primary(lab)?;
+        // The same validity rules as the rto section: a voter in every site,
+        // no membership change in flight, a stable leader and primary.
+        let old = match crate::rto::wait_ready(lab, VOL, Duration::from_secs(120)).await {
+            Ok(r) => r.primary,
+            Err(why) => {
+                invalid.push(why);
+                continue;
+            }
+        };
         let site = lab.site_of(&old).context("the primary's site")?;
         let acks = lab.dir().join(format!("attach-acks-{trial}.jsonl"));
         let w = Command::new("/usr/bin/python3")
@@ -164,29 +175,36 @@ pub async fn run(
         let out = w.wait_with_output()?;
         let report: serde_json::Value =
             serde_json::from_slice(out.stdout.trim_ascii()).context("the writer's report")?;
-        errors += report["errors"].as_u64().unwrap_or(0);
+        let errs = report["errors"].as_u64().unwrap_or(0);
         let gaps = Command::new("/usr/bin/python3").arg(&writer).arg("gaps").arg(&acks).output()?;
         let gap: serde_json::Value = serde_json::from_slice(&gaps.stdout).context("gaps")?;
         let stall = gap["max_gap_s"].as_f64().context("max_gap_s")?;
-        eprintln!(
-            "attach: trial {trial}: stall {stall:.2} s, storage RTO {rto:?} s ({old} in {site} killed)"
-        );
-        stalls.push(stall);
-        if let Some(r) = rto {
-            rtos.push(r);
+        eprintln!("attach: trial {trial}: stall {stall:.2} s, storage RTO {rto:?} s, {errs} errors ({old} in {site} killed)");
+        match rto {
+            Some(r) => {
+                stalls.push(stall);
+                rtos.push(r);
+                errors += errs;
+            }
+            None => invalid.push(format!("trial {trial}: no new primary within 60 s of killing {site}")),
         }
         metroctl::lab::start_site(lab.dir(), &site).await?;
     }
     let p = |xs: &[f64], q: f64| percentile(xs, q).map_or("-".into(), |v| format!("{v:.2}"));
     md += &format!(
-        "| fault | trials | app stall p50 s | p99 s | max s | storage RTO p50 s | p99 s | application errors |\n|---|---|---|---|---|---|---|---|\n| primary site killed | {} | {} | {} | {} | {} | {} | {errors} |\n",
+        "| fault | valid trials | app stall p50 s | p99 s | max s | storage RTO p50 s | p99 s | application errors | invalid trials |\n|---|---|---|---|---|---|---|---|---|\n| primary site killed | {} | {} | {} | {} | {} | {} | {errors} | {} |\n",
         stalls.len(),
         p(&stalls, 50.0),
         p(&stalls, 99.0),
         p(&stalls, 100.0),
         p(&rtos, 50.0),
         p(&rtos, 99.0),
+        invalid.len(),
     );
+    for why in &invalid {
+        md += &format!("\n- invalid: {why}");
+    }
+    md += "\n";
     if !stalls.is_empty() {
         let s50 = percentile(&stalls, 50.0).unwrap_or(f64::MAX);
         let r50 = percentile(&rtos, 50.0).unwrap_or(0.0);
@@ -199,7 +217,7 @@ pub async fn run(
         ));
     }
     Ok(Section {
-        json: json!({"overhead": rows, "stall_s": stalls, "rto_s": rtos, "app_errors": errors}),
+        json: json!({"overhead": rows, "stall_s": stalls, "rto_s": rtos, "app_errors": errors, "invalid": invalid}),
         markdown: md,
         targets,
     })

@@ -92,13 +92,13 @@ struct Measured {
 }
 
 /// The lab state a trial starts from.
-struct Ready {
-    primary: String,
-    leader: String,
+pub(crate) struct Ready {
+    pub(crate) primary: String,
+    pub(crate) leader: String,
 }
 
 /// Wait until the lab is fit for a valid trial of `vol` (see the module docs).
-async fn wait_ready(lab: &BenchLab, vol: &str, deadline: Duration) -> Result<Ready, String> {
+pub(crate) async fn wait_ready(lab: &BenchLab, vol: &str, deadline: Duration) -> Result<Ready, String> {
     // Two passing checks a second apart naming the same leader and primary:
     // a just-restarted node answers from its pre-crash view for a moment.
     let t = Instant::now();
