@@ -184,7 +184,13 @@ async fn fio_verifies_through_the_agent_across_a_site_loss_and_the_agent_refuses
     let fio = std::process::Command::new("fio")
         .args(["--name=attach", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--size=96M", "--iodepth=8"])
         .arg(format!("--uri={}", agent.uri("v")))
-        .args(["--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--output-format=json"])
+        .args([
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+            "--output-format=json",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
