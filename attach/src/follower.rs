@@ -113,8 +113,6 @@ impl FollowStats {
 struct Job {
     req: Request,
     done: oneshot::Sender<BlockResult<Bytes>>,
-    /// Sent on the current connection (false: held, to be sent on the next).
-    sent: bool,
 }
 
 /// A volume as the agent serves it locally.
@@ -272,6 +270,12 @@ fn range_of(r: &Request) -> (u64, u64) {
     }
 }
 
+/// Where to connect next: the primary a refusing node named, else the one
+/// the cluster names.
+fn next_upstream(hint: &mut Option<String>, target: &watch::Receiver<Option<Location>>) -> Option<String> {
+    hint.take().or_else(|| target.borrow().as_ref().map(|l| l.nbd.clone()).filter(|a| !a.is_empty()))
+}
+
 /// A node that refused the export because it is not the primary names the
 /// one that is (`... at nbd://HOST:PORT/VOLUME; connect there`).
 pub fn refusal_hint(e: &ClientError) -> Option<String> {
@@ -394,21 +398,17 @@ impl Dispatcher {
             }
             let seq = self.next;
             self.next += 1;
-            let mut sent = false;
             if let Some(c) = &mut self.conn {
                 match c.tx.send(seq, &req).await {
-                    Ok(()) => {
-                        sent = true;
-                        sent_any = true;
-                    }
+                    Ok(()) => sent_any = true,
                     Err(e) => {
-                        self.pending.insert(seq, Job { req, done, sent: false });
+                        self.pending.insert(seq, Job { req, done });
                         self.lost(&e.to_string());
                         continue;
                     }
                 }
             }
-            self.pending.insert(seq, Job { req, done, sent });
+            self.pending.insert(seq, Job { req, done });
         }
         if sent_any {
             if let Some(c) = &mut self.conn {
@@ -441,9 +441,6 @@ impl Dispatcher {
     /// The connection is unusable: hold, and find the primary again.
     fn lost(&mut self, why: &str) {
         let Some(c) = self.conn.take() else { return };
-        for j in self.pending.values_mut() {
-            j.sent = false;
-        }
         if self.held_since.is_none() {
             self.held_since = Some(Instant::now());
             self.stats.holding.store(true, Ordering::Relaxed);
@@ -486,11 +483,7 @@ impl Dispatcher {
     }
 
     async fn try_connect(&mut self) {
-        let addr = self
-            .hint
-            .take()
-            .or_else(|| self.target.borrow().as_ref().map(|l| l.nbd.clone()).filter(|a| !a.is_empty()));
-        let Some(addr) = addr else { return };
+        let Some(addr) = next_upstream(&mut self.hint, &self.target) else { return };
         match client::connect(&addr, &self.volume, self.opts.connect_timeout).await {
             Ok((tx, rx, info)) => {
                 if info.size != self.size {
@@ -531,12 +524,11 @@ impl Dispatcher {
         let Some(c) = &mut self.conn else { return 0 };
         let mut n = 0;
         let mut failed = None;
-        for (seq, j) in self.pending.iter_mut() {
+        for (seq, j) in &self.pending {
             if let Err(e) = c.tx.send(*seq, &j.req).await {
                 failed = Some(e.to_string());
                 break;
             }
-            j.sent = true;
             n += 1;
         }
         if failed.is_none() {

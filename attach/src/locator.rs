@@ -134,17 +134,7 @@ impl Locator {
                                 tracing::info!(volume, endpoint = %self.endpoints[i], "this node knows no leader: watching through the next one");
                                 break;
                             }
-                            Ok(Ok(Some(loc))) => {
-                                let l = location(&loc);
-                                tx.send_if_modified(|cur| {
-                                    let changed = cur.as_ref() != Some(&l);
-                                    if changed {
-                                        tracing::info!(volume, primary = %l.primary, nbd = %l.nbd, epoch = l.epoch, "the cluster names the primary");
-                                        *cur = Some(l.clone());
-                                    }
-                                    changed
-                                });
-                            }
+                            Ok(Ok(Some(loc))) => publish(&tx, &volume, &loc),
                             Ok(Ok(None)) => break,
                             Ok(Err(st)) => {
                                 tracing::warn!(volume, endpoint = %self.endpoints[i], error = %st.message(), "watch ended");
@@ -160,12 +150,7 @@ impl Locator {
                 tokio::time::sleep(BETWEEN_ENDPOINTS).await;
                 match self.open(&volume, next % self.endpoints.len().max(1)).await {
                     Ok((s, i, first)) => {
-                        let l = location(&first);
-                        tx.send_if_modified(|cur| {
-                            let changed = cur.as_ref() != Some(&l);
-                            *cur = Some(l.clone());
-                            changed
-                        });
+                        publish(&tx, &volume, &first);
                         current = Some((s, i));
                     }
                     Err(e) => {
@@ -177,6 +162,19 @@ impl Locator {
         });
         Ok(rx)
     }
+}
+
+/// Tell the follower about `loc` if it names something new.
+fn publish(tx: &watch::Sender<Option<Location>>, volume: &str, loc: &pb::VolumeLocation) {
+    let l = location(loc);
+    tx.send_if_modified(|cur| {
+        let changed = cur.as_ref() != Some(&l);
+        if changed {
+            tracing::info!(volume, primary = %l.primary, nbd = %l.nbd, epoch = l.epoch, "the cluster names the primary");
+            *cur = Some(l.clone());
+        }
+        changed
+    });
 }
 
 fn location(l: &pb::VolumeLocation) -> Location {

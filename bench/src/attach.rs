@@ -44,20 +44,8 @@ impl Agent {
 async fn start_agent(lab: &BenchLab) -> anyhow::Result<Agent> {
     let dir = lab.dir().join("attach");
     std::fs::create_dir_all(&dir)?;
-    let mut endpoints: Vec<String> = lab.info.nodes.iter().map(|n| n.api.clone()).collect();
-    endpoints.push(lab.info.witness.api.clone());
-    let child = Command::new(lab.spec.bin_dir.join("metro-attach"))
-        .arg("run")
-        .arg("--endpoints")
-        .arg(endpoints.join(","))
-        .arg("--ca")
-        .arg(&lab.info.ca_cert)
-        .arg("--cert")
-        .arg(&lab.info.client_cert)
-        .arg("--key")
-        .arg(&lab.info.client_key)
-        .args(["--volume", VOL, "--socket-dir"])
-        .arg(&dir)
+    let (cert, key) = (&lab.info.client_cert, &lab.info.client_key);
+    let child = metroctl::lab::attach_command(&lab.info, &lab.spec.bin_dir, VOL, &dir, cert, key)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("agent.log"))?)
@@ -65,7 +53,7 @@ async fn start_agent(lab: &BenchLab) -> anyhow::Result<Agent> {
         .context("metro-attach (build it: cargo build --release --bins)")?;
     let agent = Agent { child, socket: dir.join(format!("{VOL}.sock")) };
     let t = Instant::now();
-    while !std::fs::read_to_string(dir.join("attachments.json")).is_ok_and(|s| s.contains(VOL)) {
+    while !metroctl::lab::attachment_listed(&dir, VOL) {
         if t.elapsed() > Duration::from_secs(30) {
             bail!("metro-attach did not serve {VOL} in 30 s (see {})", dir.join("agent.log").display());
         }

@@ -39,14 +39,6 @@ pub enum ClientError {
     Io { addr: String, source: std::io::Error },
 }
 
-impl ClientError {
-    /// The server refused the export because it is not, or no longer, the
-    /// place to serve it (as opposed to a broken connection).
-    pub fn is_refusal(&self) -> bool {
-        matches!(self, ClientError::Refused { .. })
-    }
-}
-
 /// What the server said about the export in the handshake.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportInfo {
@@ -55,12 +47,6 @@ pub struct ExportInfo {
     pub min_block: u32,
     pub preferred_block: u32,
     pub max_block: u32,
-}
-
-impl ExportInfo {
-    pub fn read_only(&self) -> bool {
-        self.flags & NBD_FLAG_READ_ONLY != 0
-    }
 }
 
 /// One request, as the client sends it.
@@ -95,15 +81,6 @@ impl Request {
         h[16..24].copy_from_slice(&offset.to_be_bytes());
         h[24..28].copy_from_slice(&len.to_be_bytes());
         h
-    }
-
-    /// Bytes of payload this request moves (for budgets).
-    pub fn payload_len(&self) -> u64 {
-        match self {
-            Request::Read { len, .. } => *len as u64,
-            Request::Write { data, .. } => data.len() as u64,
-            _ => 0,
-        }
     }
 }
 

@@ -12,7 +12,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -146,7 +145,7 @@ impl NbdServer {
         accept: F,
     ) -> std::io::Result<()>
     where
-        S: NbdStream + AsyncRead + AsyncWrite,
+        S: NbdStream,
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = std::io::Result<(S, String)>>,
     {

@@ -102,6 +102,10 @@ fn committed(r: Result<CommandResult, QuorumError>) -> Result<u64, ApiError> {
     }
 }
 
+fn volume_not_found(name: &str) -> ApiError {
+    ApiError::new(Code::NotFound, format!("no volume `{name}`"), "list volumes with `metroctl volume list`")
+}
+
 /// How many location updates a watch holds for a slow client, how long it
 /// waits for one to drain, and how often it repeats itself when nothing
 /// changes (so that a client notices a dead stream).
@@ -204,13 +208,7 @@ impl ControlService {
 
     fn volume_location(&self, name: &str) -> Result<pb::VolumeLocation, Status> {
         let state = self.state();
-        let v = state.volumes.get(name).ok_or_else(|| {
-            Status::from(ApiError::new(
-                Code::NotFound,
-                format!("no volume `{name}`"),
-                "list volumes with `metroctl volume list`",
-            ))
-        })?;
+        let v = state.volumes.get(name).ok_or_else(|| Status::from(volume_not_found(name)))?;
         Ok(location_of(&state, v, self.quorum.status().leader.is_none(), &self.cfg.node_id))
     }
 
@@ -234,13 +232,7 @@ impl ControlService {
             }
         }
         let state = self.state();
-        let v = state.volumes.get(name).ok_or_else(|| {
-            Status::from(ApiError::new(
-                Code::NotFound,
-                format!("no volume `{name}`"),
-                "list volumes with `metroctl volume list`",
-            ))
-        })?;
+        let v = state.volumes.get(name).ok_or_else(|| Status::from(volume_not_found(name)))?;
         let mut mine = self.volume_status(&state, v);
         // `final`: the leader asked us, its primary, for the resync figures.
         mine.stale = hop != Some("final") && !leading;
@@ -421,13 +413,7 @@ impl ControlService {
     }
 
     fn find_volume(&self, name: &str) -> Result<VolumeRecord, ApiError> {
-        self.state().volumes.get(name).cloned().ok_or_else(|| {
-            ApiError::new(
-                Code::NotFound,
-                format!("no volume `{name}`"),
-                "list volumes with `metroctl volume list`",
-            )
-        })
+        self.state().volumes.get(name).cloned().ok_or_else(|| volume_not_found(name))
     }
 
     async fn move_primary(&self, v: &VolumeRecord, to: &str) -> Result<u64, ApiError> {

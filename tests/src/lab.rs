@@ -397,20 +397,7 @@ impl Lab {
         std::fs::create_dir_all(&dir)?;
         // In logs/, which a finished lab keeps (target/lab-logs/<name>).
         let log = self.dir.join("logs").join(format!("agent-{volume}.log"));
-        let mut endpoints: Vec<String> = self.info.nodes.iter().map(|n| n.api.clone()).collect();
-        endpoints.push(self.info.witness.api.clone());
-        let child = Command::new(bin_dir().join("metro-attach"))
-            .arg("run")
-            .arg("--endpoints")
-            .arg(endpoints.join(","))
-            .arg("--ca")
-            .arg(&self.info.ca_cert)
-            .arg("--cert")
-            .arg(cert)
-            .arg("--key")
-            .arg(key)
-            .args(["--volume", volume, "--socket-dir"])
-            .arg(&dir)
+        let child = metroctl::lab::attach_command(&self.info, &bin_dir(), volume, &dir, cert, key)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
@@ -419,12 +406,7 @@ impl Lab {
         let mut a = Attach { child: Some(child), socket: dir.join(format!("{volume}.sock")), log };
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
-            // Listed once it serves (the socket exists a little earlier).
-            let listed = std::fs::read(dir.join("attachments.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-                .is_some_and(|l| l.as_array().into_iter().flatten().any(|x| x["volume"] == volume));
-            if listed {
+            if metroctl::lab::attachment_listed(&dir, volume) {
                 return Ok(a);
             }
             if let Some(Ok(Some(st))) = a.child.as_mut().map(|c| c.try_wait()) {

@@ -13,7 +13,9 @@ use metro_tests::lab::{
     max_gap, primary_of, wait_fully_in_sync, wait_rejoined_identical, Attach, Lab, WriterOpts,
 };
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 const FAILOVER_DEADLINE: Duration = Duration::from_secs(45);
 const REJOIN_DEADLINE: Duration = Duration::from_secs(90);
@@ -391,10 +393,6 @@ struct InsertLoop {
     errors: Arc<Mutex<Vec<String>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
-
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 impl InsertLoop {
     fn start(socket: PathBuf) -> InsertLoop {

@@ -13,6 +13,7 @@
 //! started, with current pids (so `down` can always clean up, even after a
 //! failed `up`); every wait has a deadline; a failed `up` tears down what it built.
 
+mod attach;
 pub mod cli;
 mod error;
 mod health;
@@ -23,6 +24,7 @@ mod plan;
 mod process;
 pub mod topology;
 
+pub use attach::{attach_command, attachment_listed};
 pub use cli::{CliError, LabCli};
 pub use error::LabError;
 pub use health::{etcd_healthy, http_get, metrics_up, wait_healthy, wait_healthy_subset};

@@ -499,8 +499,14 @@ impl PrimaryVolume {
     /// `peer` at this primary's current epoch and wait up to `within` for
     /// its answer. None: no link, no answer in time, or the link failed.
     async fn ask_peer(&self, peer: &str, op: OpKind, within: Duration) -> Option<Ack> {
-        let link = self.ctl.link(peer)?;
         let epoch = self.state.lock().await.epoch;
+        self.ask_peer_at(peer, epoch, op, within).await
+    }
+
+    /// [`ask_peer`](Self::ask_peer) at `epoch`, for a caller that holds the
+    /// order lock already.
+    async fn ask_peer_at(&self, peer: &str, epoch: u64, op: OpKind, within: Duration) -> Option<Ack> {
+        let link = self.ctl.link(peer)?;
         let fua = matches!(op, OpKind::Flush);
         let out = OutOp { volume: self.name.clone(), epoch, size: self.size, fua, resync: true, op };
         match tokio::time::timeout(within, link.enqueue(out).await).await {
@@ -731,20 +737,9 @@ impl PrimaryVolume {
         if !s.catching_up.iter().any(|p| p == peer) {
             return Err("peer is not catching up".into());
         }
-        let Some(link) = self.ctl.link(peer) else { return Err("no link".into()) };
-        let rx = link
-            .enqueue(OutOp {
-                volume: self.name.clone(),
-                epoch: s.epoch,
-                size: self.size,
-                fua: true,
-                resync: true,
-                op: OpKind::Flush,
-            })
-            .await;
-        match tokio::time::timeout(self.ack_timeout * 5, rx).await {
-            Ok(Ok(Ok(Ack { status: AckStatus::Ok, .. }))) => {}
-            other => return Err(format!("final flush on {peer} failed: {other:?}")),
+        let ok = |a: Option<Ack>| a.is_some_and(|a| a.status == AckStatus::Ok);
+        if !ok(self.ask_peer_at(peer, s.epoch, OpKind::Flush, self.ack_timeout * 5).await) {
+            return Err(format!("final flush on {peer} failed (no link, no answer in time, or not Ok)"));
         }
         // Its copy now equals ours and is durable there: it may forget its
         // activity-log extents and that it lost its page cache. Before the
@@ -752,19 +747,8 @@ impl PrimaryVolume {
         // it still counts its copy as unreconciled leaves again (found with
         // real processes: a check between the two saw every replica in sync,
         // and a failover right after found none).
-        let rx = link
-            .enqueue(OutOp {
-                volume: self.name.clone(),
-                epoch: s.epoch,
-                size: self.size,
-                fua: false,
-                resync: true,
-                op: OpKind::ClearHot,
-            })
-            .await;
-        match tokio::time::timeout(self.ack_timeout, rx).await {
-            Ok(Ok(Ok(Ack { status: AckStatus::Ok, .. }))) => {}
-            other => return Err(format!("{peer} could not forget its reconciled extents: {other:?}")),
+        if !ok(self.ask_peer_at(peer, s.epoch, OpKind::ClearHot, self.ack_timeout).await) {
+            return Err(format!("{peer} could not forget its reconciled extents"));
         }
         let mut in_sync = s.in_sync_peers.clone();
         in_sync.push(peer.to_string());
